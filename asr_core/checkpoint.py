@@ -1,0 +1,124 @@
+"""Model folders: ``model.safetensors`` + ``config.json`` (+ ``vocab.json``). Loading never unpickles.
+
+One loader for everything that can be a model: :func:`load_model` also opens compressed artifacts (folders
+with a ``compression.json`` manifest) by handing them to the ``compression`` package, so evaluation,
+transcription, the app and the benchmark need no special case.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .model import ConformerCTC
+from .text import CharTokenizer
+
+FORMAT = "edge-asr-checkpoint"
+DEFAULT_MODEL_NAME = "conformer-ctc-whisper-tiny"
+WEIGHTS, CONFIG, VOCAB, MANIFEST = "model.safetensors", "config.json", "vocab.json", "compression.json"
+
+
+def default_model_dir() -> str:
+    """$EDGE_ASR_MODEL, else the baseline shipped in the repository's ``checkpoints/``."""
+    if os.environ.get("EDGE_ASR_MODEL"):
+        return os.environ["EDGE_ASR_MODEL"]
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        candidate = root / "checkpoints" / DEFAULT_MODEL_NAME
+        if candidate.is_dir():
+            return str(candidate)
+    return str(Path(__file__).resolve().parents[1] / "checkpoints" / DEFAULT_MODEL_NAME)
+
+
+def folder_bytes(folder: str) -> int:
+    """Bytes on disk of every file in a model folder (what a device would have to store)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def save_model(folder: str, model: ConformerCTC, tokenizer: CharTokenizer, *, half: bool = False,
+               extra: dict | None = None) -> None:
+    """Write weights (fp16 when ``half``), config and vocabulary; ``extra`` goes into config.json as is."""
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    tmp = os.path.join(folder, WEIGHTS + ".tmp")
+    save_file(state, tmp)
+    os.replace(tmp, os.path.join(folder, WEIGHTS))  # never leave a half-written checkpoint behind
+    config = {"format": FORMAT, "version": 1, "model": model.cfg.to_dict(), **(extra or {})}
+    with open(os.path.join(folder, CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(folder, VOCAB), "w") as f:
+        f.write(tokenizer.to_json())
+
+
+def read_config(folder: str) -> dict:
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"Model folder not found: {folder}")
+    path = os.path.join(folder, CONFIG)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder} is not a model folder: it has no {CONFIG}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+
+
+def read_tokenizer(folder: str) -> CharTokenizer:
+    path = os.path.join(folder, VOCAB)
+    if not os.path.exists(path):
+        return CharTokenizer()
+    with open(path) as f:
+        return CharTokenizer.from_json(f.read())
+
+
+def read_weights(folder: str, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder} has no {name}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is truncated or corrupt ({err})") from None
+
+
+def model_config(config: dict) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"config.json does not describe a model ({err})") from None
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> ConformerCTC:
+    """A model in eval mode holding ``state`` (fp16 weights widen to fp32); mismatches raise CheckpointError."""
+    model = ConformerCTC(cfg)
+    expected = model.state_dict()
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    wrong = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            "Weights do not match config.json: "
+            f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, wrong shape {sorted(wrong)[:3]}"
+        )
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.eval()
+
+
+def load_model(folder: str | None = None) -> tuple[torch.nn.Module, CharTokenizer]:
+    """Open any model folder: a trained checkpoint or a compressed artifact. Returns (model in eval mode, tokenizer)."""
+    folder = folder or default_model_dir()
+    config = read_config(folder)
+    tokenizer = read_tokenizer(folder)
+    if os.path.exists(os.path.join(folder, MANIFEST)):
+        from compression.artifact import load_artifact  # the compression package rebuilds its own layers
+
+        return load_artifact(folder), tokenizer
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{folder}/config.json has format {config.get('format')!r}, expected {FORMAT!r}")
+    return build_model(model_config(config), read_weights(folder)), tokenizer

