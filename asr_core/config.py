@@ -34,6 +34,7 @@ class ModelConfig:
     d_model: int = 144
     n_layers: int = 4
     n_heads: int = 4
+    attn_dim: int | None = None  # width of q/k/v (n_heads x head size); None: d_model. Structured pruning shrinks it.
     ffn_dim: int = 576
     conv_kernel: int = 15
     dropout: float = 0.1
@@ -51,12 +52,16 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.features, dict):
             self.features = FeatureConfig(**self.features)
-        if self.d_model % self.n_heads:
-            raise SettingsError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}.")
+        if self.n_heads < 1 or self.inner_attn_dim % self.n_heads:
+            raise SettingsError(f"attention width {self.inner_attn_dim} must be divisible by n_heads={self.n_heads}.")
         if self.subsampling not in ("conv2d", "whisper"):
             raise SettingsError(f"Unknown subsampling {self.subsampling!r}; use 'conv2d' or 'whisper'.")
         if self.ffn_activation not in ("swish", "gelu"):
             raise SettingsError(f"Unknown ffn_activation {self.ffn_activation!r}; use 'swish' or 'gelu'.")
+
+    @property
+    def inner_attn_dim(self) -> int:
+        return self.attn_dim or self.d_model
 
     @property
     def subsampling_factor(self) -> int:

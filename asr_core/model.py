@@ -93,19 +93,20 @@ class _FeedForward(nn.Module):
 class _SelfAttention(nn.Module):
     """Pre-norm multi-head self-attention with a key padding mask."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, attn_dim: int | None = None):
         super().__init__()
+        attn_dim = attn_dim or d_model
         self.n_heads = n_heads
         self.norm = nn.LayerNorm(d_model)
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.q_proj = nn.Linear(d_model, attn_dim)
+        self.k_proj = nn.Linear(d_model, attn_dim)
+        self.v_proj = nn.Linear(d_model, attn_dim)
+        self.out_proj = nn.Linear(attn_dim, d_model)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D); key_mask: (B, T) True on real frames -> (B, T, D)."""
-        b, t, _ = x.shape
+        b, t = x.shape[0], x.shape[1]
         h = self.norm(x)
 
         def heads(proj: nn.Module) -> torch.Tensor:  # (B, T, D) -> (B, H, T, D/H)
@@ -147,7 +148,7 @@ class ConformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ffn1 = _FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout, cfg.ffn_activation)
-        self.attn = _SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.attn = _SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.attn_dim)
         self.conv = _ConvModule(cfg.d_model, cfg.conv_kernel, cfg.dropout)
         self.ffn2 = _FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout, cfg.ffn_activation)
         self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.block_final_norm else nn.Identity()

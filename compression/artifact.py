@@ -1,0 +1,221 @@
+"""Compressed model <-> artifact folder of packed bytes, and the runtime model both give.
+
+Folder: ``config.json`` (the model config, possibly shrunk), ``vocab.json``, ``compression.json`` (recipe and
+per-layer encodings) and ``model.safetensors`` with packed tensors:
+
+============  ===============================================================================
+encoding      stored per layer (``mask``: 1 bit per weight, only when pruned; codes of kept weights only)
+============  ===============================================================================
+int8          ``codes`` int8, ``scales`` fp16 per output channel
+int4          ``codes`` 4-bit packed (2 per byte), ``scales`` fp16 per group
+ternary       ``codes`` 2-bit packed (4 per byte), ``scales`` (alpha) fp16 per output channel
+kmeans        ``indices`` ceil(log2 K)-bit packed, ``codebook`` fp32 (K values)
+sparse        ``values`` fp16 of the kept weights
+============  ===============================================================================
+
+Everything else (biases, norms, depthwise and front-end convolutions, the CTC head) is stored in fp16.
+``int8_runtime`` layers run on torch's int8 kernels after loading; the other encodings are decoded to float
+weights on load. :func:`to_runtime` goes through the same encode/decode functions as save/load, so the
+in-memory compressed model and the loaded artifact compute the same numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrize import ParametrizationList
+
+from asr_core.checkpoint import CONFIG, MANIFEST, VOCAB, WEIGHTS, model_config, read_config, read_weights
+from asr_core.errors import CheckpointError
+from asr_core.model import ConformerCTC
+from asr_core.text import CharTokenizer
+
+from .methods import Clustered, LowRankLinear, Mask, _set_child, constraints
+from .packing import bits_for, pack_bits, pack_mask, unpack_bits, unpack_mask
+from .quantize import (FakeQuant, int4_dequantize, int4_quantize, int8_dequantize, int8_quantize,
+                       quantized_int8_linear, ternary_dequantize, ternary_quantize)
+
+FORMAT = "edge-asr-artifact"
+
+
+def _chain_value(linear: nn.Module, upto: int | None = None) -> torch.Tensor:
+    """The weight after the first ``upto`` parametrizations (all when None), as (out, in x kernel)."""
+    value = linear.parametrizations.weight.original.detach().float()
+    for p in constraints(linear)[:upto]:
+        value = p(value).detach()
+    return value.reshape(value.shape[0], -1)
+
+
+def encode_linear(linear: nn.Linear) -> tuple[dict[str, torch.Tensor], dict]:
+    """A parametrized Linear -> (packed tensors, manifest entry)."""
+    chain = constraints(linear)
+    kinds = [p.kind if isinstance(p, FakeQuant) else type(p).__name__ for p in chain]
+    int8_runtime = bool(kinds) and kinds[-1] == "int8" and isinstance(linear, nn.Linear)
+    shape = list(linear.parametrizations.weight.original.shape)
+    mask = next((p.mask for p in chain if isinstance(p, (Mask, Clustered))), None)
+    if mask is not None:
+        mask = None if bool(mask.all()) else mask.reshape(shape[0], -1)  # nothing pruned: no mask to store
+    select = (lambda t: t[mask]) if mask is not None else (lambda t: t.reshape(-1))
+    tensors: dict[str, torch.Tensor] = {}
+    entry: dict = {"shape": shape, "int8_runtime": int8_runtime}
+    if mask is not None:
+        tensors["mask"] = pack_mask(mask)
+    grid = next((i for i, k in enumerate(kinds) if k in ("Clustered", "int4", "ternary")), None)
+    if grid is not None and kinds[grid] == "Clustered":
+        clustered = chain[grid]
+        k = clustered.codebook.numel()
+        entry.update(encoding="kmeans", clusters=k, bits=bits_for(k))
+        tensors["indices"] = pack_bits(select(clustered.indices.reshape(shape[0], -1)), bits_for(k))
+        tensors["codebook"] = clustered.codebook.detach().float().clone()
+    elif grid is not None:
+        before = _chain_value(linear, grid)
+        if kinds[grid] == "int4":
+            group = chain[grid].group
+            codes, scales = int4_quantize(before, group)
+            entry.update(encoding="int4", bits=4, group=group)
+            tensors["codes"] = pack_bits(select(codes.long() + 8), 4)
+        else:
+            codes, scales = ternary_quantize(before)
+            entry.update(encoding="ternary", bits=2)
+            tensors["codes"] = pack_bits(select(codes.long() + 1), 2)
+        tensors["scales"] = scales.half()
+    elif "int8" in kinds:
+        codes, scales = int8_quantize(_chain_value(linear, kinds.index("int8")))
+        entry.update(encoding="int8", bits=8)
+        tensors["codes"] = select(codes).clone()
+        tensors["scales"] = scales.half()
+    else:
+        entry.update(encoding="sparse", bits=16)
+        tensors["values"] = select(_chain_value(linear)).half()
+    return tensors, entry
+
+
+def decode_weight(tensors: dict[str, torch.Tensor], entry: dict) -> tuple[torch.Tensor, tuple | None]:
+    """Packed tensors -> (float weight (out, in x kernel), int8 (codes, scales) when stored as int8 else None)."""
+    full_shape = tuple(entry["shape"])
+    shape = (full_shape[0], math.prod(full_shape[1:]))
+    mask = unpack_mask(tensors["mask"], shape) if "mask" in tensors else None
+    n = int(mask.sum()) if mask is not None else shape[0] * shape[1]
+
+    def place(values: torch.Tensor, fill=0) -> torch.Tensor:
+        if mask is None:
+            return values.reshape(shape)
+        full = torch.full(shape, fill, dtype=values.dtype)
+        full[mask] = values
+        return full
+
+    encoding = entry["encoding"]
+    if encoding == "kmeans":
+        idx = unpack_bits(tensors["indices"], entry["bits"], n)
+        return place(tensors["codebook"].float()[idx]), None
+    if encoding == "int4":
+        codes = place(unpack_bits(tensors["codes"], 4, n) - 8)
+        return int4_dequantize(codes, tensors["scales"].float(), entry["group"]), None
+    if encoding == "ternary":
+        codes = place(unpack_bits(tensors["codes"], 2, n) - 1)
+        return ternary_dequantize(codes, tensors["scales"].float()), None
+    if encoding == "int8":
+        codes = place(tensors["codes"]).to(torch.int8)
+        scales = tensors["scales"].float()
+        return int8_dequantize(codes, scales), (codes, scales)
+    if encoding == "sparse":
+        return place(tensors["values"].float()), None
+    raise CheckpointError(f"unknown layer encoding {encoding!r} in {MANIFEST}")
+
+
+def _is_parametrization(module: nn.Module) -> bool:
+    return isinstance(module, (ParametrizationList, Mask, Clustered, FakeQuant))
+
+
+def encode_model(model: ConformerCTC) -> tuple[dict[str, torch.Tensor], dict]:
+    """Compressed (parametrized) model -> (all tensors to store, manifest with per-layer entries)."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers, lowrank = {}, {}
+    for name, module in model.named_modules():
+        if _is_parametrization(module) or ".parametrizations" in name:
+            continue
+        if isinstance(module, LowRankLinear):
+            lowrank[name] = module.rank
+        if parametrize.is_parametrized(module, "weight"):
+            packed, entry = encode_linear(module)
+            layers[name] = entry
+            tensors.update({f"{name}.weight.{k}": v for k, v in packed.items()})
+        for kind in (module._parameters, module._buffers):
+            for pname, value in kind.items():
+                if value is not None:
+                    stored = value.detach().cpu()
+                    tensors[f"{name}.{pname}" if name else pname] = stored.half() if stored.is_floating_point() \
+                        else stored.clone()
+    return tensors, {"layers": layers, "lowrank": lowrank}
+
+
+def decode_model(cfg, tensors: dict[str, torch.Tensor], manifest: dict) -> ConformerCTC:
+    """Build the runtime model: shrunk config, low-rank modules, decoded weights, int8 kernels."""
+    model = ConformerCTC(cfg)
+    for name, rank in manifest.get("lowrank", {}).items():
+        old = model.get_submodule(name)
+        _set_child(model, name, LowRankLinear(old.in_features, rank, old.out_features, bias=old.bias is not None))
+    layers = manifest.get("layers", {})
+    rest = {k: v for k, v in tensors.items() if not any(k.startswith(f"{n}.weight.") for n in layers)}
+    expected = set(model.state_dict()) - {f"{n}.weight" for n in layers}
+    if set(rest) != expected:
+        missing, extra = sorted(expected - set(rest)), sorted(set(rest) - expected)
+        raise CheckpointError(f"artifact tensors do not match its config: missing {missing[:3]}, extra {extra[:3]}")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in rest.items()}, strict=False)
+    with torch.no_grad():
+        for name, entry in layers.items():
+            prefix = f"{name}.weight."
+            packed = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            weight, int8 = decode_weight(packed, entry)
+            linear = model.get_submodule(name)
+            linear.weight.copy_(weight.reshape(linear.weight.shape))
+            if entry.get("int8_runtime"):
+                with warnings.catch_warnings():  # torch flags its quantized-tensor constructors as deprecated
+                    warnings.simplefilter("ignore")
+                    _set_child(model, name, quantized_int8_linear(linear, *(int8 or (None, None))))
+    return model.eval()
+
+
+def to_runtime(model: ConformerCTC) -> ConformerCTC:
+    """The model a device runs, exactly as :func:`load_artifact` will rebuild it."""
+    tensors, manifest = encode_model(model)
+    return decode_model(model.cfg, tensors, manifest)
+
+
+def save_artifact(model: ConformerCTC, folder: str, tokenizer: CharTokenizer, recipe_json: dict,
+                  extra: dict | None = None) -> dict:
+    """Write the artifact folder; returns the manifest."""
+    os.makedirs(folder, exist_ok=True)
+    tensors, manifest = encode_model(model)
+    manifest = {"format": FORMAT, "version": 1, "recipe": recipe_json, **manifest, **(extra or {})}
+    tmp = os.path.join(folder, WEIGHTS + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, os.path.join(folder, WEIGHTS))
+    with open(os.path.join(folder, CONFIG), "w") as f:
+        json.dump({"format": FORMAT, "version": 1, "model": model.cfg.to_dict()}, f, indent=2)
+    with open(os.path.join(folder, VOCAB), "w") as f:
+        f.write(tokenizer.to_json())
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def read_manifest(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{folder}/{MANIFEST} is unreadable ({err})") from None
+
+
+def load_artifact(folder: str) -> ConformerCTC:
+    manifest = read_manifest(folder)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{folder}/{MANIFEST} is not an {FORMAT} manifest")
+    return decode_model(model_config(read_config(folder)), read_weights(folder), manifest)
