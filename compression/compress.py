@@ -24,7 +24,7 @@ def apply_recipe(model: ConformerCTC, recipe: Recipe, progress: bool = False) ->
     model = copy.deepcopy(model).float()
     for method, settings in tqdm(recipe.steps, desc="compressing", disable=not progress):
         start = time.perf_counter()
-        apply_method(model, method, settings, recipe.skip)
+        apply_method(model, method, settings, recipe.skip, recipe.only)
         if progress:
             tqdm.write(f"  {method}: {time.perf_counter() - start:.2f} s")
     return model

@@ -165,13 +165,14 @@ class Clustered(nn.Module):
         return self.codebook[self.indices] * self.mask
 
 
-def target_linears(model: nn.Module, skip=DEFAULT_SKIP) -> list[tuple[str, nn.Module]]:
+def target_linears(model: nn.Module, skip=DEFAULT_SKIP, only=None) -> list[tuple[str, nn.Module]]:
     """Every Linear and (non-depthwise) convolution outside the ``skip`` name patterns (fnmatch), in module
     order. Convolutions get the same weight encodings, on their weight viewed as (out, in x kernel); they run
     as float convolutions after decoding (torch has no dynamic int8 convolution kernel)."""
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, COMPRESSIBLE) and getattr(m, "groups", 1) == 1
-            and not any(fnmatch.fnmatch(name, p) for p in skip)]
+            and not any(fnmatch.fnmatch(name, p) for p in skip)
+            and (only is None or any(fnmatch.fnmatch(name, p) for p in only))]
 
 
 def constraints(linear: nn.Linear) -> list[nn.Module]:
@@ -342,14 +343,17 @@ def _cols(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
     return new
 
 
-def apply_method(model: nn.Module, method: str, settings, skip=DEFAULT_SKIP) -> nn.Module:
-    """Apply one method to the layers outside ``skip``; structured pruning works block-wise."""
+def apply_method(model: nn.Module, method: str, settings, skip=DEFAULT_SKIP, only=None) -> nn.Module:
+    """Apply one method to the layers outside ``skip`` (and inside ``only``, when given: name patterns);
+    structured pruning works block-wise on every block."""
     if method == "structured":
         if any(isinstance(m, LowRankLinear) for m in model.modules()) or \
                 any(constraints(lin) for _, lin in target_linears(model, ())):
             raise SettingsError("structured pruning must come first in a recipe")
         return apply_structured(model, settings, None)
-    layers = target_linears(model, skip)
+    layers = target_linears(model, skip, only)
+    if not layers:
+        raise SettingsError(f"{method}: no layer matches (skip={list(skip)}, only={only})")
     if method in ("int8", "int4", "ternary"):
         return apply_quant(model, method, settings, layers)
     return {"prune": apply_prune, "kmeans": apply_kmeans, "svd": apply_svd}[method](model, settings, layers)

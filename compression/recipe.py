@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from asr_core.errors import SettingsError
 
@@ -26,10 +26,11 @@ class Recipe:
     steps: list[tuple[str, object]]
     skip: tuple[str, ...] = DEFAULT_SKIP
     name: str = ""
+    only: tuple[str, ...] | None = None  # restrict to these layer-name patterns (sensitivity analysis)
 
     def to_json(self) -> dict:
         return {"steps": [{"method": m, **dataclasses.asdict(s)} for m, s in self.steps], "skip": list(self.skip),
-                "name": self.name}
+                "name": self.name, "only": list(self.only) if self.only else None}
 
     def describe(self) -> str:
         return self.name or "+".join(_inline(m, s) for m, s in self.steps)
@@ -98,7 +99,8 @@ def parse_recipe(text: str, skip: tuple[str, ...] | None = None) -> Recipe:
             step = dict(step)
             method = step.pop("method", None)
             steps.append((method, make_settings(method, **step)))
-        recipe = Recipe(steps, tuple(data.get("skip", skip or DEFAULT_SKIP)), data.get("name", ""))
+        recipe = Recipe(steps, tuple(data.get("skip", skip or DEFAULT_SKIP)), data.get("name", ""),
+                        tuple(data["only"]) if data.get("only") else None)
     else:
         steps = []
         for part in text.split("+"):

@@ -1,0 +1,145 @@
+"""Baseline and compressed variants measured in one run: size on disk, WER/CER, latency, RTF, speed-up.
+
+Every variant goes through the same path a user's would: compress -> save artifact -> ``load_model`` ->
+``evaluate`` (one utterance at a time, fixed threads, warm-up, median latency). Writes results.json,
+results.csv, results.md and plotly charts (HTML; PNG too when kaleido can render offline).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import pandas as pd
+import torch
+
+from asr_core.checkpoint import MANIFEST, folder_bytes, load_model, read_tokenizer, save_model
+from asr_core.evaluation import evaluate
+from asr_core.transcribe import Transcriber
+
+from .artifact import save_artifact
+from .compress import apply_recipe
+from .recipe import parse_recipe
+
+# The seed's Results table rows, plus a combined recipe.
+DEFAULT_RECIPES = [
+    "int8", "int4:group=64", "ternary", "prune:sparsity=0.3", "prune:sparsity=0.5", "prune:sparsity=0.7",
+    "structured:fraction=0.3", "svd:energy=0.9", "kmeans:clusters=16", "kmeans:clusters=256",
+    "prune:sparsity=0.5+kmeans:clusters=16+int8",
+]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")[:80] or "variant"
+
+
+def build_variant(base_dir: str, entry: str, out_root: str, base_model=None, tokenizer=None) -> tuple[str, str]:
+    """A recipe string/file -> artifact folder under out_root; an existing model folder is used as is.
+    Returns (label, folder)."""
+    if os.path.isdir(entry) and os.path.exists(os.path.join(entry, "config.json")):
+        return os.path.basename(os.path.normpath(entry)), entry
+    recipe = parse_recipe(entry)
+    folder = os.path.join(out_root, slug(recipe.describe()))
+    compressed = apply_recipe(base_model, recipe)
+    save_artifact(compressed, folder, tokenizer, recipe.to_json())
+    return recipe.describe(), folder
+
+
+def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, *, threads: int = 2,
+                  progress: bool = True) -> pd.DataFrame:
+    torch.set_num_threads(threads)
+    os.makedirs(out_dir, exist_ok=True)
+    artifacts = os.path.join(out_dir, "artifacts")
+    base_model, tokenizer = load_model(model_dir)
+    if os.path.exists(os.path.join(model_dir, MANIFEST)):
+        raise ValueError("benchmark needs a trained checkpoint as its baseline, not a compressed artifact")
+    fp32_dir = os.path.join(artifacts, "fp32")
+    save_model(fp32_dir, base_model, read_tokenizer(model_dir))  # the FP32 row: full-precision bytes
+    variants = [("FP32 (baseline)", fp32_dir)]
+    for entry in recipes:
+        start = time.perf_counter()
+        label, folder = build_variant(model_dir, entry, artifacts, base_model, tokenizer)
+        variants.append((label, folder))
+        if progress:
+            print(f"built {label} in {time.perf_counter() - start:.1f} s -> {folder}", flush=True)
+    rows = []
+    for label, folder in variants:
+        if progress:
+            print(f"evaluating {label}", flush=True)
+        result = evaluate(Transcriber.from_folder(folder), utterances, threads=threads, model_dir=folder,
+                          progress=progress)
+        rows.append({"variant": label, "size_mb": folder_bytes(folder) / 1e6, "wer": result["wer"],
+                     "cer": result["cer"], "latency_ms_median": result["latency_ms_median"],
+                     "latency_ms_p90": result["latency_ms_p90"], "rtf": result["rtf"], "folder": folder})
+        with open(os.path.join(out_dir, f"hyp_{slug(label)}.json"), "w") as f:
+            json.dump(result["utterances"], f, indent=1)
+    table = pd.DataFrame(rows)
+    base = table.iloc[0]
+    table["compression"] = base["size_mb"] / table["size_mb"]
+    table["delta_wer_rel"] = (table["wer"] - base["wer"]) / base["wer"] if base["wer"] > 0 else float("nan")
+    table["speedup"] = base["latency_ms_median"] / table["latency_ms_median"]
+    table.attrs.update(threads=threads, n_utterances=len(utterances),
+                       audio_seconds=sum(u.duration for u in utterances))
+    write_outputs(table, out_dir)
+    return table
+
+
+COLUMNS = ["variant", "size_mb", "compression", "wer", "delta_wer_rel", "cer", "latency_ms_median", "rtf",
+           "speedup"]
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    lines = ["| variant | size MB | ratio | WER | ΔWER rel | CER | median latency ms | RTF | speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for _, r in table.iterrows():
+        lines.append(f"| {r['variant']} | {r['size_mb']:.2f} | {r['compression']:.2f}x | {r['wer']:.2%} | "
+                     f"{r['delta_wer_rel']:+.1%} | {r['cer']:.2%} | {r['latency_ms_median']:.0f} | "
+                     f"{r['rtf']:.4f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def charts(table: pd.DataFrame):
+    """Plotly figure: size vs WER and latency vs WER, baseline marked, Pareto front (size, WER) drawn."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Size on disk vs WER", "Median latency vs WER"))
+    wer = table["wer"] * 100
+    for col, x, title in ((1, table["size_mb"], "size (MB)"), (2, table["latency_ms_median"], "latency (ms)")):
+        fig.add_trace(go.Scatter(x=x, y=wer, mode="markers+text", text=table["variant"], textposition="top center",
+                                 marker=dict(size=10, color=["crimson"] + ["steelblue"] * (len(table) - 1)),
+                                 showlegend=False, hovertemplate="%{text}<br>%{x:.2f}<br>WER %{y:.1f}%"),
+                      row=1, col=col)
+        fig.update_xaxes(title_text=title, row=1, col=col)
+        fig.update_yaxes(title_text="WER (%)", row=1, col=col)
+    front = pareto_front(table["size_mb"].tolist(), table["wer"].tolist())
+    fig.add_trace(go.Scatter(x=table["size_mb"].iloc[front], y=wer.iloc[front], mode="lines",
+                             line=dict(dash="dot", color="gray"), name="Pareto front"), row=1, col=1)
+    fig.update_layout(height=480, width=1100, title="Baseline (red) and compressed variants")
+    return fig
+
+
+def pareto_front(sizes: list[float], wers: list[float]) -> list[int]:
+    """Indices of variants no other variant beats on both size and WER, sorted by size."""
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], wers[i]))
+    front, best = [], float("inf")
+    for i in order:
+        if wers[i] < best:
+            front.append(i)
+            best = wers[i]
+    return front
+
+
+def write_outputs(table: pd.DataFrame, out_dir: str) -> None:
+    table[COLUMNS].to_csv(os.path.join(out_dir, "results.csv"), index=False)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"meta": table.attrs, "rows": table.to_dict(orient="records")}, f, indent=2)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown_table(table) + "\n")
+    fig = charts(table)
+    fig.write_html(os.path.join(out_dir, "charts.html"), include_plotlyjs=True)
+    try:  # PNG needs kaleido and a browser it can drive; optional
+        fig.write_image(os.path.join(out_dir, "charts.png"))
+    except Exception as err:  # noqa: BLE001 - any failure here only skips the PNG
+        print(f"(charts.png skipped: {type(err).__name__})")

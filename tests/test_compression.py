@@ -1,0 +1,209 @@
+"""Every method keeps its promise, saves smaller, loads identical, and still decodes (tiny random models)."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from asr_core.checkpoint import folder_bytes, load_model, save_model
+from asr_core.config import preset
+from asr_core.decoding import GreedyDecoder
+from asr_core.errors import SettingsError
+from asr_core.model import ConformerCTC
+from asr_core.text import CharTokenizer
+from compression.artifact import load_artifact, save_artifact, to_runtime
+from compression.compress import apply_recipe, format_report, layer_report
+from compression.methods import LowRankLinear, kmeans_1d, target_linears
+from compression.packing import pack_bits, packed_nbytes, unpack_bits
+from compression.recipe import parse_recipe
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ConformerCTC(preset("tiny", d_model=96, ffn_dim=256, n_heads=4, dropout=0.0)).eval()
+
+
+@pytest.fixture(scope="module")
+def features():
+    torch.manual_seed(1)
+    return torch.randn(2, 240, 80), torch.tensor([240, 170])
+
+
+def compressed_weights(model):
+    runtime = to_runtime(model)
+    out = {}
+    for name, m in target_linears(runtime, ("subsampling.conv1", "head")):
+        out[name] = m.weight.detach()
+    return out
+
+
+def save_load(tmp_path, compressed, recipe_text):
+    folder = tmp_path / recipe_text.replace(":", "_").replace("+", "__")
+    save_artifact(compressed, str(folder), CharTokenizer(), parse_recipe(recipe_text).to_json())
+    return str(folder)
+
+
+RECIPES = ["int8", "int4:group=32", "ternary", "prune:sparsity=0.5", "prune:sparsity=0.7,scope=layer",
+           "structured:fraction=0.5", "svd:energy=0.8", "svd:rank=8", "kmeans:clusters=16", "kmeans:clusters=5",
+           "prune:sparsity=0.5+kmeans:clusters=16+int8", "structured:fraction=0.3+svd:rank=16+int8",
+           "prune:sparsity=0.3+int4:group=16", "prune:sparsity=0.5+ternary"]
+
+
+@pytest.mark.parametrize("recipe_text", RECIPES)
+def test_save_load_identical_smaller_and_decodes(tmp_path, model, features, recipe_text):
+    compressed = apply_recipe(model, parse_recipe(recipe_text))
+    runtime = to_runtime(compressed)
+    folder = save_load(tmp_path, compressed, recipe_text)
+    loaded, tokenizer = load_model(folder)  # the one loader, as evaluate/transcribe/app use it
+    with torch.no_grad():
+        a, la = runtime(*features)
+        b, lb = loaded(*features)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert isinstance(GreedyDecoder(tokenizer)(b[0, : lb[0]]), str)
+    fp32 = tmp_path / "fp32"
+    save_model(str(fp32), model, CharTokenizer())
+    assert folder_bytes(folder) < folder_bytes(str(fp32))
+
+
+def test_unstructured_pruning_is_exact_and_sparse_on_disk(tmp_path, model):
+    compressed = apply_recipe(model, parse_recipe("prune:sparsity=0.7"))
+    weights = compressed_weights(compressed)
+    total = sum(w.numel() for w in weights.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    assert abs(zeros - round(0.7 * total)) <= 1
+    sizes = {}
+    for s in (0.3, 0.7):
+        folder = save_load(tmp_path, apply_recipe(model, parse_recipe(f"prune:sparsity={s}")), f"prune:sparsity={s}")
+        sizes[s] = os.path.getsize(os.path.join(folder, "model.safetensors"))
+    assert sizes[0.7] < 0.7 * sizes[0.3]  # the artifact shrinks with sparsity
+
+
+def test_per_layer_pruning_hits_each_layer(model):
+    weights = compressed_weights(apply_recipe(model, parse_recipe("prune:sparsity=0.6,scope=layer")))
+    for w in weights.values():
+        assert abs(float((w == 0).float().mean()) - 0.6) < 0.01
+
+
+def test_kmeans_at_most_k_values_and_bits(tmp_path, model):
+    compressed = apply_recipe(model, parse_recipe("kmeans:clusters=5"))
+    for w in compressed_weights(compressed).values():
+        assert len(torch.unique(w)) <= 5
+    folder = save_load(tmp_path, compressed, "kmeans:clusters=5")
+    from safetensors.torch import load_file
+    stored = load_file(os.path.join(folder, "model.safetensors"))
+    for name, m in target_linears(model, ("subsampling.conv1", "head")):
+        assert stored[f"{name}.weight.indices"].numel() == packed_nbytes(m.weight.numel(), 3)  # ceil(log2 5) bits
+
+
+def test_kmeans_1d_matches_sklearn():
+    from sklearn.cluster import KMeans
+
+    values = torch.randn(20000) * 0.05
+    centroids, idx = kmeans_1d(values, 8, iterations=100)
+    ours = float(((centroids[idx] - values) ** 2).sum())
+    x = values.numpy()[:, None].astype(np.float64)
+    sk = KMeans(8, n_init=1, init=np.linspace(x.min(), x.max(), 8)[:, None], max_iter=300, tol=0).fit(x)
+    assert ours <= sk.inertia_ * 1.001
+    assert torch.all(centroids[1:] >= centroids[:-1])
+
+
+def test_int4_and_ternary_packing(tmp_path, model):
+    from safetensors.torch import load_file
+
+    for text, bits in (("int4:group=32", 4), ("ternary", 2)):
+        compressed = apply_recipe(model, parse_recipe(text))
+        folder = save_load(tmp_path, compressed, text)
+        stored = load_file(os.path.join(folder, "model.safetensors"))
+        for name, m in target_linears(model, ("subsampling.conv1", "head")):
+            n = m.weight.numel()
+            assert stored[f"{name}.weight.codes"].numel() == packed_nbytes(n, bits)
+            scales = stored[f"{name}.weight.scales"]
+            rows = m.weight.shape[0]
+            cols = m.weight[0].numel()
+            assert scales.numel() == (rows * math.ceil(cols / 32) if bits == 4 else rows)
+    for w in compressed_weights(apply_recipe(model, parse_recipe("ternary"))).values():
+        w2 = w.reshape(w.shape[0], -1)
+        for row in w2:
+            assert len(torch.unique(row)) <= 3
+            assert torch.allclose(row.abs()[row != 0], row.abs().max().expand(int((row != 0).sum())))
+
+
+def test_int8_runs_on_int8_kernels(model):
+    runtime = to_runtime(apply_recipe(model, parse_recipe("int8")))
+    kinds = {type(m).__module__ for m in runtime.modules()}
+    assert any(k.startswith("torch.ao.nn.quantized") for k in kinds)
+    assert isinstance(runtime.head, nn.Linear)  # the head stays in higher precision by default
+
+
+def test_svd_rank_and_skip(model):
+    compressed = apply_recipe(model, parse_recipe("svd:rank=8"))
+    lows = [m for m in compressed.modules() if isinstance(m, LowRankLinear)]
+    assert lows and all(m.rank == 8 for m in lows)
+    full = apply_recipe(model, parse_recipe("svd:energy=1.0"))
+    assert not any(isinstance(m, LowRankLinear) for m in full.modules())  # full rank saves nothing: skipped
+
+
+def test_structured_pruning_gives_a_smaller_plain_model(tmp_path, model, features):
+    compressed = apply_recipe(model, parse_recipe("structured:fraction=0.5"))
+    assert compressed.cfg.ffn_dim == 128 and compressed.cfg.n_heads == 2 and compressed.cfg.attn_dim == 48
+    n_before = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in compressed.parameters()) < 0.75 * n_before
+    folder = save_load(tmp_path, compressed, "structured:fraction=0.5")
+    loaded = load_artifact(folder)
+    assert loaded.cfg.ffn_dim == 128
+    with torch.no_grad():
+        assert torch.equal(loaded(*features)[0], to_runtime(compressed)(*features)[0])
+
+
+def test_bad_settings_fail_before_work():
+    for bad, message in [("prune:sparsity=1.0", "sparsity"), ("prune:sparsity=-0.1", "sparsity"),
+                         ("svd:rank=0", "rank"), ("svd", "exactly one"), ("kmeans:clusters=1", "clusters"),
+                         ("kmeans:clusters=300", "clusters"), ("int8+int8", "twice"), ("warp", "Unknown"),
+                         ("int8+prune:sparsity=0.5", "before"), ("kmeans:clusters=16+int4", "cannot follow"),
+                         ("prune:density=0.5", "no setting"), ("prune:sparsity=abc", "not a valid"),
+                         ("int4:group=2", "group"), ("", "empty")]:
+        with pytest.raises(SettingsError, match=message):
+            parse_recipe(bad)
+
+
+def test_recipe_file_and_report(tmp_path, model):
+    path = tmp_path / "r.json"
+    path.write_text('{"name": "mine", "steps": [{"method": "prune", "sparsity": 0.5}, {"method": "int8"}], '
+                    '"skip": ["head", "subsampling.*"]}')
+    recipe = parse_recipe(str(path))
+    assert recipe.methods == ["prune", "int8"] and recipe.skip == ("head", "subsampling.*")
+    compressed = apply_recipe(model, recipe)
+    rows = layer_report(model, compressed)
+    assert rows and all(r["bytes_after"] < r["bytes_before"] for r in rows)
+    assert not any(r["layer"].startswith("subsampling") for r in rows)
+    assert "ratio" in format_report(rows)
+
+
+def test_bit_packing_round_trip():
+    for bits in range(1, 9):
+        codes = torch.randint(0, 2 ** bits, (1001,))
+        packed = pack_bits(codes, bits)
+        assert packed.numel() == packed_nbytes(1001, bits)
+        assert torch.equal(unpack_bits(packed, bits, 1001), codes)
+
+
+def test_finetuning_keeps_every_constraint(model, dev_dir):
+    """A few real optimizer steps through asr_core's training loop: masks, codebooks and grids hold."""
+    from asr_core.data import load_utterances
+    from compression.compress import finetune
+
+    utts = load_utterances(str(dev_dir / "1272"), limit=4)
+    for text, check in [
+        ("prune:sparsity=0.6,scope=layer", lambda w: abs(float((w == 0).float().mean()) - 0.6) < 0.02),
+        ("kmeans:clusters=4", lambda w: len(torch.unique(w)) <= 4),
+        ("ternary", lambda w: all(len(torch.unique(r)) <= 3 for r in w.reshape(w.shape[0], -1))),
+    ]:
+        compressed = apply_recipe(model, parse_recipe(text))
+        before = {k: v.clone() for k, v in compressed_weights(compressed).items()}
+        finetune(compressed, CharTokenizer(), utts, [], steps=3, lr=1e-2, batch_seconds=60, progress=False)
+        after = compressed_weights(compressed)
+        assert any(not torch.equal(before[k], after[k]) for k in after), text  # it did train
+        assert all(check(w) for w in after.values()), text
