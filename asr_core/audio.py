@@ -66,9 +66,10 @@ def _read_file(path: str) -> tuple[np.ndarray, int]:
     try:
         samples, rate = sf.read(path, dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        reason = str(err).rsplit(":", 1)[-1].strip()  # libsndfile's own words, without the temp-file path
         raise AudioError(
             f"Failed to load audio from {os.path.basename(path)}: it is not a WAV, FLAC, OGG/Vorbis, Opus or MP3 "
-            f"file that can be decoded ({err})."
+            f"file that can be decoded ({reason})."
         ) from None
     return samples, int(rate)
 

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=500, help="linear warmup steps (default 500)")
     p.add_argument("--batch-seconds", type=_positive(float), default=120.0,
                    help="padded audio seconds per batch (default 120)")
+    p.add_argument("--freeze-encoder-steps", type=int, default=0,
+                   help="train only the CTC head for the first N steps (useful with --init-from)")
+    p.add_argument("--time-masks", type=int, default=10, help="SpecAugment time masks per utterance (default 10)")
     p.add_argument("--eval-every", type=_positive(int), default=500, help="validate every N steps (default 500)")
     p.add_argument("--dev-limit", type=int, default=200, help="validate on the first N dev utterances (0: all)")
     p.add_argument("--average-last", type=_positive(int), default=3, help="average the last K validation snapshots")
@@ -144,7 +147,7 @@ def cmd_train(args) -> int:
         lr=args.lr, head_lr=args.head_lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
         epochs=args.epochs, max_minutes=args.max_minutes, batch_seconds=args.batch_seconds, seed=args.seed,
         workers=args.workers, speed_factors=speeds, spec_augment=not args.no_spec_augment,
-        eval_every=args.eval_every, dev_limit=args.dev_limit or None, average_last=args.average_last,
+        eval_every=args.eval_every, freeze_encoder_steps=args.freeze_encoder_steps, time_masks=args.time_masks, dev_limit=args.dev_limit or None, average_last=args.average_last,
         half_checkpoints=args.half, device=args.device, precision=args.precision,
         extra={"init": init_note, "command": "edge-asr " + " ".join(sys.argv[1:]), "train_hours": round(hours, 3)},
     )

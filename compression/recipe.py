@@ -41,8 +41,7 @@ class Recipe:
 
 
 def _inline(method: str, settings) -> str:
-    values = [f"{k}={v}" for k, v in dataclasses.asdict(settings).items()
-              if v is not None and v != getattr(type(settings)(), k, object())]
+    values = [f"{k}={v}" for k, v in dataclasses.asdict(settings).items() if v is not None]
     return method + (":" + ",".join(values) if values else "")
 
 

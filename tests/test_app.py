@@ -1,0 +1,81 @@
+"""The studio's comparison logic and every bad-input case, without a browser."""
+import numpy as np
+import pytest
+import soundfile as sf
+
+import app
+from asr_core.errors import AudioError, SettingsError
+from conftest import speechlike
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_model_dir):
+    return app.Studio(tiny_model_dir, threads=1, max_seconds=20, timed_runs=1, cache_size=3)
+
+
+def test_every_variant_measures(studio, wav_file):
+    samples = studio.load_clip(wav_file)
+    results = {}
+    for spec in app.VARIANTS:
+        results[spec.key] = studio.measure(spec.recipe(spec.default), samples, "hello world")
+        r = results[spec.key]
+        assert isinstance(r["transcript"], str) and r["latency_ms"] > 0 and r["size_mb"] > 0
+        assert 0 <= r["wer"] and r["rtf"] > 0
+    rows = app.table_rows(results, "hello world")
+    assert all(row[0].startswith(s.label) for row, s in zip(rows, app.VARIANTS)) and len(rows) == len(app.VARIANTS)
+    assert rows[0][7] == "1.0x" and float(rows[1][7].rstrip("x")) > 2  # int8 is smaller than fp32
+    assert app.figure(results) is not None
+    path = app.write_csv(results, studio.workdir)
+    assert len(open(path).read().splitlines()) == len(app.VARIANTS) + 1
+    assert len(studio.cache) <= 3 + 1  # LRU-bounded (+ the baseline, never evicted)
+
+
+def test_no_reference_shows_dash(studio, wav_file):
+    results = {"fp32": studio.measure("", studio.load_clip(wav_file), None)}
+    row = app.table_rows(results, None)[0]
+    assert row[2] == "—" and row[3] == "—"
+
+
+def test_cache_returns_the_same_variant(studio):
+    a = studio.variant("prune:sparsity=0.5")
+    assert studio.variant("prune:sparsity=0.50") is a
+
+
+def test_word_diff_marks_every_edit():
+    out = app.diff_html("the cat sat on the mat", "the bat sat on mat")
+    assert 'title="reference: cat"' in out and ">bat<" in out  # substitution
+    assert 'line-through;border-radius:3px;padding:0 2px" title="deleted">the<' in out  # deletion
+    assert 'title="inserted">today<' in app.diff_html("sat on the mat", "sat on the mat today")  # insertion
+    assert app.diff_html(None, "Hello") == "hello"
+    assert "nothing recognised" in app.diff_html(None, "")
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d: str(d / "missing.wav"), "No such audio"),
+    (lambda d: (d / "notes.wav").write_text("not audio") and str(d / "notes.wav"), "Failed to load audio"),
+    (lambda d: sf.write(d / "silent.wav", np.zeros(16000), 16000) or str(d / "silent.wav"), "silent"),
+    (lambda d: sf.write(d / "long.wav", np.tile(speechlike(1.0), 25), 16000) or str(d / "long.wav"), "limit"),
+    (lambda d: None, "No audio"),
+])
+def test_bad_clips_give_messages(studio, tmp_path, make, message):
+    with pytest.raises(AudioError, match=message):
+        studio.load_clip(make(tmp_path))
+    assert "silent" in app.friendly(AudioError("silent"))
+
+
+def test_odd_but_valid_audio_is_accepted(studio, tmp_path):
+    for rate, channels in ((8000, 2), (48000, 1), (44100, 2)):
+        path = tmp_path / f"{rate}_{channels}.wav"
+        x = speechlike(1.0, rate)
+        sf.write(path, np.stack([x] * channels, axis=1) if channels > 1 else x, rate)
+        assert len(studio.load_clip(str(path))) == 16000
+
+
+def test_knobs_out_of_range_are_refused():
+    spec = app.SPECS["prune"]
+    with pytest.raises(SettingsError, match="between"):
+        spec.recipe(1.5)
+    with pytest.raises(SettingsError):
+        app.SPECS["kmeans"].recipe(1)
+    assert app.SPECS["kmeans"].recipe(16.0) == "kmeans:clusters=16"
+    assert app.SPECS["int8"].recipe(None) == "int8"

@@ -1,0 +1,151 @@
+"""End to end in a real headless browser (Debian's chromium + chromedriver, driven by selenium).
+
+Starts `python app.py` on a free local port with a tiny model, uploads a bundled clip, runs every variant,
+checks each produced a transcript and numbers, moves a knob and checks that row changed. Screenshots go to
+test-artifacts/.
+"""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from conftest import REPO
+
+ARTIFACTS = REPO / "test-artifacts"
+CLIP = REPO / "assets" / "clips" / "251-118436-0000.opus"
+REFERENCE = "HE WAS YOUNG NO SPEAR HAD TOUCHED HIM NO POISON LURKED IN HIS WINE"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1900"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    port = free_port()
+    log = open(tempfile.mktemp(suffix=".log"), "w+")
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", tiny_model_dir, "--port", str(port), "--threads",
+                             "1", "--no-warm"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"app exited: {log.read()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("chromium/chromedriver not installed (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}")
+    options.binary_location = chromium
+    d = webdriver.Chrome(service=Service(driver), options=options)
+    yield d
+    d.quit()
+
+
+def wait_for(condition, timeout=120, every=0.5):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def result_rows(d):
+    """Rows of the results table as lists of cell texts (Gradio 6 renders the body as an ARIA grid)."""
+    return d.execute_script("""
+        const rows = [...document.querySelectorAll('#results [role=row]')];
+        return rows.map(r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.innerText.trim()))
+                   .filter(r => r.length);
+    """)
+
+
+def test_upload_run_all_and_move_a_knob(server, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    import app
+
+    d = browser
+    ARTIFACTS.mkdir(exist_ok=True)
+    d.get(server)
+    wait_for(lambda: d.find_elements(By.ID, "run"))
+    upload = next(b for b in d.find_elements(By.CSS_SELECTOR, "#audio-input button")
+                  if (b.get_attribute("aria-label") or "").lower().startswith("upload"))
+    upload.click()
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#audio-input input[type=file]"))
+    d.find_element(By.CSS_SELECTOR, "#audio-input input[type=file]").send_keys(str(CLIP))
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#audio-input audio, #audio-input [data-testid=waveform-controls]")
+             or "0:0" in d.find_element(By.ID, "audio-input").text)
+    d.find_element(By.CSS_SELECTOR, "#reference textarea").send_keys(REFERENCE)
+    d.find_element(By.ID, "run").click()
+    wait_for(lambda: "Ran" in d.find_element(By.ID, "status").text or "⚠" in d.find_element(By.ID, "status").text)
+    assert "Ran" in d.find_element(By.ID, "status").text, d.find_element(By.ID, "status").text
+    rows = wait_for(lambda: result_rows(d) if len(result_rows(d)) >= 8 else None)
+    enabled = [s for s in app.VARIANTS if s.enabled]
+    assert len(rows) == len(enabled)
+    for spec, row in zip(enabled, rows):
+        assert row[0].startswith(spec.label)
+        assert row[1]  # a transcript (or the marked-up reference when nothing was recognised)
+        assert re.fullmatch(r"\d+(\.\d+)?%", row[2]), row  # WER
+        assert float(row[4]) > 0 and float(row[6]) > 0  # latency ms, size MB
+    d.save_screenshot(str(ARTIFACTS / "studio_after_run.png"))
+
+    before = next(r for r in rows if r[0].startswith("Pruned (unstructured)"))
+    slider = d.find_element(By.CSS_SELECTOR, "#knob-prune input[type=range]")
+    ActionChains(d).move_to_element_with_offset(slider, int(slider.size["width"] * 0.4), 0).click().perform()
+    wait_for(lambda: "re-run" in d.find_element(By.ID, "status").text)
+    after_rows = result_rows(d)
+    after = next(r for r in after_rows if r[0].startswith("Pruned (unstructured)"))
+    assert "sparsity=0.9" in after[0] and after[0] != before[0]
+    assert after[6] != before[6]  # size on disk changed with sparsity
+    assert len(after_rows) == len(rows)  # the rest of the table stayed
+    d.save_screenshot(str(ARTIFACTS / "studio_after_knob.png"))
+
+
+def test_gradio_client_endpoints(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    one = client.predict(handle_file(str(CLIP)), "int8", api_name="/transcribe")
+    assert isinstance(one["transcript"], str) and one["size_mb"] > 0 and one["recipe"] == "int8"
+    table = client.predict(handle_file(str(CLIP)), REFERENCE, api_name="/compare")
+    assert table[0]["variant"].startswith("FP32") and all("wer" in r for r in table)
+    assert table[0]["compression_ratio"] == 1.0 and table[1]["compression_ratio"] > 2
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    with pytest.raises(Exception, match="Failed to load audio"):
+        client.predict(handle_file(str(bad)), "", api_name="/transcribe")
+    with pytest.raises(Exception, match="sparsity"):
+        client.predict(handle_file(str(CLIP)), "prune:sparsity=3", api_name="/transcribe")
+    # the app still answers after errors
+    assert client.predict(handle_file(str(CLIP)), "", api_name="/transcribe")["recipe"] == ""

@@ -1,0 +1,64 @@
+"""The console script end to end: evaluate and transcribe run, bad input exits non-zero with one line."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import soundfile as sf
+
+from conftest import REPO
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "asr_core", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_evaluate_writes_the_json(tiny_model_dir, dev_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run("evaluate", "--model", tiny_model_dir, "--data", str(dev_dir / "1272"), "--limit", "3",
+                 "--threads", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    for key in ("wer", "cer", "substitutions", "deletions", "insertions", "n_utterances", "audio_seconds",
+                "wall_seconds", "rtf", "latency_ms_median", "latency_ms_p90", "threads", "params",
+                "bytes_on_disk", "utterances"):
+        assert key in data
+    assert data["n_utterances"] == 3 and data["threads"] == 1 and data["wer"] >= 0
+    assert set(data["utterances"][0]) == {"id", "reference", "hypothesis"}
+
+
+def test_transcribe_files_and_bad_input(tiny_model_dir, wav_file, tmp_path):
+    result = run("transcribe", "--model", tiny_model_dir, wav_file, "--json")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout.splitlines()[0])
+    assert row["file"] == wav_file and isinstance(row["text"], str)
+
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, np.int16), 16000)
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("hello")
+    stereo8k = tmp_path / "stereo8k.wav"
+    sf.write(stereo8k, np.stack([np.sin(np.arange(16000) / 5)] * 2, axis=1) * 0.3, 8000)
+    result = run("transcribe", "--model", tiny_model_dir, str(silent), str(not_audio), str(stereo8k),
+                 str(tmp_path / "missing.wav"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "silent" in result.stderr and "Failed to load audio" in result.stderr and "No such audio" in result.stderr
+    assert str(stereo8k) in result.stdout  # the good file was still transcribed
+
+
+def test_errors_are_one_line(tmp_path):
+    result = run("transcribe", "--model", str(tmp_path / "nope"), "x.wav")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("edge-asr: error:") and "Traceback" not in result.stderr
+    result = run("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "--max-steps" in result.stderr
+
+
+def test_make_manifest(dev_dir, tmp_path):
+    out = tmp_path / "dev.jsonl"
+    result = run("make-manifest", str(dev_dir / "1272"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all({"audio_filepath", "text", "duration"} <= set(r) for r in rows)

@@ -1,0 +1,48 @@
+"""The slower end-to-end test: a tiny model trained for a few dozen steps on a handful of real utterances."""
+import csv
+
+import pytest
+import torch
+
+from asr_core.checkpoint import load_model
+from asr_core.config import preset
+from asr_core.data import load_utterances
+from asr_core.model import ConformerCTC
+from asr_core.text import CharTokenizer
+from asr_core.training import TrainConfig, lr_at, train
+
+
+@pytest.mark.slow
+def test_loss_falls_and_training_resumes(dev_dir, tmp_path):
+    torch.set_num_threads(2)
+    # three short utterances in one batch: a tiny model memorises them, far below the CTC plateau (~2.8)
+    utts = sorted(load_utterances(str(dev_dir / "1272")), key=lambda u: u.duration)[:3]
+    cfg = TrainConfig(lr=3e-3, warmup_steps=10, max_steps=120, batch_seconds=100, eval_every=60, dev_limit=2,
+                      speed_factors=(1.0,), spec_augment=False, save_every=30, log_every=1, average_last=2)
+    torch.manual_seed(0)
+    model = ConformerCTC(preset("tiny", dropout=0.0))
+    out = tmp_path / "run"
+    train(model, CharTokenizer(), utts, utts[:2], cfg, str(out), progress=False)
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    losses = [float(r["loss"]) for r in rows]
+    assert len(losses) == 120
+    assert sum(losses[-5:]) / 5 < min(1.0, 0.25 * sum(losses[:5]) / 5), losses
+    for folder in ("last", "best", "averaged"):
+        load_model(str(out / folder))
+
+    # resume: ask for 10 more steps; it continues from step 120, not from scratch
+    cfg.max_steps = 130
+    summary = train(ConformerCTC(preset("tiny", dropout=0.0)), CharTokenizer(), utts, utts[:2], cfg, str(out),
+                    resume=True, progress=False)
+    assert summary["step"] == 130
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["step"]) for r in rows if r["loss"]][-10:] == list(range(121, 131))
+    assert float(rows[-1]["loss"]) < 1.0
+
+
+def test_schedule():
+    cfg = TrainConfig(warmup_steps=10, final_lr_ratio=0.1)
+    assert lr_at(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(100, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(1000, None, cfg) < lr_at(100, None, cfg) < 1.0
