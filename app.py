@@ -396,7 +396,8 @@ def build_app(studio: Studio):
             run = gr.Button("Run all variants", variant="primary", elem_id="run")
             status = gr.Markdown(elem_id="status")
             table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "html"] + ["str"] * 7, interactive=False,
-                                 wrap=True, elem_id="results", label="Results")
+                                 wrap=True, elem_id="results", label="Results",
+                                 column_widths=["13%", "41%", "6%", "6%", "7%", "6%", "7%", "6%", "8%"])
             with gr.Row():
                 plot = gr.Plot(label="Size and latency vs WER")
                 csv_file = gr.File(label="Download the table (CSV)")
