@@ -13,6 +13,7 @@ import argparse
 import csv
 import html
 import json
+import math
 import os
 import statistics
 import sys
@@ -112,13 +113,13 @@ class Studio:
 
     def variant(self, recipe: str) -> Variant:
         """The compressed model for ``recipe`` (validated), built once and kept while recently used."""
-        key = parse_recipe(recipe).describe() if recipe else ""
+        parsed = parse_recipe(recipe) if recipe else None
+        key = parsed.describe() if parsed else ""
         with self.lock:
             if key in self.cache:
                 self.cache.move_to_end(key)
                 return self.cache[key]
             start = time.perf_counter()
-            parsed = parse_recipe(recipe)
             folder = os.path.join(self.workdir, f"v{len(os.listdir(self.workdir))}")
             save_artifact(apply_recipe(self.base, parsed), folder, self.tokenizer, parsed.to_json())
             model = load_artifact(folder)  # run what was saved: what a device would load
@@ -257,14 +258,20 @@ def example_clips() -> list[dict]:
     return [dict(c, path=str(ASSETS / "clips" / c["file"])) for c in json.loads(path.read_text())]
 
 
+def dataset_row(r: dict) -> list[str]:
+    """One row of the Dataset tab from a benchmark row (keys as in compression.benchmark's results.json)."""
+    delta = r.get("delta_wer_rel")
+    delta = "—" if delta is None or math.isnan(delta) else f"{delta:+.1%}"
+    return [r["variant"], f"{r['size_mb']:.2f}", f"{r['compression']:.1f}x", f"{r['wer']:.2%}", delta,
+            f"{r['cer']:.2%}", f"{r['latency_ms_median']:.0f}", f"{r['rtf']:.3f}", f"{r['speedup']:.2f}x"]
+
+
 def precomputed_benchmark() -> tuple[list[list], str]:
     path = ASSETS / "benchmark" / "results.json"
     if not path.exists():
         return [], "No precomputed results are bundled yet: press the button to compute them."
     data = json.loads(path.read_text())
-    rows = [[r["variant"], f"{r['size_mb']:.2f}", f"{r['compression']:.1f}x", f"{r['wer']:.2%}",
-             f"{r['delta_wer_rel']:+.1%}", f"{r['cer']:.2%}", f"{r['latency_ms_median']:.0f}", f"{r['rtf']:.3f}",
-             f"{r['speedup']:.2f}x"] for r in data["rows"]]
+    rows = [dataset_row(r) for r in data["rows"]]
     meta = data.get("meta", {})
     return rows, (f"Precomputed by `edge-asr benchmark` on {meta.get('n_utterances', '?')} utterances "
                   f"({meta.get('audio_seconds', 0) / 60:.1f} min of audio), {meta.get('threads', '?')} threads.")
@@ -331,11 +338,11 @@ def build_app(studio: Studio):
                 results[key] = {**r, "size_mb": variant.bytes_on_disk / 1e6}
             base = results["fp32"]
             for key, r in results.items():
-                rows.append([SPECS[key].label + (f" ({recipes[key]})" if recipes[key] else ""),
-                             f"{r['size_mb']:.2f}", f"{base['size_mb'] / r['size_mb']:.1f}x", f"{r['wer']:.2%}",
-                             f"{(r['wer'] - base['wer']) / base['wer']:+.1%}" if base["wer"] else "—",
-                             f"{r['cer']:.2%}", f"{r['latency_ms_median']:.0f}", f"{r['rtf']:.3f}",
-                             f"{base['latency_ms_median'] / r['latency_ms_median']:.2f}x"])
+                rows.append(dataset_row({
+                    **r, "variant": SPECS[key].label + (f" ({recipes[key]})" if recipes[key] else ""),
+                    "compression": base["size_mb"] / r["size_mb"],
+                    "delta_wer_rel": (r["wer"] - base["wer"]) / base["wer"] if base["wer"] else None,
+                    "speedup": base["latency_ms_median"] / r["latency_ms_median"]}))
             return rows, f"Computed now on the {len(utterances)} bundled clips ({studio.threads} threads)."
         except Exception as err:  # noqa: BLE001
             return gr.update(), f"⚠️ {friendly(err)}"

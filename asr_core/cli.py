@@ -147,7 +147,8 @@ def cmd_train(args) -> int:
         lr=args.lr, head_lr=args.head_lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
         epochs=args.epochs, max_minutes=args.max_minutes, batch_seconds=args.batch_seconds, seed=args.seed,
         workers=args.workers, speed_factors=speeds, spec_augment=not args.no_spec_augment,
-        eval_every=args.eval_every, freeze_encoder_steps=args.freeze_encoder_steps, time_masks=args.time_masks, dev_limit=args.dev_limit or None, average_last=args.average_last,
+        eval_every=args.eval_every, freeze_encoder_steps=args.freeze_encoder_steps, time_masks=args.time_masks,
+        dev_limit=args.dev_limit or None, average_last=args.average_last,
         half_checkpoints=args.half, device=args.device, precision=args.precision,
         extra={"init": init_note, "command": "edge-asr " + " ".join(sys.argv[1:]), "train_hours": round(hours, 3)},
     )

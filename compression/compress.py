@@ -51,8 +51,7 @@ def _dense(module: nn.Module) -> torch.Tensor:
         return _dense(module.up) @ _dense(module.down)
     weight = module.weight
     weight = weight() if callable(weight) else weight
-    weight = weight.dequantize().float() if weight.is_quantized else weight.detach().float()
-    return weight
+    return weight.dequantize().float() if weight.is_quantized else weight.detach().float()
 
 
 def layer_report(original: ConformerCTC, compressed: ConformerCTC) -> list[dict]:
