@@ -34,7 +34,7 @@ from asr_core.errors import EdgeASRError, SettingsError
 from asr_core.evaluation import error_rates, evaluate
 from asr_core.data import load_utterances
 from asr_core.text import normalize_text
-from asr_core.transcribe import Transcriber
+from asr_core.transcribe import Transcriber, make_decoder
 from compression.artifact import load_artifact, save_artifact
 from compression.compress import apply_recipe
 from compression.recipe import parse_recipe
@@ -110,6 +110,10 @@ class Studio:
         fp32_dir = os.path.join(self.workdir, "fp32")
         save_model(fp32_dir, self.base, self.tokenizer)  # the baseline's size is measured in fp32, as a file
         self.cache[""] = Variant("", Transcriber(self.base, self.tokenizer), folder_bytes(fp32_dir), 0.0)
+        # one word-LM decoder for every variant (the LM ships with the baseline), so that rows differ only in
+        # the acoustic model; None when the model folder has no lm.arpa.gz
+        self.lm_decoder = make_decoder(self.tokenizer, self.model_dir, "lm") \
+            if os.path.exists(os.path.join(self.model_dir, "lm.arpa.gz")) else None
 
     def variant(self, recipe: str) -> Variant:
         """The compressed model for ``recipe`` (validated), built once and kept while recently used."""
@@ -134,22 +138,32 @@ class Studio:
     def load_clip(self, audio) -> "numpy.ndarray":  # noqa: F821
         return load_audio(audio, max_seconds=self.max_seconds)
 
-    def measure(self, recipe: str, samples, reference: str | None) -> dict:
-        """Transcribe ``samples`` with one variant: text, WER/CER (with a reference), latency, RTF, size."""
+    def measure(self, recipe: str, samples, reference: str | None, use_lm: bool = True) -> dict:
+        """Transcribe ``samples`` with one variant: text, WER/CER (with a reference), latency, RTF, size.
+
+        Latency = median of ``timed_runs`` model passes (after a warm-up) + one decoding pass: the beam search
+        is deterministic and costs the same every time, so it is timed once rather than ``timed_runs`` times.
+        """
         variant = self.variant(recipe)
+        t = variant.transcriber
+        decoder = self.lm_decoder if use_lm and self.lm_decoder is not None else t.greedy
         with self.lock:
-            text = variant.transcriber.transcribe(samples)  # warm-up (and the transcript)
+            log_probs = t.log_probs(samples)  # warm-up
             times = []
             for _ in range(self.timed_runs):
                 start = time.perf_counter()
-                variant.transcriber.transcribe(samples)
+                log_probs = t.log_probs(samples)
                 times.append(time.perf_counter() - start)
-        latency = statistics.median(times)
+            start = time.perf_counter()
+            text = decoder(log_probs)
+            decode_seconds = time.perf_counter() - start
+        latency = statistics.median(times) + decode_seconds
         rates = error_rates([reference], [text]) if reference and normalize_text(reference) else None
         return {"recipe": variant.recipe, "transcript": text, "wer": rates["wer"] if rates else None,
                 "cer": rates["cer"] if rates else None, "latency_ms": 1000 * latency,
                 "rtf": latency / (len(samples) / SAMPLE_RATE), "size_mb": variant.bytes_on_disk / 1e6,
-                "build_seconds": variant.build_seconds}
+                "build_seconds": variant.build_seconds,
+                "decoding": "greedy" if decoder is t.greedy else "beam search + word LM"}
 
 
 # ------------------------------------------------------------------------------------------ presentation
@@ -190,6 +204,13 @@ TABLE_HEADERS = ["Variant", "Transcript (vs reference)", "WER", "CER", "Latency 
                  "Speed-up"]
 
 
+def versus_baseline(base: dict | None, row: dict) -> tuple[float | None, float | None]:
+    """(compression ratio, speed-up) of a result row against the baseline row (None without a baseline)."""
+    if not base:
+        return None, None
+    return base["size_mb"] / row["size_mb"], base["latency_ms"] / row["latency_ms"]
+
+
 def table_rows(results: dict[str, dict], reference: str | None) -> list[list]:
     """Results keyed by variant -> display rows (ratio and speed-up against the baseline row)."""
     base = results.get("fp32")
@@ -198,10 +219,10 @@ def table_rows(results: dict[str, dict], reference: str | None) -> list[list]:
         r = results[key]
         fmt = lambda x, f: "—" if x is None else format(x, f)  # noqa: E731
         label = SPECS[key].label + (f" ({r['recipe']})" if r["recipe"] and SPECS[key].knob else "")
+        ratio, speedup = versus_baseline(base, r)
         rows.append([label, diff_html(reference, r["transcript"]), fmt(r["wer"], ".1%"), fmt(r["cer"], ".1%"),
                      f"{r['latency_ms']:.0f}", f"{r['rtf']:.3f}", f"{r['size_mb']:.2f}",
-                     f"{base['size_mb'] / r['size_mb']:.1f}x" if base else "—",
-                     f"{base['latency_ms'] / r['latency_ms']:.2f}x" if base else "—"])
+                     fmt(ratio, ".1f") + ("x" if ratio else ""), fmt(speedup, ".2f") + ("x" if speedup else "")])
     return rows
 
 
@@ -235,10 +256,10 @@ def write_csv(results: dict[str, dict], folder: str) -> str:
                     "compression_ratio", "speedup"])
         for key in [v.key for v in VARIANTS if v.key in results]:
             r = results[key]
+            ratio, speedup = versus_baseline(base, r)
             w.writerow([SPECS[key].label, r["recipe"], r["transcript"], r["wer"], r["cer"], round(r["latency_ms"], 2),
-                        round(r["rtf"], 5), round(r["size_mb"], 4),
-                        round(base["size_mb"] / r["size_mb"], 3) if base else "",
-                        round(base["latency_ms"] / r["latency_ms"], 3) if base else ""])
+                        round(r["rtf"], 5), round(r["size_mb"], 4), "" if ratio is None else round(ratio, 3),
+                        "" if speedup is None else round(speedup, 3)])
     return path
 
 
@@ -290,20 +311,21 @@ def build_app(studio: Studio):
                 recipes[spec.key] = spec.recipe(knob)
         return recipes
 
-    def run_all(audio, reference, *knobs, progress=gr.Progress()):
+    def run_all(audio, reference, use_lm, *knobs, progress=gr.Progress()):
         try:
             samples = studio.load_clip(audio)
             recipes = enabled_recipes(knobs)
             results = {}
             for n, (key, recipe) in enumerate(recipes.items()):
                 progress(n / len(recipes), desc=f"{SPECS[key].label}: compressing and timing")
-                results[key] = studio.measure(recipe, samples, reference)
+                results[key] = studio.measure(recipe, samples, reference, use_lm)
             return outputs(results, reference, f"Ran {len(results)} variants on {len(samples) / SAMPLE_RATE:.1f} s "
-                                                f"of audio ({studio.threads} threads).")
+                                                f"of audio ({studio.threads} threads, "
+                                                f"{results['fp32']['decoding']} decoding).")
         except Exception as err:  # noqa: BLE001 - every failure becomes a message in the page
             return gr.update(), gr.update(), gr.update(), f"⚠️ {friendly(err)}", gr.update()
 
-    def rerun_one(key, audio, reference, results, on, knob, progress=gr.Progress()):
+    def rerun_one(key, audio, reference, use_lm, results, on, knob, progress=gr.Progress()):
         if not results:
             return gr.update(), gr.update(), gr.update(), "Press **Run all variants** first.", results
         try:
@@ -314,7 +336,7 @@ def build_app(studio: Studio):
             samples = studio.load_clip(audio)
             progress(0.2, desc=f"{SPECS[key].label}: compressing")
             start = time.perf_counter()
-            results[key] = studio.measure(SPECS[key].recipe(knob), samples, reference)
+            results[key] = studio.measure(SPECS[key].recipe(knob), samples, reference, use_lm)
             return outputs(results, reference, f"{SPECS[key].label} re-run with {results[key]['recipe']} in "
                                                 f"{time.perf_counter() - start:.1f} s.")
         except Exception as err:  # noqa: BLE001
@@ -324,7 +346,7 @@ def build_app(studio: Studio):
         return (table_rows(results, reference), figure(results), write_csv(results, studio.workdir), message,
                 results)
 
-    def dataset_recompute(*knobs, progress=gr.Progress()):
+    def dataset_recompute(use_lm, *knobs, progress=gr.Progress()):
         try:
             manifest = ASSETS / "clips" / "manifest.jsonl"
             utterances = load_utterances(str(manifest))
@@ -333,8 +355,11 @@ def build_app(studio: Studio):
             for n, (key, recipe) in enumerate(recipes.items()):
                 progress(n / len(recipes), desc=f"{SPECS[key].label} on {len(utterances)} clips")
                 variant = studio.variant(recipe)
+                transcriber = variant.transcriber
+                if use_lm and studio.lm_decoder is not None:
+                    transcriber = Transcriber(transcriber.model, studio.tokenizer, decoder=studio.lm_decoder)
                 with studio.lock:
-                    r = evaluate(variant.transcriber, utterances, threads=studio.threads, warmup=1, progress=False)
+                    r = evaluate(transcriber, utterances, threads=studio.threads, warmup=1, progress=False)
                 results[key] = {**r, "size_mb": variant.bytes_on_disk / 1e6}
             base = results["fp32"]
             for key, r in results.items():
@@ -364,10 +389,8 @@ def build_app(studio: Studio):
                 if spec.enabled:
                     row = studio.measure(spec.recipe(spec.default), samples, reference or None)
                     out.append({"variant": spec.label, **row})
-            base = out[0]
             for row in out:
-                row["compression_ratio"] = base["size_mb"] / row["size_mb"]
-                row["speedup"] = base["latency_ms"] / row["latency_ms"]
+                row["compression_ratio"], row["speedup"] = versus_baseline(out[0], row)
             return out
         except Exception as err:  # noqa: BLE001
             raise gr.Error(friendly(err)) from None
@@ -385,6 +408,11 @@ def build_app(studio: Studio):
                                      elem_id="audio-input")
                     reference = gr.Textbox(label="Reference transcript (optional: WER and the diff need it)",
                                            elem_id="reference")
+                    use_lm = gr.Checkbox(value=studio.lm_decoder is not None, interactive=studio.lm_decoder is not None,
+                                         label="Beam search with the word language model (the same LM for every "
+                                               "variant)" if studio.lm_decoder is not None else
+                                               "Greedy decoding (this model folder has no lm.arpa.gz)",
+                                         elem_id="use-lm")
                     if examples:
                         gr.Examples([[c["path"], c["text"]] for c in examples], [audio, reference],
                                     label="Bundled examples (LibriSpeech dev-clean, CC BY 4.0)")
@@ -409,11 +437,11 @@ def build_app(studio: Studio):
                 plot = gr.Plot(label="Size and latency vs WER")
                 csv_file = gr.File(label="Download the table (CSV)")
             knob_inputs = [c for _, on, knob in controls for c in (on, knob)]
-            run.click(run_all, [audio, reference, *knob_inputs], [table, plot, csv_file, status, results_state],
+            run.click(run_all, [audio, reference, use_lm, *knob_inputs], [table, plot, csv_file, status, results_state],
                       api_visibility="private")
             for spec, on, knob in controls:
                 handler = (lambda key: lambda *a, progress=gr.Progress(): rerun_one(key, *a, progress=progress))(spec.key)
-                args = dict(fn=handler, inputs=[audio, reference, results_state, on, knob],
+                args = dict(fn=handler, inputs=[audio, reference, use_lm, results_state, on, knob],
                             outputs=[table, plot, csv_file, status, results_state], api_visibility="private")
                 on.input(**args)
                 if spec.knob:
@@ -427,7 +455,7 @@ def build_app(studio: Studio):
                                                                  "CER", "Latency ms", "RTF", "Speed-up"],
                                     interactive=False, elem_id="dataset-results")
             recompute = gr.Button("Recompute on the bundled clips")
-            recompute.click(dataset_recompute, knob_inputs, [ds_table, ds_status], api_visibility="private")
+            recompute.click(dataset_recompute, [use_lm, *knob_inputs], [ds_table, ds_status], api_visibility="private")
         with gr.Tab("About the model"):
             card = Path(studio.model_dir) / "MODEL_CARD.md"
             gr.Markdown(card.read_text() if card.exists() else f"Model folder: `{studio.model_dir}`")

@@ -19,6 +19,40 @@ def _add_model_flag(p: argparse.ArgumentParser) -> None:
                         "in checkpoints/, or $EDGE_ASR_MODEL)")
 
 
+def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decoding", choices=("auto", "greedy", "lm"), default="auto",
+                   help="greedy CTC, or beam search with the word LM in the model folder (lm.arpa.gz); "
+                        "auto (default): the LM where the model folder has one")
+    p.add_argument("--lm-folder", default=None, help="take lm.arpa.gz and decoding.json from this folder instead")
+    p.add_argument("--beam-width", type=int, default=None, help="beam width (default: decoding.json, else 32)")
+    p.add_argument("--alpha", type=float, default=None, help="LM weight (default: decoding.json)")
+    p.add_argument("--beta", type=float, default=None, help="word insertion bonus (default: decoding.json)")
+
+
+def _beam_settings(args, folder: str):
+    """decoding.json of the LM's folder, with any --beam-width/--alpha/--beta given on the command line."""
+    if args.beam_width is None and args.alpha is None and args.beta is None:
+        return None
+    from .beam_search import DECODING_FILE, BeamSettings
+
+    path = os.path.join(folder, DECODING_FILE)
+    settings = BeamSettings.from_file(path) if os.path.exists(path) else BeamSettings()
+    for name in ("beam_width", "alpha", "beta"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    return settings.validate()
+
+
+def _transcriber(args):
+    from .checkpoint import default_model_dir
+    from .transcribe import Transcriber
+
+    model_dir = args.model or default_model_dir()
+    lm_folder = args.lm_folder or model_dir
+    return Transcriber.from_folder(model_dir, decoding=args.decoding, lm_folder=lm_folder,
+                                   beam_settings=_beam_settings(args, lm_folder)), model_dir
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -76,12 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N utterances only")
     p.add_argument("--threads", type=_positive(int), default=2, help="torch CPU threads (default 2)")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
+    _add_decoding_flags(p)
 
     p = sub.add_parser("transcribe", help="audio files to text")
     _add_model_flag(p)
     p.add_argument("files", nargs="+", help="audio files (WAV, FLAC, OGG, Opus, MP3; any rate and channels)")
     p.add_argument("--json", action="store_true", help="print JSON lines {file, text, seconds} instead of text")
     p.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
+    _add_decoding_flags(p)
+
+    p = sub.add_parser("build-lm", help="build a word n-gram language model (ARPA) for beam-search decoding")
+    p.add_argument("--out", required=True, help="ARPA file to write (.arpa or .arpa.gz); put lm.arpa.gz in a "
+                                                "model folder to have it used by default")
+    p.add_argument("--data", action="append", default=[],
+                   help="training transcripts: LibriSpeech folder or JSONL manifest (repeatable). Never dev/test")
+    p.add_argument("--text", action="append", default=[], help="plain text file(s), e.g. from scripts/lm_corpus.py")
+    p.add_argument("--order", type=_positive(int), default=3, help="n-gram order (default 3)")
+    p.add_argument("--min-count", type=_positive(int), default=2,
+                   help="drop highest-order n-grams seen fewer times (default 2; keeps the file small)")
+    p.add_argument("--wordfreq", type=int, default=0,
+                   help="add the N most frequent English words of the `wordfreq` package as a unigram prior")
+    p.add_argument("--prior-weight", type=float, default=0.3, help="weight of the wordfreq prior in the unigrams")
 
     p = sub.add_parser("make-manifest", help="write a JSONL manifest from a LibriSpeech-layout folder")
     p.add_argument("librispeech_dir")
@@ -158,13 +207,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .checkpoint import default_model_dir
     from .data import load_utterances
     from .evaluation import evaluate
-    from .transcribe import Transcriber
 
-    model_dir = args.model or default_model_dir()
-    transcriber = Transcriber.from_folder(model_dir)
+    transcriber, model_dir = _transcriber(args)
     result = evaluate(transcriber, load_utterances(args.data, args.limit), threads=args.threads, model_dir=model_dir)
     result["model"] = model_dir
     text = json.dumps(result, indent=2)
@@ -172,7 +218,9 @@ def cmd_evaluate(args) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text)
-        print(f"WER {result['wer']:.2%}  CER {result['cer']:.2%}  RTF {result['rtf']:.3f}  "
+        greedy = f"  (greedy WER {result['greedy']['wer']:.2%} CER {result['greedy']['cer']:.2%})" \
+            if "greedy" in result else ""
+        print(f"{result['decoding']}: WER {result['wer']:.2%}  CER {result['cer']:.2%}{greedy}  RTF {result['rtf']:.3f}  "
               f"latency median {result['latency_ms_median']:.0f} ms  -> {args.out}", file=sys.stderr)
     else:
         print(text)
@@ -186,11 +234,10 @@ def cmd_transcribe(args) -> int:
 
     from .audio import SAMPLE_RATE, load_audio
     from .errors import AudioError
-    from .transcribe import Transcriber
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    transcriber = Transcriber.from_folder(args.model)
+    transcriber, _ = _transcriber(args)
     failures = 0
     for path in args.files:
         try:
@@ -208,6 +255,41 @@ def cmd_transcribe(args) -> int:
         else:
             print(text if len(args.files) == 1 else f"{path}\t{text}")
     return 1 if failures else 0
+
+
+def cmd_build_lm(args) -> int:
+    from .data import load_utterances
+    from .lm import build_kneser_ney
+    from .text import normalize_text
+
+    if not args.data and not args.text:
+        raise SettingsError("give at least one --data or --text source")
+    if not 0 <= args.prior_weight < 1:
+        raise SettingsError(f"--prior-weight must be in [0, 1), got {args.prior_weight}")
+    sentences = []
+    for source in args.data:
+        sentences += [normalize_text(u.text).split() for u in load_utterances(source)]
+    for path in args.text:
+        if not os.path.exists(path):
+            raise SettingsError(f"Text file not found: {path}")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            sentences += [normalize_text(line).split() for line in f]
+    sentences = [s for s in sentences if s]
+    prior = None
+    if args.wordfreq:
+        try:
+            import wordfreq
+        except ImportError:
+            raise SettingsError("--wordfreq needs `pip install wordfreq`") from None
+        words = [normalize_text(w) for w in wordfreq.top_n_list("en", args.wordfreq)]
+        prior = {w: wordfreq.word_frequency(w, "en") for w in words if w and " " not in w}
+    lm = build_kneser_ney(sentences, args.order, min_count=args.min_count, unigram_prior=prior,
+                          prior_weight=args.prior_weight if prior else 0.0)
+    lm.write_arpa(args.out)
+    sizes = ", ".join(f"{n + 1}-grams {len(t):,}" for n, t in enumerate(lm.probs))
+    print(f"{sum(len(s) for s in sentences):,} words of text; vocabulary {len(lm.vocab):,}; {sizes}; "
+          f"{os.path.getsize(args.out) / 1e6:.1f} MB -> {args.out}", file=sys.stderr)
+    return 0
 
 
 def cmd_make_manifest(args) -> int:
@@ -232,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "transcribe": cmd_transcribe,
-                "make-manifest": cmd_make_manifest}
+                "make-manifest": cmd_make_manifest, "build-lm": cmd_build_lm}
     try:
         if args.command in handlers:
             return handlers[args.command](args)

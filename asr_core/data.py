@@ -101,12 +101,29 @@ class SpeechDataset(Dataset):
     def __len__(self) -> int:
         return len(self.utterances)
 
+    def preload(self, processes: int) -> None:
+        """Decode every utterance now, in ``processes`` parallel processes, into the int16 cache.
+
+        Call before creating DataLoader workers: forked workers then share one cache instead of each decoding
+        (and holding) its own copy.
+        """
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self.cache is None:
+            return
+        todo = [i for i in range(len(self.utterances)) if i not in self.cache]
+        paths = [self.utterances[i].audio_path for i in todo]
+        with ProcessPoolExecutor(max(1, processes)) as pool:
+            for i, samples in zip(todo, pool.map(_decode_int16, paths, chunksize=8)):
+                self.cache[i] = samples
+
     def samples(self, i: int) -> np.ndarray:
         if self.cache is not None and i in self.cache:
             return self.cache[i].astype(np.float32) / 32768.0
         samples = load_audio(self.utterances[i].audio_path, allow_silence=True)
         if self.cache is not None:
             self.cache[i] = np.clip(samples * 32768.0, -32768, 32767).astype(np.int16)
+            return self.cache[i].astype(np.float32) / 32768.0  # the same values whether cached or not
         return samples
 
     def __getitem__(self, i: int):
@@ -115,6 +132,10 @@ class SpeechDataset(Dataset):
         feats = log_mel(speed_perturb(samples, factor), self.features)
         target = torch.tensor(self.tokenizer.encode(self.utterances[i].text), dtype=torch.long)
         return feats, target, self.utterances[i].id
+
+
+def _decode_int16(path: str) -> np.ndarray:
+    return np.clip(load_audio(path, allow_silence=True) * 32768.0, -32768, 32767).astype(np.int16)
 
 
 def collate(batch):

@@ -1,4 +1,4 @@
-"""CTC decoding: log-probs (T', V) -> text. Greedy now; a beam search with an n-gram LM fits the same shape."""
+"""Greedy CTC decoding: log-probs (T', V) -> text. Beam search with a word LM: :mod:`asr_core.beam_search`."""
 from __future__ import annotations
 
 import torch

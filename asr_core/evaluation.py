@@ -67,14 +67,22 @@ def evaluate(transcriber: Transcriber, utterances: list[Utterance], *, threads: 
                                                                         disable=not progress)]
     for samples in audio[:warmup]:
         transcriber.transcribe(samples)
-    hypotheses, latencies = [], []
+    hypotheses, greedy_hypotheses, latencies = [], [], []
+    with_lm = not isinstance(transcriber.decoder, GreedyDecoder)
     for samples in tqdm(audio, desc="decoding", disable=not progress):
         start = time.perf_counter()
-        hypotheses.append(transcriber.transcribe(samples))
+        log_probs = transcriber.log_probs(samples)
+        hypotheses.append(transcriber.decoder(log_probs))
         latencies.append(time.perf_counter() - start)
+        if with_lm:  # greedy from the same log-probs, outside the timing: reported apart
+            greedy_hypotheses.append(transcriber.greedy(log_probs))
     audio_seconds = sum(len(a) for a in audio) / SAMPLE_RATE
     wall = sum(latencies)
     result = error_rates([u.text for u in utterances], hypotheses)
+    result["decoding"] = "beam search + LM" if with_lm else "greedy"
+    if with_lm:
+        greedy = error_rates([u.text for u in utterances], greedy_hypotheses)
+        result["greedy"] = {"wer": greedy["wer"], "cer": greedy["cer"]}
     result.update({
         "n_utterances": len(utterances),
         "audio_seconds": round(audio_seconds, 3),

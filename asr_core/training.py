@@ -1,8 +1,8 @@
 """The one training loop: CTC in fp32, AdamW, warmup + cosine decay, clipping, validation WER, best/last/
 averaged checkpoints, and resume after interruption with nothing lost.
 
-Compression's recovery fine-tuning calls :func:`train` too, passing ``after_step`` hooks that re-impose a
-method's constraint (pruning masks, shared cluster values) after every optimizer step.
+Compression's recovery fine-tuning calls :func:`train` too: its constraints (pruning masks, shared cluster
+values, quantisation grids) are parametrizations of the weights, so the loop needs no special case.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +63,21 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # recorded in config.json (e.g. how the model was initialised)
 
 
-def lr_at(step: int, total: int | None, cfg: TrainConfig) -> float:
-    """Multiplier of the peak rate: linear warmup, then cosine to ``final_lr_ratio`` (inverse sqrt if no end)."""
+def lr_at(step: int, total: int | None, cfg: TrainConfig, time_fraction: float | None = None) -> float:
+    """Multiplier of the peak rate: linear warmup, then cosine to ``final_lr_ratio``.
+
+    The cosine runs over steps when the run has a step count (``--max-steps``/``--epochs``); a run bounded only
+    by ``--max-minutes`` runs it over wall-clock time instead (``time_fraction`` of the budget spent), so that
+    "train for 6 minutes" ends annealed on any hardware. With neither, inverse square root.
+    """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if total is None:
+    if total is None and time_fraction is None:
         return math.sqrt(cfg.warmup_steps / (step + 1))
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if total is None:
+        progress = min(1.0, time_fraction)
+    else:
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -99,7 +106,7 @@ class _StopRequested(Exception):
 
 def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Utterance], dev_utts: list[Utterance],
           cfg: TrainConfig, out_dir: str | None, *, resume: bool = False,
-          after_step: list[Callable[[torch.nn.Module], None]] | None = None, progress: bool = True) -> dict:
+          progress: bool = True) -> dict:
     """Train ``model`` in place. Writes to ``out_dir`` (when given): ``last/``, ``best/``, ``averaged/`` model
     folders, ``snapshots/``, ``log.csv`` and ``train_state.pt``. Returns a summary dict.
 
@@ -110,9 +117,10 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model.to(device)
-    after_step = after_step or []
 
     dataset = SpeechDataset(train_utts, model.cfg.features, tokenizer, speed_factors=tuple(cfg.speed_factors))
+    if cfg.workers > 0:
+        dataset.preload(cfg.workers)  # one shared cache for all workers (see SpeechDataset.preload)
     sampler = BucketBatchSampler([u.duration for u in train_utts], cfg.batch_seconds, shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
                         persistent_workers=cfg.workers > 0)
@@ -139,7 +147,7 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
         total = by_epochs if total is None else min(total, by_epochs)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_wer": float("inf"), "audio_seconds": 0.0,
-             "train_seconds": 0.0}
+             "train_seconds": 0.0, "data_wait_seconds": 0.0}
     snapshots: list[str] = []
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -209,29 +217,29 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
                     continue  # resuming inside an epoch: the sampler repeats the same order for the same epoch
                 if total is not None and state["step"] >= total:
                     raise _StopRequested("max steps")
-                if cfg.max_minutes is not None and (time.time() - start_time) / 60 + seconds_before / 60 \
-                        >= cfg.max_minutes:
+                if cfg.max_minutes is not None and (time.time() - start_time + seconds_before) / 60 >= cfg.max_minutes:
                     raise _StopRequested("max minutes")
                 if stop["flag"]:
                     raise _StopRequested("interrupted")
-                feats, lengths = batch["features"], batch["lengths"]
-                if cfg.spec_augment:
+                state["data_wait_seconds"] += time.time() - t_prev  # waiting for the loader: the data bottleneck
+                feats, lengths = batch["features"].to(device, non_blocking=True), batch["lengths"].to(device)
+                if cfg.spec_augment:  # on the training device: vectorised, a few kernels per batch
                     feats = spec_augment(feats, lengths, freq_masks=cfg.freq_masks, time_masks=cfg.time_masks)
                 frozen = state["step"] < cfg.freeze_encoder_steps
                 for p in body:
                     p.requires_grad_(not frozen)
-                scale = lr_at(state["step"], total, cfg)
+                minutes_spent = (time.time() - start_time + seconds_before) / 60
+                scale = lr_at(state["step"], total, cfg,
+                              minutes_spent / cfg.max_minutes if cfg.max_minutes else None)
                 for g in optimizer.param_groups:
                     g["lr"] = g["peak_lr"] * scale
                 with autocast:
-                    log_probs, out_lengths = model(feats.to(device), lengths.to(device))
+                    log_probs, out_lengths = model(feats, lengths)
                 loss = ctc_loss(log_probs, out_lengths, batch["targets"].to(device), batch["target_lengths"].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
-                for hook in after_step:
-                    hook(model)
                 seconds = float(lengths.sum()) * model.cfg.features.hop_length / model.cfg.features.sample_rate
                 dt = time.time() - t_prev  # data loading included: this is the speed a user waits for
                 state["step"] += 1
@@ -271,7 +279,8 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
             signal.signal(s, h)
     model.eval()
     summary = {"reason": reason, **{k: state[k] for k in ("step", "epoch", "audio_seconds", "train_seconds")},
-               "audio_sec_per_sec": state["audio_seconds"] / max(1e-9, state["train_seconds"])}
+               "audio_sec_per_sec": state["audio_seconds"] / max(1e-9, state["train_seconds"]),
+               "data_wait_fraction": state.get("data_wait_seconds", 0.0) / max(1e-9, state["train_seconds"])}
     if out_dir:
         save_resumable()
         if reason != "interrupted":

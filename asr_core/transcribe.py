@@ -5,8 +5,9 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE, AudioSource, load_audio
-from .checkpoint import load_model
+from .checkpoint import default_model_dir, load_model
 from .decoding import GreedyDecoder
+from .errors import SettingsError
 from .features import log_mel
 from .text import CharTokenizer
 
@@ -23,12 +24,13 @@ class Transcriber:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: CharTokenizer, *, chunk_seconds: float = CHUNK_SECONDS,
-                 context_seconds: float = CONTEXT_SECONDS):
+                 context_seconds: float = CONTEXT_SECONDS, decoder=None):
         if chunk_seconds <= 4 * context_seconds:
             raise ValueError("chunk_seconds must exceed four times context_seconds")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.decoder = GreedyDecoder(tokenizer)
+        self.greedy = GreedyDecoder(tokenizer)
+        self.decoder = decoder or self.greedy  # any callable (T', V) log-probs -> text
         self.cfg = model.cfg
         self.chunk = int(chunk_seconds * SAMPLE_RATE)
         self.context = int(context_seconds * SAMPLE_RATE)
@@ -36,9 +38,13 @@ class Transcriber:
         self.samples_per_frame = self.cfg.features.hop_length * self.cfg.subsampling_factor
 
     @classmethod
-    def from_folder(cls, folder: str | None = None, **kwargs) -> "Transcriber":
+    def from_folder(cls, folder: str | None = None, *, decoding: str = "auto", lm_folder: str | None = None,
+                    beam_settings=None, **kwargs) -> "Transcriber":
+        """``decoding``: "greedy"; "lm" (beam search with the LM in ``lm_folder`` or the model folder);
+        "auto" (the LM where the folder ships one, else greedy)."""
         model, tokenizer = load_model(folder)
-        return cls(model, tokenizer, **kwargs)
+        decoder = make_decoder(tokenizer, lm_folder or folder or default_model_dir(), decoding, beam_settings)
+        return cls(model, tokenizer, decoder=decoder, **kwargs)
 
     @torch.inference_mode()
     def _window_log_probs(self, samples: np.ndarray) -> torch.Tensor:
@@ -68,3 +74,17 @@ class Transcriber:
         samples = source if isinstance(source, np.ndarray) and source.dtype == np.float32 and source.ndim == 1 \
             else load_audio(source, **load_kwargs)
         return self.decoder(self.log_probs(samples))
+
+
+def make_decoder(tokenizer: CharTokenizer, folder: str, decoding: str = "auto", beam_settings=None):
+    """Greedy, or beam search with the word LM (``lm.arpa.gz`` + ``decoding.json``) shipped in ``folder``."""
+    import os
+
+    from .beam_search import LM_FILE, BeamSearchDecoder
+
+    if decoding not in ("auto", "greedy", "lm"):
+        raise SettingsError(f"decoding must be auto, greedy or lm, got {decoding!r}")
+    has_lm = os.path.exists(os.path.join(folder, LM_FILE))
+    if decoding == "greedy" or (decoding == "auto" and not has_lm):
+        return GreedyDecoder(tokenizer)
+    return BeamSearchDecoder.from_folder(folder, tokenizer, beam_settings)

@@ -16,7 +16,7 @@ import torch
 
 from asr_core.checkpoint import MANIFEST, folder_bytes, load_model, read_tokenizer, save_model
 from asr_core.evaluation import evaluate
-from asr_core.transcribe import Transcriber
+from asr_core.transcribe import Transcriber, make_decoder
 
 from .artifact import save_artifact
 from .compress import apply_recipe
@@ -47,7 +47,9 @@ def build_variant(base_dir: str, entry: str, out_root: str, base_model=None, tok
 
 
 def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, *, threads: int = 2,
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, decoding: str = "greedy") -> pd.DataFrame:
+    """``decoding``: "greedy" (the model alone) or "lm" (every row decoded with the baseline folder's word LM,
+    so rows still differ only in the acoustic model)."""
     torch.set_num_threads(threads)
     os.makedirs(out_dir, exist_ok=True)
     artifacts = os.path.join(out_dir, "artifacts")
@@ -56,6 +58,12 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
         raise ValueError("benchmark needs a trained checkpoint as its baseline, not a compressed artifact")
     fp32_dir = os.path.join(artifacts, "fp32")
     save_model(fp32_dir, base_model, read_tokenizer(model_dir))  # the FP32 row: full-precision bytes
+    decoder = make_decoder(tokenizer, model_dir, decoding)
+
+    def transcriber(folder: str) -> Transcriber:
+        model, tok = load_model(folder)
+        return Transcriber(model, tok, decoder=decoder)
+
     variants = [("FP32 (baseline)", fp32_dir)]
     for entry in recipes:
         start = time.perf_counter()
@@ -65,12 +73,12 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
             print(f"built {label} in {time.perf_counter() - start:.1f} s -> {folder}", flush=True)
     # one untimed pass first: the process's first model runs pay for allocator and kernel warm-up, which would
     # otherwise be charged to whichever variant is measured first (the baseline)
-    evaluate(Transcriber.from_folder(fp32_dir), utterances[:10], threads=threads, warmup=0, progress=False)
+    evaluate(transcriber(fp32_dir), utterances[:10], threads=threads, warmup=0, progress=False)
     rows = []
     for label, folder in variants:
         if progress:
             print(f"evaluating {label}", flush=True)
-        result = evaluate(Transcriber.from_folder(folder), utterances, threads=threads, model_dir=folder,
+        result = evaluate(transcriber(folder), utterances, threads=threads, model_dir=folder,
                           progress=progress)
         rows.append({"variant": label, "size_mb": folder_bytes(folder) / 1e6, "wer": result["wer"],
                      "cer": result["cer"], "latency_ms_median": result["latency_ms_median"],
@@ -82,7 +90,7 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
     table["compression"] = base["size_mb"] / table["size_mb"]
     table["delta_wer_rel"] = (table["wer"] - base["wer"]) / base["wer"] if base["wer"] > 0 else float("nan")
     table["speedup"] = base["latency_ms_median"] / table["latency_ms_median"]
-    table.attrs.update(threads=threads, n_utterances=len(utterances),
+    table.attrs.update(threads=threads, n_utterances=len(utterances), decoding=decoding,
                        audio_seconds=sum(u.duration for u in utterances))
     write_outputs(table, out_dir)
     return table

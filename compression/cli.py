@@ -37,6 +37,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (results.{md,csv,json}, charts.html, artifacts/)")
     p.add_argument("--limit", type=int, default=None, help="first N utterances only")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for every variant (default 2)")
+    p.add_argument("--decoding", choices=("greedy", "lm"), default="greedy",
+                   help="greedy (default: the models alone) or lm (every variant with the baseline's word LM)")
     p.set_defaults(handler=cmd_benchmark)
 
     p = sub.add_parser("sensitivity", help="WER change when one layer (type) at a time is compressed")
@@ -106,9 +108,11 @@ def cmd_benchmark(args) -> int:
         if not os.path.isdir(r):
             parse_recipe(r)
     utterances = load_utterances(args.data, args.limit)
-    table = run_benchmark(args.model or default_model_dir(), utterances, recipes, args.out, threads=args.threads)
+    table = run_benchmark(args.model or default_model_dir(), utterances, recipes, args.out, threads=args.threads,
+                          decoding=args.decoding)
     print(markdown_table(table))
-    print(f"\n{len(utterances)} utterances, {args.threads} threads -> {args.out}/results.md, results.csv, "
+    print(f"\n{len(utterances)} utterances, {args.threads} threads, {args.decoding} decoding -> {args.out}/results.md, "
+          f"results.csv, "
           f"results.json, charts.html")
     return 0
 

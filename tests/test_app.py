@@ -79,3 +79,21 @@ def test_knobs_out_of_range_are_refused():
         app.SPECS["kmeans"].recipe(1)
     assert app.SPECS["kmeans"].recipe(16.0) == "kmeans:clusters=16"
     assert app.SPECS["int8"].recipe(None) == "int8"
+
+
+def test_word_lm_decodes_every_variant_when_the_model_ships_one(tiny_model_dir, tmp_path, wav_file):
+    import shutil
+
+    from asr_core.beam_search import LM_FILE, BeamSearchDecoder
+    from asr_core.lm import build_kneser_ney
+
+    folder = tmp_path / "with_lm"
+    shutil.copytree(tiny_model_dir, folder)
+    build_kneser_ney([["hello", "world"]], 2).write_arpa(str(folder / LM_FILE))
+    with_lm = app.Studio(str(folder), threads=1, max_seconds=20, timed_runs=1, cache_size=3)
+    assert isinstance(with_lm.lm_decoder, BeamSearchDecoder)
+    samples = with_lm.load_clip(wav_file)
+    assert with_lm.measure("int8", samples, "hello world")["decoding"] == "beam search + word LM"
+    assert with_lm.measure("int8", samples, "hello world", use_lm=False)["decoding"] == "greedy"
+    plain = app.Studio(tiny_model_dir, threads=1, max_seconds=20, timed_runs=1, cache_size=1)
+    assert plain.lm_decoder is None and plain.measure("", samples, None)["decoding"] == "greedy"

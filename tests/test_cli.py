@@ -62,3 +62,29 @@ def test_make_manifest(dev_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and all({"audio_filepath", "text", "duration"} <= set(r) for r in rows)
+
+
+def test_build_lm_then_evaluate_with_it(tiny_model_dir, dev_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Chapter one. The cat sat on the mat!\nA dog ran to the house; it was big.\n")
+    result = run("build-lm", "--data", str(dev_dir / "1272"), "--text", str(corpus), "--order", "3",
+                 "--out", str(model / "lm.arpa.gz"))
+    assert result.returncode == 0, result.stderr
+    assert "vocabulary" in result.stderr and (model / "lm.arpa.gz").stat().st_size > 0
+    out = tmp_path / "eval.json"
+    result = run("evaluate", "--model", str(model), "--data", str(dev_dir / "1272"), "--limit", "2",
+                 "--threads", "1", "--beam-width", "4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["decoding"] == "beam search + LM" and set(data["greedy"]) == {"wer", "cer"}
+    clip = dev_dir / "1272" / "135031" / "1272-135031-0000.opus"
+    greedy = run("transcribe", "--model", str(model), "--decoding", "greedy", str(clip))
+    assert greedy.returncode == 0, greedy.stderr
+    bad = run("build-lm", "--out", str(tmp_path / "x.arpa"))
+    assert bad.returncode == 2 and "at least one" in bad.stderr
+    bad = run("evaluate", "--model", str(model), "--data", str(dev_dir / "1272"), "--alpha", "-3")
+    assert bad.returncode == 2 and "alpha" in bad.stderr

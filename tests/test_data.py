@@ -72,3 +72,15 @@ def test_bucket_sampler_respects_budget_and_is_deterministic():
     assert batches == sampler.batches()
     sampler.set_epoch(2)
     assert batches != sampler.batches()
+
+
+def test_preload_fills_the_cache_with_what_lazy_loading_returns(tiny_librispeech):
+    utts = read_librispeech(str(tiny_librispeech))
+    lazy = SpeechDataset(utts, FeatureConfig(), CharTokenizer())
+    eager = SpeechDataset(utts, FeatureConfig(), CharTokenizer())
+    eager.preload(2)
+    assert sorted(eager.cache) == [0, 1, 2]
+    for i in range(3):
+        a, b = lazy.samples(i), eager.samples(i)
+        assert a.dtype == b.dtype and (a == b).all()  # int16-rounded either way
+        assert (lazy.samples(i) == a).all()  # and the same again once cached

@@ -46,3 +46,8 @@ def test_schedule():
     assert lr_at(9, 100, cfg) == pytest.approx(1.0)
     assert lr_at(100, 100, cfg) == pytest.approx(0.1)
     assert lr_at(1000, None, cfg) < lr_at(100, None, cfg) < 1.0
+    # a run bounded only by time anneals over the time budget: peak at its start, floor at its end
+    assert lr_at(10, None, cfg, time_fraction=0.0) == pytest.approx(1.0)
+    assert lr_at(10, None, cfg, time_fraction=0.5) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(10, None, cfg, time_fraction=1.2) == pytest.approx(0.1)
+    assert lr_at(50, 100, cfg, time_fraction=0.99) == lr_at(50, 100, cfg)  # a step count wins over time

@@ -1,0 +1,69 @@
+"""Pack what a GPU training run needs into a folder that fits the device's 64 MiB transfer limit.
+
+The device machine gets the checkout (the shipped checkpoint alone is 28 MB) plus carried folders, 64 MiB in
+all, so the 40 MB of training Opus is re-encoded at about 10.5 kbps (libsndfile's Opus encoder, compression
+level 0.985; measured on 40 files: 16.0 -> about 10.6 kbps). A low-bitrate copy is a mild extra augmentation;
+validation audio (the first N dev utterances) is copied untouched so that device-side WER is comparable.
+
+    python scripts/prepare_gpu_bundle.py --train ../shared/data/librispeech-mini/train-clean-5 \
+        --dev ../shared/data/librispeech-mini/dev-clean-2-a --out .gpu
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import soundfile as sf
+
+from asr_core.data import load_utterances
+
+
+def reencode(job: tuple[str, str, float]) -> int:
+    src, dst, level = job
+    samples, rate = sf.read(src, dtype="float32")
+    sf.write(dst, samples, rate, format="OGG", subtype="OPUS", compression_level=level)
+    return os.path.getsize(dst)
+
+
+def copy_subset(root: str, out: str, limit: int | None, level: float | None, processes: int) -> int:
+    """LibriSpeech layout in, LibriSpeech layout out (first ``limit`` utterances); returns bytes written."""
+    utterances = load_utterances(root, limit)
+    keep = {u.id for u in utterances}
+    jobs = []
+    for trans in sorted(Path(root).rglob("*.trans.txt")):
+        lines = [line for line in trans.read_text().splitlines() if line.split(" ", 1)[0] in keep]
+        if not lines:
+            continue
+        target = Path(out) / trans.parent.relative_to(root)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / trans.name).write_text("\n".join(lines) + "\n")
+    for u in utterances:
+        dst = Path(out) / Path(u.audio_path).relative_to(root)
+        jobs.append((u.audio_path, str(dst), level))
+    if level is None:
+        for src, dst, _ in jobs:
+            shutil.copyfile(src, dst)
+        return sum(os.path.getsize(d) for _, d, _ in jobs)
+    with ProcessPoolExecutor(processes) as pool:
+        return sum(pool.map(reencode, jobs, chunksize=16))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--dev", required=True)
+    parser.add_argument("--out", default=".gpu")
+    parser.add_argument("--dev-limit", type=int, default=100)
+    parser.add_argument("--level", type=float, default=0.985, help="libsndfile Opus compression level (0..1)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    train_bytes = copy_subset(args.train, os.path.join(args.out, "train"), None, args.level, args.processes)
+    dev_bytes = copy_subset(args.dev, os.path.join(args.out, "dev"), args.dev_limit, None, args.processes)
+    print(f"train audio {train_bytes / 2**20:.1f} MiB, dev audio {dev_bytes / 2**20:.1f} MiB in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

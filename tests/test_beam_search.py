@@ -1,0 +1,78 @@
+"""CTC prefix beam search: sums paths that collapse to one text, agrees with greedy on clear input, lets a word
+LM correct an acoustically likelier misspelling, and is picked up from a model folder."""
+import math
+
+import pytest
+import torch
+
+from asr_core.beam_search import DECODING_FILE, LM_FILE, BeamSearchDecoder, BeamSettings
+from asr_core.decoding import GreedyDecoder
+from asr_core.errors import SettingsError
+from asr_core.lm import build_kneser_ney
+from asr_core.text import CharTokenizer
+from asr_core.transcribe import Transcriber
+
+TOK = CharTokenizer()
+
+
+def frames(*rows):
+    """Each row: {char or '_' (blank): probability}; the rest of the mass spread thinly."""
+    lp = torch.full((len(rows), len(TOK)), math.log(1e-6))
+    for t, row in enumerate(rows):
+        for char, p in row.items():
+            lp[t, 0 if char == "_" else TOK.tokens.index(char)] = math.log(p)
+    return torch.log_softmax(lp, dim=-1)
+
+
+def spell(text, p=0.9):
+    """Clear frames for ``text`` with blanks between characters."""
+    rows = []
+    for c in text:
+        rows += [{c: p, "_": 1 - p}, {"_": p, c: 1 - p}]
+    return rows
+
+
+def test_sums_paths_where_greedy_takes_the_single_best_one():
+    lp = frames({"a": 0.4, "_": 0.6}, {"a": 0.4, "_": 0.6})
+    assert GreedyDecoder(TOK)(lp) == ""  # best path: blank blank (0.36)
+    assert BeamSearchDecoder(TOK)(lp) == "a"  # "a" = aa + a_ + _a = 0.64
+
+
+def test_agrees_with_greedy_on_clear_input():
+    lp = frames(*spell("hello world"), *spell("  "), *spell("abba"))
+    assert BeamSearchDecoder(TOK)(lp) == GreedyDecoder(TOK)(lp) == "hello world abba"
+
+
+def test_word_lm_corrects_a_misspelling():
+    rows = spell("the ")
+    rows += [{"k": 0.55, "c": 0.45}, {"_": 0.9}, *spell("at")]
+    lp = frames(*rows)
+    assert GreedyDecoder(TOK)(lp) == "the kat"
+    lm = build_kneser_ney([["the", "cat"], ["a", "cat", "sat"], ["the", "dog"]] * 5, 2)
+    assert BeamSearchDecoder(TOK, lm, BeamSettings(alpha=1.0, beta=0.0))(lp) == "the cat"
+    assert BeamSearchDecoder(TOK, None)(lp) == "the kat"  # without the LM the acoustics win
+
+
+def test_settings_are_checked(tmp_path):
+    with pytest.raises(SettingsError):
+        BeamSettings(beam_width=0).validate()
+    with pytest.raises(SettingsError):
+        BeamSettings(alpha=-1).validate()
+    BeamSettings(beam_width=8, alpha=0.3, beta=1.0).to_file(str(tmp_path / DECODING_FILE), tuned_on="x")
+    assert BeamSettings.from_file(str(tmp_path / DECODING_FILE)).beam_width == 8
+
+
+def test_transcriber_uses_the_lm_shipped_in_the_model_folder(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "with_lm"
+    shutil.copytree(tiny_model_dir, folder)
+    assert isinstance(Transcriber.from_folder(str(folder)).decoder, GreedyDecoder)
+    build_kneser_ney([["hello", "world"]], 2).write_arpa(str(folder / LM_FILE))
+    BeamSettings(beam_width=4).to_file(str(folder / DECODING_FILE))
+    auto = Transcriber.from_folder(str(folder))
+    assert isinstance(auto.decoder, BeamSearchDecoder) and auto.decoder.settings.beam_width == 4
+    assert isinstance(Transcriber.from_folder(str(folder), decoding="greedy").decoder, GreedyDecoder)
+    with pytest.raises(SettingsError, match="no language model"):
+        Transcriber.from_folder(tiny_model_dir, decoding="lm")
+    assert isinstance(auto.transcribe(torch.zeros(16000).numpy()), str)
