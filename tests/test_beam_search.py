@@ -76,3 +76,10 @@ def test_transcriber_uses_the_lm_shipped_in_the_model_folder(tiny_model_dir, tmp
     with pytest.raises(SettingsError, match="no language model"):
         Transcriber.from_folder(tiny_model_dir, decoding="lm")
     assert isinstance(auto.transcribe(torch.zeros(16000).numpy()), str)
+
+
+def test_empty_and_all_blank_input_give_empty_text():
+    lm = build_kneser_ney([["a", "b"]], 2)
+    for decoder in (BeamSearchDecoder(TOK), BeamSearchDecoder(TOK, lm)):
+        assert decoder(torch.zeros(0, len(TOK))) == ""
+        assert decoder(frames({"_": 1.0}, {"_": 1.0})) == ""

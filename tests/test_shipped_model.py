@@ -1,5 +1,5 @@
-"""The baseline shipped in checkpoints/ loads without a network and hears: key phrases of two bundled clips
-(as openai/whisper's tests do with jfk.flac)."""
+"""The baseline shipped in checkpoints/ loads without a network and hears: key phrases of bundled clips (as
+openai/whisper's tests do with jfk.flac), greedy and with the word LM that ships beside it."""
 import json
 import os
 
@@ -11,7 +11,7 @@ from conftest import REPO
 
 CLIPS = REPO / "assets" / "clips"
 SHIPPED = REPO / "checkpoints" / "conformer-ctc-whisper-tiny"
-# clip -> phrases the shipped model gets right (checked when the checkpoint was made; see MODEL_CARD.md)
+# clip -> {decoding: phrases the shipped model gets right} (checked when the checkpoint was made; MODEL_CARD.md)
 KEY_PHRASES = json.loads((CLIPS / "key_phrases.json").read_text()) if (CLIPS / "key_phrases.json").exists() else {}
 
 
@@ -22,11 +22,25 @@ def test_shipped_checkpoint_is_the_default_and_small():
     assert config["model"]["subsampling"] == "whisper" and (SHIPPED / "MODEL_CARD.md").exists()
 
 
+@pytest.fixture(scope="module")
+def transcribers():
+    return {"greedy": Transcriber.from_folder(str(SHIPPED), decoding="greedy"),
+            "lm": Transcriber.from_folder(str(SHIPPED))}  # the default: the LM in the folder
+
+
 @pytest.mark.parametrize("clip", sorted(KEY_PHRASES))
-def test_shipped_model_transcribes_key_phrases(clip):
-    text = Transcriber.from_folder(str(SHIPPED)).transcribe(str(CLIPS / clip))
-    for phrase in KEY_PHRASES[clip]:
-        assert phrase in text, f"{phrase!r} not in {text!r}"
+def test_shipped_model_transcribes_key_phrases(clip, transcribers):
+    for decoding, phrases in KEY_PHRASES[clip].items():
+        text = transcribers[decoding].transcribe(str(CLIPS / clip))
+        for phrase in phrases:
+            assert phrase in text, f"{decoding}: {phrase!r} not in {text!r}"
+
+
+def test_the_shipped_lm_is_used_by_default(transcribers):
+    from asr_core.beam_search import BeamSearchDecoder
+
+    decoder = transcribers["lm"].decoder
+    assert isinstance(decoder, BeamSearchDecoder) and decoder.lm is not None and len(decoder.lm.vocab) > 50_000
 
 
 def test_key_phrases_are_pinned():
