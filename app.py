@@ -29,6 +29,7 @@ import jiwer
 import torch
 
 from asr_core.audio import SAMPLE_RATE, load_audio
+from asr_core.beam_search import has_lm
 from asr_core.checkpoint import default_model_dir, folder_bytes, load_model, save_model
 from asr_core.errors import EdgeASRError, SettingsError
 from asr_core.evaluation import error_rates, evaluate
@@ -112,8 +113,7 @@ class Studio:
         self.cache[""] = Variant("", Transcriber(self.base, self.tokenizer), folder_bytes(fp32_dir), 0.0)
         # one word-LM decoder for every variant (the LM ships with the baseline), so that rows differ only in
         # the acoustic model; None when the model folder has no lm.arpa.gz
-        self.lm_decoder = make_decoder(self.tokenizer, self.model_dir, "lm") \
-            if os.path.exists(os.path.join(self.model_dir, "lm.arpa.gz")) else None
+        self.lm_decoder = make_decoder(self.tokenizer, self.model_dir, "lm") if has_lm(self.model_dir) else None
 
     def variant(self, recipe: str) -> Variant:
         """The compressed model for ``recipe`` (validated), built once and kept while recently used."""

@@ -45,6 +45,16 @@ class BeamSettings:
         return self
 
     @classmethod
+    def for_folder(cls, folder: str, **overrides) -> "BeamSettings":
+        """The folder's ``decoding.json`` (defaults where it has none), with ``overrides`` that are not None."""
+        path = os.path.join(folder, DECODING_FILE)
+        settings = cls.from_file(path) if os.path.exists(path) else cls()
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(settings, name, value)
+        return settings.validate()
+
+    @classmethod
     def from_file(cls, path: str) -> "BeamSettings":
         with open(path) as f:
             data = json.load(f)
@@ -54,6 +64,11 @@ class BeamSettings:
     def to_file(self, path: str, **extra) -> None:
         with open(path, "w") as f:
             json.dump({**asdict(self), **extra}, f, indent=2)
+
+
+def has_lm(folder: str) -> bool:
+    """Whether a model folder ships a word LM."""
+    return os.path.exists(os.path.join(folder, LM_FILE))
 
 
 class _Hyp:
@@ -94,12 +109,10 @@ class BeamSearchDecoder:
     def from_folder(cls, folder: str, tokenizer: CharTokenizer, settings: BeamSettings | None = None
                     ) -> "BeamSearchDecoder":
         """The LM (``lm.arpa.gz``) and tuned settings (``decoding.json``) that ship in a model folder."""
-        lm_path = os.path.join(folder, LM_FILE)
-        if not os.path.exists(lm_path):
+        if not has_lm(folder):
             raise SettingsError(f"{folder} has no language model ({LM_FILE})")
-        if settings is None and os.path.exists(os.path.join(folder, DECODING_FILE)):
-            settings = BeamSettings.from_file(os.path.join(folder, DECODING_FILE))
-        return cls(tokenizer, NGramLM.read_arpa(lm_path), settings)
+        return cls(tokenizer, NGramLM.read_arpa(os.path.join(folder, LM_FILE)),
+                   settings or BeamSettings.for_folder(folder))
 
     def _word_score(self, history: tuple, word: str) -> float:
         key = (history, word)
@@ -115,8 +128,8 @@ class BeamSearchDecoder:
         if self.lm is None:
             return _Hyp(0.0, (), "", 0.0)
         if char == " ":
-            history = (*parent.history, parent.word)[-(self.lm.order - 1):] if self.lm.order > 1 else ()
-            return _Hyp(parent.lm + self._word_score(parent.history, parent.word), history, "", 0.0)
+            return _Hyp(parent.lm + self._word_score(parent.history, parent.word),
+                        self.lm.next_history(parent.history, parent.word), "", 0.0)
         word = parent.word + char
         cost = 0.0 if word in self._prefixes else self._unk_cost
         return _Hyp(parent.lm, parent.history, word, cost)
@@ -185,7 +198,7 @@ class BeamSearchDecoder:
                 history = hyp.history
                 if hyp.word:
                     score += self._word_score(history, hyp.word)
-                    history = (*history, hyp.word)[-(self.lm.order - 1):] if self.lm.order > 1 else ()
+                    history = self.lm.next_history(history, hyp.word)
                 score += self.settings.alpha * self.lm.score(history, EOS)
             if score > best_score:
                 best_text, best_score = prefix, score

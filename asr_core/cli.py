@@ -33,14 +33,9 @@ def _beam_settings(args, folder: str):
     """decoding.json of the LM's folder, with any --beam-width/--alpha/--beta given on the command line."""
     if args.beam_width is None and args.alpha is None and args.beta is None:
         return None
-    from .beam_search import DECODING_FILE, BeamSettings
+    from .beam_search import BeamSettings
 
-    path = os.path.join(folder, DECODING_FILE)
-    settings = BeamSettings.from_file(path) if os.path.exists(path) else BeamSettings()
-    for name in ("beam_width", "alpha", "beta"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
-    return settings.validate()
+    return BeamSettings.for_folder(folder, beam_width=args.beam_width, alpha=args.alpha, beta=args.beta)
 
 
 def _transcriber(args):

@@ -118,13 +118,11 @@ class SpeechDataset(Dataset):
                 self.cache[i] = samples
 
     def samples(self, i: int) -> np.ndarray:
-        if self.cache is not None and i in self.cache:
-            return self.cache[i].astype(np.float32) / 32768.0
-        samples = load_audio(self.utterances[i].audio_path, allow_silence=True)
-        if self.cache is not None:
-            self.cache[i] = np.clip(samples * 32768.0, -32768, 32767).astype(np.int16)
-            return self.cache[i].astype(np.float32) / 32768.0  # the same values whether cached or not
-        return samples
+        if self.cache is None:
+            return load_audio(self.utterances[i].audio_path, allow_silence=True)
+        if i not in self.cache:
+            self.cache[i] = _decode_int16(self.utterances[i].audio_path)
+        return self.cache[i].astype(np.float32) / 32768.0  # int16-rounded, the same on first and later reads
 
     def __getitem__(self, i: int):
         samples = self.samples(i)

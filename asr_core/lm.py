@@ -72,6 +72,10 @@ class NGramLM:
             penalty += self.backoffs.get(history, 0.0)
             history = history[1:]
 
+    def next_history(self, history: tuple[str, ...], word: str) -> tuple[str, ...]:
+        """The history after ``word``: the last (order - 1) words, all that the model conditions on."""
+        return (*history, word)[-(self.order - 1):] if self.order > 1 else ()
+
     def score(self, history: tuple[str, ...], word: str) -> float:
         """Natural-log probability (what the decoder adds up)."""
         return self.log10_prob(history, word) * LOG10
@@ -81,7 +85,7 @@ class NGramLM:
         total = 0.0
         for w in [*words, EOS]:
             total += self.log10_prob(history, w)
-            history = (*history, w)[-(self.order - 1):]
+            history = self.next_history(history, w)
         return total
 
     def perplexity(self, sentences: list[list[str]]) -> float:

@@ -217,7 +217,8 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
                     continue  # resuming inside an epoch: the sampler repeats the same order for the same epoch
                 if total is not None and state["step"] >= total:
                     raise _StopRequested("max steps")
-                if cfg.max_minutes is not None and (time.time() - start_time + seconds_before) / 60 >= cfg.max_minutes:
+                minutes_spent = (time.time() - start_time + seconds_before) / 60
+                if cfg.max_minutes is not None and minutes_spent >= cfg.max_minutes:
                     raise _StopRequested("max minutes")
                 if stop["flag"]:
                     raise _StopRequested("interrupted")
@@ -228,7 +229,6 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
                 frozen = state["step"] < cfg.freeze_encoder_steps
                 for p in body:
                     p.requires_grad_(not frozen)
-                minutes_spent = (time.time() - start_time + seconds_before) / 60
                 scale = lr_at(state["step"], total, cfg,
                               minutes_spent / cfg.max_minutes if cfg.max_minutes else None)
                 for g in optimizer.param_groups:
@@ -280,7 +280,7 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
     model.eval()
     summary = {"reason": reason, **{k: state[k] for k in ("step", "epoch", "audio_seconds", "train_seconds")},
                "audio_sec_per_sec": state["audio_seconds"] / max(1e-9, state["train_seconds"]),
-               "data_wait_fraction": state.get("data_wait_seconds", 0.0) / max(1e-9, state["train_seconds"])}
+               "data_wait_fraction": state["data_wait_seconds"] / max(1e-9, state["train_seconds"])}
     if out_dir:
         save_resumable()
         if reason != "interrupted":

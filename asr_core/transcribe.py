@@ -78,13 +78,10 @@ class Transcriber:
 
 def make_decoder(tokenizer: CharTokenizer, folder: str, decoding: str = "auto", beam_settings=None):
     """Greedy, or beam search with the word LM (``lm.arpa.gz`` + ``decoding.json``) shipped in ``folder``."""
-    import os
-
-    from .beam_search import LM_FILE, BeamSearchDecoder
+    from .beam_search import BeamSearchDecoder, has_lm
 
     if decoding not in ("auto", "greedy", "lm"):
         raise SettingsError(f"decoding must be auto, greedy or lm, got {decoding!r}")
-    has_lm = os.path.exists(os.path.join(folder, LM_FILE))
-    if decoding == "greedy" or (decoding == "auto" and not has_lm):
+    if decoding == "greedy" or (decoding == "auto" and not has_lm(folder)):
         return GreedyDecoder(tokenizer)
     return BeamSearchDecoder.from_folder(folder, tokenizer, beam_settings)
