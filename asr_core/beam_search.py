@@ -5,7 +5,10 @@ recurrent DNNs": each hypothesis is a character prefix with two probabilities, e
 that paths which collapse to the same text are summed. A word is scored by the LM when the space after it
 is emitted (``alpha * ln P(word | history) + beta``); while a word is still being spelt, a prefix that no
 vocabulary word starts with is charged the LM's unknown-word cost at once, so misspellings fall out of the
-beam early instead of at the next space (pyctcdecode does the same). Why written here: pyctcdecode pins
+beam early instead of at the next space (pyctcdecode does the same). ``unk_penalty`` adds a further cost to
+every word outside the LM's vocabulary: 0 is plain shallow fusion, a large value (say 10) all but restricts
+the output to the vocabulary, like a lexicon-constrained decoder (flashlight's), while still letting a
+name through when the acoustics are sure of it. Why written here: pyctcdecode pins
 numpy<2 and flashlight-text's decoder wants KenLM binaries; the algorithm is 100 lines of Python.
 
 Cost: per output frame, beams x (tokens above ``token_min_logp``); typically a few milliseconds per second of
@@ -13,10 +16,12 @@ audio at beam 32 on one core.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -36,12 +41,15 @@ class BeamSettings:
     beta: float = 1.5  # bonus per word: offsets the LM's bias towards fewer, longer words
     token_min_logp: float = -8.0  # tokens less likely than this in a frame are not tried
     beam_prune_logp: float = -12.0  # hypotheses this far below the best are dropped
+    unk_penalty: float = 0.0  # extra cost (natural log) of a word outside the LM's vocabulary
 
     def validate(self) -> "BeamSettings":
         if not 1 <= self.beam_width <= 1024:
             raise SettingsError(f"beam width must be between 1 and 1024, got {self.beam_width}")
         if not (0 <= self.alpha <= 10 and -10 <= self.beta <= 10):
             raise SettingsError(f"alpha must be in [0, 10] and beta in [-10, 10], got {self.alpha}, {self.beta}")
+        if not 0 <= self.unk_penalty <= 100:
+            raise SettingsError(f"the unknown-word penalty must be between 0 and 100, got {self.unk_penalty}")
         return self
 
     @classmethod
@@ -103,7 +111,8 @@ class BeamSearchDecoder:
             for word in lm.vocab:
                 for i in range(1, len(word) + 1):
                     self._prefixes.add(word[:i])
-            self._unk_cost = self.settings.alpha * lm.score((), "\x00unknown")
+            # charged while an out-of-vocabulary word is spelt; replaced by its real score when it completes
+            self._unk_cost = self.settings.alpha * lm.score((), "\x00unknown") - self.settings.unk_penalty
 
     @classmethod
     def from_folder(cls, folder: str, tokenizer: CharTokenizer, settings: BeamSettings | None = None
@@ -119,6 +128,8 @@ class BeamSearchDecoder:
         score = self._lm_cache.get(key)
         if score is None:
             score = self.settings.alpha * self.lm.score(history, word) + self.settings.beta
+            if word not in self.lm.vocab:
+                score -= self.settings.unk_penalty
             if len(self._lm_cache) > 200_000:
                 self._lm_cache.clear()
             self._lm_cache[key] = score
@@ -147,6 +158,13 @@ class BeamSearchDecoder:
             candidates = np.flatnonzero(frame >= s.token_min_logp)
             if candidates.size == 0:
                 candidates = np.array([int(frame.argmax())])
+            if candidates.size == 1 and candidates[0] == blank:
+                # a frame that is only blank (about a third of them) extends nothing and moves every hypothesis
+                # by the same amount, so the beam and its order stay: update in place, skip the ranking
+                p = frame[blank]
+                for hyp in beams.values():
+                    hyp.p_blank, hyp.p_char = _logadd(hyp.p_blank, hyp.p_char) + p, _NEG
+                continue
             nxt: dict[str, _Hyp] = {}
 
             def slot(prefix: str, parent: _Hyp, char: str | None) -> _Hyp:
@@ -181,9 +199,10 @@ class BeamSearchDecoder:
                     else:
                         longer = slot(prefix + char, hyp, char)
                         longer.p_char = _logadd(longer.p_char, total + p)
-            ranked = sorted(nxt.items(), key=lambda kv: -self._rank(kv[1]))
-            best = self._rank(ranked[0][1])
-            beams = dict(kv for kv in ranked[: s.beam_width] if self._rank(kv[1]) >= best + s.beam_prune_logp)
+            ranked = heapq.nlargest(s.beam_width, ((self._rank(h), prefix, h) for prefix, h in nxt.items()),
+                                    key=itemgetter(0))
+            floor = ranked[0][0] + s.beam_prune_logp
+            beams = {prefix: h for rank, prefix, h in ranked if rank >= floor}
         return self._finish(beams)
 
     @staticmethod

@@ -27,15 +27,20 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-width", type=int, default=None, help="beam width (default: decoding.json, else 32)")
     p.add_argument("--alpha", type=float, default=None, help="LM weight (default: decoding.json)")
     p.add_argument("--beta", type=float, default=None, help="word insertion bonus (default: decoding.json)")
+    p.add_argument("--unk-penalty", type=float, default=None,
+                   help="extra cost of a word outside the LM's vocabulary (0: none; default: decoding.json)")
 
 
 def _beam_settings(args, folder: str):
-    """decoding.json of the LM's folder, with any --beam-width/--alpha/--beta given on the command line."""
-    if args.beam_width is None and args.alpha is None and args.beta is None:
+    """decoding.json of the LM's folder, with any --beam-width/--alpha/--beta/--unk-penalty given on the command
+    line."""
+    overrides = {"beam_width": args.beam_width, "alpha": args.alpha, "beta": args.beta,
+                 "unk_penalty": args.unk_penalty}
+    if all(value is None for value in overrides.values()):
         return None
     from .beam_search import BeamSettings
 
-    return BeamSettings.for_folder(folder, beam_width=args.beam_width, alpha=args.alpha, beta=args.beta)
+    return BeamSettings.for_folder(folder, **overrides)
 
 
 def _transcriber(args):

@@ -6,7 +6,7 @@ figure is not the one that was tuned.
 
     python scripts/tune_lm.py --model checkpoints/conformer-ctc-whisper-tiny \
         --data ../shared/data/librispeech-mini/dev-clean-2-a --limit 100 --lm runs/lm/lm.arpa.gz \
-        --alpha 0.3 0.5 0.7 0.9 --beta 0 1 2 --out runs/lm/tune.json
+        --alpha 0.3 0.5 0.7 0.9 --beta 0 1 2 --unk-penalty 0 10 --beam 32 128 --out runs/lm/tune.json
 """
 from __future__ import annotations
 
@@ -36,12 +36,13 @@ def _init(log_probs, tokenizer_json):
 
 
 def _decode(job):
-    lm_path, alpha, beta, beam = job
+    lm_path, alpha, beta, unk_penalty, beam, prune = job
     lms = _STATE["lms"]
     if lm_path not in lms:
         lms[lm_path] = NGramLM.read_arpa(lm_path)
-    decoder = BeamSearchDecoder(_STATE["tokenizer"], lms[lm_path], BeamSettings(beam_width=beam, alpha=alpha,
-                                                                                  beta=beta))
+    settings = BeamSettings(beam_width=beam, alpha=alpha, beta=beta, unk_penalty=unk_penalty,
+                            beam_prune_logp=prune)
+    decoder = BeamSearchDecoder(_STATE["tokenizer"], lms[lm_path], settings)
     return [decoder(lp) for lp in _STATE["log_probs"]]
 
 
@@ -54,7 +55,9 @@ def main() -> None:
     parser.add_argument("--lm", nargs="+", required=True)
     parser.add_argument("--alpha", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--beta", nargs="+", type=float, default=[0.0, 1.0, 2.0])
-    parser.add_argument("--beam", type=int, default=32)
+    parser.add_argument("--unk-penalty", nargs="+", type=float, default=[0.0])
+    parser.add_argument("--beam", nargs="+", type=int, default=[32])
+    parser.add_argument("--beam-prune", nargs="+", type=float, default=[-12.0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -66,16 +69,17 @@ def main() -> None:
     refs = [u.text for u in utts]
     greedy = error_rates(refs, [transcriber.greedy(lp) for lp in log_probs])
     print(f"greedy: WER {greedy['wer']:.2%} CER {greedy['cer']:.2%} ({len(utts)} utterances)", flush=True)
-    jobs = list(itertools.product(args.lm, args.alpha, args.beta, [args.beam]))
+    jobs = list(itertools.product(args.lm, args.alpha, args.beta, args.unk_penalty, args.beam, args.beam_prune))
     results = []
     with ProcessPoolExecutor(args.processes, initializer=_init,
                              initargs=(log_probs, transcriber.tokenizer.to_json())) as pool:
         for job, hyps in zip(jobs, pool.map(_decode, jobs)):
             rates = error_rates(refs, hyps)
-            results.append({"lm": job[0], "alpha": job[1], "beta": job[2], "beam": job[3],
-                            "wer": rates["wer"], "cer": rates["cer"]})
-            print(f"{os.path.basename(job[0])} alpha {job[1]} beta {job[2]}: WER {rates['wer']:.2%} "
-                  f"CER {rates['cer']:.2%}", flush=True)
+            results.append({"lm": job[0], "alpha": job[1], "beta": job[2], "unk_penalty": job[3], "beam": job[4],
+                            "beam_prune": job[5], "wer": rates["wer"], "cer": rates["cer"]})
+            print(f"{os.path.basename(job[0])} alpha {job[1]} beta {job[2]} unk_penalty {job[3]} beam {job[4]} "
+                  f"prune {job[5]}: "
+                  f"WER {rates['wer']:.2%} CER {rates['cer']:.2%}", flush=True)
     best = min(results, key=lambda r: r["wer"])
     print(f"best: {best}")
     if args.out:

@@ -53,6 +53,19 @@ def test_word_lm_corrects_a_misspelling():
     assert BeamSearchDecoder(TOK, None)(lp) == "the kat"  # without the LM the acoustics win
 
 
+def test_unknown_word_penalty_keeps_the_output_in_the_vocabulary():
+    # the acoustics clearly say "the cap"; "cap" is not a word the LM knows, "cat" is
+    rows = spell("the ca") + [{"p": 0.999, "t": 0.001}, {"_": 0.9}]
+    lp = frames(*rows)
+    lm = build_kneser_ney([["the", "cat"], ["a", "cat", "sat"], ["the", "dog"]] * 5, 2)
+    plain = BeamSearchDecoder(TOK, lm, BeamSettings(alpha=0.3, beta=0.0))
+    assert plain(lp) == "the cap"  # shallow fusion alone: the unknown word's cost is smaller than the acoustics'
+    strict = BeamSearchDecoder(TOK, lm, BeamSettings(alpha=0.3, beta=0.0, unk_penalty=10.0))
+    assert strict(lp) == "the cat"
+    with pytest.raises(SettingsError):
+        BeamSettings(unk_penalty=-1).validate()
+
+
 def test_settings_are_checked(tmp_path):
     with pytest.raises(SettingsError):
         BeamSettings(beam_width=0).validate()
