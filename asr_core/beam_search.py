@@ -161,7 +161,7 @@ class BeamSearchDecoder:
             if candidates.size == 1 and candidates[0] == blank:
                 # a frame that is only blank (about a third of them) extends nothing and moves every hypothesis
                 # by the same amount, so the beam and its order stay: update in place, skip the ranking
-                p = frame[blank]
+                p = float(frame[blank])
                 for hyp in beams.values():
                     hyp.p_blank, hyp.p_char = _logadd(hyp.p_blank, hyp.p_char) + p, _NEG
                 continue
@@ -176,11 +176,12 @@ class BeamSearchDecoder:
                     nxt[prefix] = hyp
                 return hyp
 
+            # plain Python floats: arithmetic on numpy scalars in this inner loop is several times slower
+            scored = list(zip(candidates.tolist(), frame[candidates].tolist()))
             for prefix, hyp in beams.items():
                 total = _logadd(hyp.p_blank, hyp.p_char)
                 last = prefix[-1] if prefix else None
-                for k in candidates.tolist():
-                    p = frame[k]
+                for k, p in scored:
                     if k == blank:
                         same = slot(prefix, hyp, None)
                         same.p_blank = _logadd(same.p_blank, total + p)
