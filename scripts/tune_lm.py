@@ -78,8 +78,7 @@ def main() -> None:
             results.append({"lm": job[0], "alpha": job[1], "beta": job[2], "unk_penalty": job[3], "beam": job[4],
                             "beam_prune": job[5], "wer": rates["wer"], "cer": rates["cer"]})
             print(f"{os.path.basename(job[0])} alpha {job[1]} beta {job[2]} unk_penalty {job[3]} beam {job[4]} "
-                  f"prune {job[5]}: "
-                  f"WER {rates['wer']:.2%} CER {rates['cer']:.2%}", flush=True)
+                  f"prune {job[5]}: WER {rates['wer']:.2%} CER {rates['cer']:.2%}", flush=True)
     best = min(results, key=lambda r: r["wer"])
     print(f"best: {best}")
     if args.out:
