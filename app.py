@@ -138,6 +138,10 @@ class Studio:
     def load_clip(self, audio) -> "numpy.ndarray":  # noqa: F821
         return load_audio(audio, max_seconds=self.max_seconds)
 
+    def decoder_for(self, variant: Variant, use_lm: bool):
+        """The shared word-LM decoder when asked for and available, else the variant's greedy decoder."""
+        return self.lm_decoder if use_lm and self.lm_decoder is not None else variant.transcriber.greedy
+
     def measure(self, recipe: str, samples, reference: str | None, use_lm: bool = True) -> dict:
         """Transcribe ``samples`` with one variant: text, WER/CER (with a reference), latency, RTF, size.
 
@@ -146,7 +150,7 @@ class Studio:
         """
         variant = self.variant(recipe)
         t = variant.transcriber
-        decoder = self.lm_decoder if use_lm and self.lm_decoder is not None else t.greedy
+        decoder = self.decoder_for(variant, use_lm)
         with self.lock:
             log_probs = t.log_probs(samples)  # warm-up
             times = []
@@ -355,9 +359,8 @@ def build_app(studio: Studio):
             for n, (key, recipe) in enumerate(recipes.items()):
                 progress(n / len(recipes), desc=f"{SPECS[key].label} on {len(utterances)} clips")
                 variant = studio.variant(recipe)
-                transcriber = variant.transcriber
-                if use_lm and studio.lm_decoder is not None:
-                    transcriber = Transcriber(transcriber.model, studio.tokenizer, decoder=studio.lm_decoder)
+                transcriber = Transcriber(variant.transcriber.model, studio.tokenizer,
+                                          decoder=studio.decoder_for(variant, use_lm))
                 with studio.lock:
                     r = evaluate(transcriber, utterances, threads=studio.threads, warmup=1, progress=False)
                 results[key] = {**r, "size_mb": variant.bytes_on_disk / 1e6}

@@ -111,9 +111,8 @@ def cmd_benchmark(args) -> int:
     table = run_benchmark(args.model or default_model_dir(), utterances, recipes, args.out, threads=args.threads,
                           decoding=args.decoding)
     print(markdown_table(table))
-    print(f"\n{len(utterances)} utterances, {args.threads} threads, {args.decoding} decoding -> {args.out}/results.md, "
-          f"results.csv, "
-          f"results.json, charts.html")
+    print(f"\n{len(utterances)} utterances, {args.threads} threads, {args.decoding} decoding -> "
+          f"{args.out}/results.md, results.csv, results.json, charts.html")
     return 0
 
 
