@@ -55,6 +55,18 @@ def test_back_off_arithmetic_on_a_hand_written_arpa(tmp_path):
     assert lm.log10_prob(("a",), "never-seen") == pytest.approx(-0.3 + lm.unk_log10)
 
 
+def test_reader_tolerates_blank_lines_and_shares_word_strings(tmp_path):
+    # a blank line after \\data\\ (some writers put one) and CRLF line ends still parse
+    path = tmp_path / "blank.arpa"
+    path.write_text("\\data\\\r\n\r\nngram 1=3\r\nngram 2=2\r\n\r\n\\1-grams:\r\n-1.0\t<s>\t-0.5\r\n-0.5\tword\t-0.3\r\n"
+                    "-0.9\t</s>\r\n\r\n\\2-grams:\r\n-0.2\t<s> word\r\n-0.1\tword </s>\r\n\r\n\\end\\\r\n")
+    lm = NGramLM.read_arpa(str(path))
+    assert lm.order == 2 and lm.log10_prob((BOS,), "word") == pytest.approx(-0.2)
+    # one string object per word, however many n-grams it is in: what keeps a large LM's memory down
+    (unigram,) = [g for g in lm.probs[0] if g == ("word",)]
+    assert all(g[-1] is unigram[0] or g[0] is unigram[0] for g in lm.probs[1])
+
+
 def test_bad_files_are_clear_errors(tmp_path):
     not_arpa = tmp_path / "x.arpa"
     not_arpa.write_text("hello world\n")
@@ -64,3 +76,43 @@ def test_bad_files_are_clear_errors(tmp_path):
     broken.write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(SettingsError, match="Cannot read"):
         NGramLM.read_arpa(str(broken))
+
+
+def test_lm_corpus_script_reads_unpacked_sources(tmp_path):
+    """scripts/lm_corpus.py on a fake unpacked-package folder: book text split into sentences, the NLTK Bible
+    left out (the KJV is its own source), a source with no files reported instead of failing."""
+    import gzip
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("lm_corpus", REPO / "scripts" / "lm_corpus.py")
+    lm_corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm_corpus)
+    books = tmp_path / "src" / "gutenberg" / "package" / "gutenberg"
+    books.mkdir(parents=True)
+    (books / "austen-emma.txt").write_text("[Emma by Jane Austen 1816]\n\nEmma Woodhouse, handsome,\nclever, "
+                                           "and rich.  She was happy; truly.  Yes!")
+    (books / "bible-kjv.txt").write_text("In the beginning God created the heaven and the earth.")
+    speeches = tmp_path / "src" / "sotu" / "package" / "data"
+    speeches.mkdir(parents=True)
+    (speeches / "1790_george_washington_n.txt").write_text("Fellow-Citizens of the Senate: I embrace with great "
+                                                          "satisfaction the opportunity.")
+    devil = tmp_path / "src" / "devil" / "usr" / "share" / "dictd"
+    devil.mkdir(parents=True)
+    with gzip.open(devil / "devil.dict.dz", "wt") as f:
+        f.write("ABSURDITY, n. A statement or belief manifestly inconsistent with one's own opinion.")
+    out = tmp_path / "corpus.txt"
+    argv = sys.argv
+    sys.argv = ["lm_corpus.py", "--folder", str(tmp_path / "src"), "--out", str(out)]
+    try:
+        lm_corpus.main()
+    finally:
+        sys.argv = argv
+    lines = out.read_text().splitlines()
+    assert "[Emma by Jane Austen 1816] Emma Woodhouse, handsome, clever, and rich." in lines
+    assert "She was happy;" in lines and "truly." not in lines and "Yes!" not in lines  # one word: no n-gram
+    assert not any("beginning" in line for line in lines)
+    assert "Fellow-Citizens of the Senate:" in lines
+    assert any(line.startswith("ABSURDITY, n.") for line in lines)
