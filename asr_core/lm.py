@@ -14,6 +14,7 @@ sensible probabilities to the many words the small training text never saw.
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -140,7 +141,7 @@ class NGramLM:
         backoffs: dict[tuple, float] = {}
         words: dict[str, str] = {}
         n = 0
-        for line in lines:
+        for line in itertools.chain([line], lines):  # the line that ended the header comes first
             line = line.strip()
             if not line:
                 continue
@@ -153,10 +154,12 @@ class NGramLM:
             if n < 1 or len(parts) < n + 1:
                 raise SettingsError(f"{path}: malformed line {line[:80]!r}")
             gram = tuple([words.setdefault(w, w) for w in parts[1:n + 1]])
-            probs[n - 1][gram] = float(parts[0])
-            if len(parts) > n + 1:
-                backoffs[gram] = float(parts[n + 1])
-        return cls(order, probs, backoffs)
+            try:
+                probs[n - 1][gram] = float(parts[0])
+                if len(parts) > n + 1:
+                    backoffs[gram] = float(parts[n + 1])
+            except (ValueError, IndexError):
+                raise SettingsError(f"{path}: malformed line {line[:80]!r}") from None
         return cls(order, probs, backoffs)
 
 

@@ -65,6 +65,15 @@ def test_reader_tolerates_blank_lines_and_shares_word_strings(tmp_path):
     # one string object per word, however many n-grams it is in: what keeps a large LM's memory down
     (unigram,) = [g for g in lm.probs[0] if g == ("word",)]
     assert all(g[-1] is unigram[0] or g[0] is unigram[0] for g in lm.probs[1])
+    # no blank line between the counts and the first section; a bad number or order is a clear error
+    tight = tmp_path / "tight.arpa"
+    tight.write_text("\\data\\\nngram 1=2\n\\1-grams:\n-0.5\tword\n-0.9\t</s>\n\\end\\\n")
+    assert NGramLM.read_arpa(str(tight)).log10_prob((), "word") == pytest.approx(-0.5)
+    for bad in ("-0.5x\tword", "-0.5\tword\tnot-a-number"):
+        broken = tmp_path / "bad.arpa"
+        broken.write_text(f"\\data\\\nngram 1=1\n\n\\1-grams:\n{bad}\n\\end\\\n")
+        with pytest.raises(SettingsError, match="malformed"):
+            NGramLM.read_arpa(str(broken))
 
 
 def test_bad_files_are_clear_errors(tmp_path):
