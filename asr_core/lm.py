@@ -118,6 +118,8 @@ class NGramLM:
                 return cls._parse_arpa(path, f)
         except (OSError, UnicodeDecodeError, EOFError) as err:
             raise SettingsError(f"Cannot read language model {path}: {err}") from None
+        except ValueError as err:  # a count, order or probability that is not a number, a header without "="
+            raise SettingsError(f"{path}: malformed ARPA file ({err})") from None
 
     @classmethod
     def _parse_arpa(cls, path: str, lines: Iterable[str]) -> "NGramLM":
@@ -154,12 +156,9 @@ class NGramLM:
             if n < 1 or len(parts) < n + 1:
                 raise SettingsError(f"{path}: malformed line {line[:80]!r}")
             gram = tuple([words.setdefault(w, w) for w in parts[1:n + 1]])
-            try:
-                probs[n - 1][gram] = float(parts[0])
-                if len(parts) > n + 1:
-                    backoffs[gram] = float(parts[n + 1])
-            except (ValueError, IndexError):
-                raise SettingsError(f"{path}: malformed line {line[:80]!r}") from None
+            probs[n - 1][gram] = float(parts[0])
+            if len(parts) > n + 1:
+                backoffs[gram] = float(parts[n + 1])
         return cls(order, probs, backoffs)
 
 

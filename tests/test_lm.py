@@ -74,6 +74,9 @@ def test_reader_tolerates_blank_lines_and_shares_word_strings(tmp_path):
         broken.write_text(f"\\data\\\nngram 1=1\n\n\\1-grams:\n{bad}\n\\end\\\n")
         with pytest.raises(SettingsError, match="malformed"):
             NGramLM.read_arpa(str(broken))
+    broken.write_text("\\data\\\nngram 1=many\n\n\\1-grams:\n-0.5\tword\n\\end\\\n")  # a bad count in the header
+    with pytest.raises(SettingsError, match="malformed"):
+        NGramLM.read_arpa(str(broken))
 
 
 def test_bad_files_are_clear_errors(tmp_path):
@@ -92,7 +95,6 @@ def test_lm_corpus_script_reads_unpacked_sources(tmp_path):
     left out (the KJV is its own source), a source with no files reported instead of failing."""
     import gzip
     import importlib.util
-    import sys
 
     from conftest import REPO
 
@@ -113,12 +115,7 @@ def test_lm_corpus_script_reads_unpacked_sources(tmp_path):
     with gzip.open(devil / "devil.dict.dz", "wt") as f:
         f.write("ABSURDITY, n. A statement or belief manifestly inconsistent with one's own opinion.")
     out = tmp_path / "corpus.txt"
-    argv = sys.argv
-    sys.argv = ["lm_corpus.py", "--folder", str(tmp_path / "src"), "--out", str(out)]
-    try:
-        lm_corpus.main()
-    finally:
-        sys.argv = argv
+    lm_corpus.main(["--folder", str(tmp_path / "src"), "--out", str(out)])
     lines = out.read_text().splitlines()
     assert "[Emma by Jane Austen 1816] Emma Woodhouse, handsome, clever, and rich." in lines
     assert "She was happy;" in lines and "truly." not in lines and "Yes!" not in lines  # one word: no n-gram
