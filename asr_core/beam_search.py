@@ -8,7 +8,9 @@ vocabulary word starts with is charged the LM's unknown-word cost at once, so mi
 beam early instead of at the next space (pyctcdecode does the same). ``unk_penalty`` adds a further cost to
 every word outside the LM's vocabulary: 0 is plain shallow fusion, a large value (say 10) all but restricts
 the output to the vocabulary, like a lexicon-constrained decoder (flashlight's), while still letting a
-name through when the acoustics are sure of it. Why written here: pyctcdecode pins numpy<2 and
+name through when the acoustics are sure of it. ``blank_penalty`` is subtracted from the blank's score in
+every frame before the search (then each frame is renormalised), as icefall's decoders do: an acoustic model
+that is unsure spends too many frames on blank, and the LM then prefers dropping a word to spelling it. Why written here: pyctcdecode pins numpy<2 and
 flashlight-text's decoder wants KenLM binaries; the algorithm is 100 lines of Python.
 
 Cost: per output frame, beams x (tokens above ``token_min_logp``); frames that are only blank cost almost
@@ -42,6 +44,7 @@ class BeamSettings:
     token_min_logp: float = -8.0  # tokens less likely than this in a frame are not tried
     beam_prune_logp: float = -12.0  # hypotheses this far below the best are dropped
     unk_penalty: float = 0.0  # extra cost (natural log) of a word outside the LM's vocabulary
+    blank_penalty: float = 0.0  # subtracted from the blank's log-prob in every frame (then renormalised)
 
     def validate(self) -> "BeamSettings":
         if not 1 <= self.beam_width <= 1024:
@@ -50,6 +53,8 @@ class BeamSettings:
             raise SettingsError(f"alpha must be in [0, 10] and beta in [-10, 10], got {self.alpha}, {self.beta}")
         if not 0 <= self.unk_penalty <= 100:
             raise SettingsError(f"the unknown-word penalty must be between 0 and 100, got {self.unk_penalty}")
+        if not 0 <= self.blank_penalty <= 10:
+            raise SettingsError(f"the blank penalty must be between 0 and 10, got {self.blank_penalty}")
         return self
 
     @classmethod
@@ -149,6 +154,9 @@ class BeamSearchDecoder:
         s = self.settings
         lp = log_probs.detach().float().cpu().numpy().astype(np.float64)
         blank, space = self.tokenizer.blank_id, self.space_id
+        if s.blank_penalty:
+            lp[:, blank] -= s.blank_penalty
+            lp -= np.logaddexp.reduce(lp, axis=1, keepdims=True)
         tokens = self.tokenizer.tokens
         start = _Hyp(0.0, ("<s>",) if self.lm is not None and self.lm.order > 1 else (), "", 0.0)
         start.p_blank = 0.0

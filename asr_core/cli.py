@@ -29,13 +29,16 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=None, help="word insertion bonus (default: decoding.json)")
     p.add_argument("--unk-penalty", type=float, default=None,
                    help="extra cost of a word outside the LM's vocabulary (0: none; default: decoding.json)")
+    p.add_argument("--blank-penalty", type=float, default=None,
+                   help="cost subtracted from the blank in every frame of the beam search (0: none; default: "
+                        "decoding.json)")
 
 
 def _beam_settings(args, folder: str):
-    """decoding.json of the LM's folder, with any --beam-width/--alpha/--beta/--unk-penalty given on the command
-    line."""
+    """decoding.json of the LM's folder, with any --beam-width/--alpha/--beta/--unk-penalty/--blank-penalty given
+    on the command line."""
     overrides = {"beam_width": args.beam_width, "alpha": args.alpha, "beta": args.beta,
-                 "unk_penalty": args.unk_penalty}
+                 "unk_penalty": args.unk_penalty, "blank_penalty": args.blank_penalty}
     if all(value is None for value in overrides.values()):
         return None
     from .beam_search import BeamSettings

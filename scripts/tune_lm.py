@@ -6,7 +6,8 @@ figure is not the one that was tuned.
 
     python scripts/tune_lm.py --model checkpoints/conformer-ctc-whisper-tiny \
         --data ../shared/data/librispeech-mini/dev-clean-2-a --limit 100 --lm runs/lm/lm.arpa.gz \
-        --alpha 0.3 0.5 0.7 0.9 --beta 0 1 2 --unk-penalty 0 10 --beam 32 128 --out runs/lm/tune.json
+        --alpha 0.3 0.5 0.7 0.9 --beta 0 1 2 --unk-penalty 0 10 --blank-penalty 0 1 --beam 32 128 \
+        --out runs/lm/tune.json
 """
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ def _init(log_probs, tokenizer_json):
 
 
 def _decode(job):
-    lm_path, alpha, beta, unk_penalty, beam, prune = job
+    lm_path, alpha, beta, unk_penalty, blank_penalty, beam, prune = job
     lms = _STATE["lms"]
     if lm_path not in lms:
         lms[lm_path] = NGramLM.read_arpa(lm_path)
     settings = BeamSettings(beam_width=beam, alpha=alpha, beta=beta, unk_penalty=unk_penalty,
-                            beam_prune_logp=prune)
+                            blank_penalty=blank_penalty, beam_prune_logp=prune)
     decoder = BeamSearchDecoder(_STATE["tokenizer"], lms[lm_path], settings)
     return [decoder(lp) for lp in _STATE["log_probs"]]
 
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--alpha", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--beta", nargs="+", type=float, default=[0.0, 1.0, 2.0])
     parser.add_argument("--unk-penalty", nargs="+", type=float, default=[0.0])
+    parser.add_argument("--blank-penalty", nargs="+", type=float, default=[0.0])
     parser.add_argument("--beam", nargs="+", type=int, default=[32])
     parser.add_argument("--beam-prune", nargs="+", type=float, default=[-12.0])
     parser.add_argument("--processes", type=int, default=2)
@@ -69,16 +71,19 @@ def main() -> None:
     refs = [u.text for u in utts]
     greedy = error_rates(refs, [transcriber.greedy(lp) for lp in log_probs])
     print(f"greedy: WER {greedy['wer']:.2%} CER {greedy['cer']:.2%} ({len(utts)} utterances)", flush=True)
-    jobs = list(itertools.product(args.lm, args.alpha, args.beta, args.unk_penalty, args.beam, args.beam_prune))
+    jobs = list(itertools.product(args.lm, args.alpha, args.beta, args.unk_penalty, args.blank_penalty,
+                                 args.beam, args.beam_prune))
     results = []
     with ProcessPoolExecutor(args.processes, initializer=_init,
                              initargs=(log_probs, transcriber.tokenizer.to_json())) as pool:
         for job, hyps in zip(jobs, pool.map(_decode, jobs)):
             rates = error_rates(refs, hyps)
-            results.append({"lm": job[0], "alpha": job[1], "beta": job[2], "unk_penalty": job[3], "beam": job[4],
-                            "beam_prune": job[5], "wer": rates["wer"], "cer": rates["cer"]})
-            print(f"{os.path.basename(job[0])} alpha {job[1]} beta {job[2]} unk_penalty {job[3]} beam {job[4]} "
-                  f"prune {job[5]}: WER {rates['wer']:.2%} CER {rates['cer']:.2%}", flush=True)
+            results.append({"lm": job[0], "alpha": job[1], "beta": job[2], "unk_penalty": job[3],
+                            "blank_penalty": job[4], "beam": job[5], "beam_prune": job[6],
+                            "wer": rates["wer"], "cer": rates["cer"]})
+            print(f"{os.path.basename(job[0])} alpha {job[1]} beta {job[2]} unk_penalty {job[3]} "
+                  f"blank_penalty {job[4]} beam {job[5]} prune {job[6]}: "
+                  f"WER {rates['wer']:.2%} CER {rates['cer']:.2%}", flush=True)
     best = min(results, key=lambda r: r["wer"])
     print(f"best: {best}")
     if args.out:

@@ -66,6 +66,16 @@ def test_unknown_word_penalty_keeps_the_output_in_the_vocabulary():
         BeamSettings(unk_penalty=-1).validate()
 
 
+def test_blank_penalty_lets_a_weak_character_through():
+    # the middle "o" is heard, but blank is likelier in its only frame: greedy and the plain search drop it
+    rows = spell("do", p=0.99) + [{"_": 0.6, "o": 0.4}] + spell("r", p=0.99)
+    lp = frames(*rows)
+    assert BeamSearchDecoder(TOK)(lp) == "dor"
+    assert BeamSearchDecoder(TOK, None, BeamSettings(blank_penalty=2.0))(lp) == "door"
+    with pytest.raises(SettingsError):
+        BeamSettings(blank_penalty=-0.5).validate()
+
+
 def test_settings_are_checked(tmp_path):
     with pytest.raises(SettingsError):
         BeamSettings(beam_width=0).validate()
