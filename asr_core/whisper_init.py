@@ -18,6 +18,8 @@ ln_post                                final_norm
 (none)                                 head: random init (CTC vocabulary)
 =====================================  ==========================================================
 
+After fine-tuning, :func:`wise_ft` can move these tensors part of the way back to their warm start (WiSE-FT).
+
 Whisper's block is ``x += attn(ln(x)); x += mlp(ln(x))``; with ffn1 and conv starting as identity the
 initialised Conformer computes exactly Whisper's encoder (``tests/test_whisper_init.py`` checks this).
 """
@@ -29,7 +31,7 @@ import struct
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, SettingsError
 from .model import ConformerCTC
 
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: None}  # 5: bf16
@@ -131,8 +133,10 @@ def load_whisper_encoder(source: str) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"--init-from {source}: expected a CTranslate2 Whisper folder or an OpenAI .pt file")
 
 
-def init_from_whisper(model: ConformerCTC, source: str) -> int:
-    """Copy Whisper's encoder into ``model`` (see the module docstring); returns the number of layers copied."""
+def warm_start_values(model: ConformerCTC, source: str) -> dict[str, torch.Tensor]:
+    """What each Whisper-initialised tensor of ``model`` starts at (see the module docstring), by state-dict name:
+    Whisper's weights, and zeros for the output projections of the modules Whisper lacks. Tensors that start at
+    random (the rest of those modules, the CTC head) are not in it."""
     w = load_whisper_encoder(source)
     cfg = model.cfg
     n_layers = sum(1 for k in w if k.endswith(".mlp0.weight"))
@@ -142,33 +146,62 @@ def init_from_whisper(model: ConformerCTC, source: str) -> int:
             f"the model has subsampling={cfg.subsampling!r}, d_model={cfg.d_model}, n_layers={cfg.n_layers}. "
             "Use the matching preset (whisper-tiny or whisper-base)."
         )
+    values = {f"subsampling.{conv}.{kind}": w[f"{conv}.{kind}"] for conv in ("conv1", "conv2")
+              for kind in ("weight", "bias")}
+    values["final_norm.weight"], values["final_norm.bias"] = w["ln_post.weight"], w["ln_post.bias"]
+    params = dict(model.named_parameters())
+    for i in range(cfg.n_layers):
+        b = f"blocks.{i}"
+        values[f"{b}.attn.norm.weight"] = w[f"{i}.attn_ln.weight"]
+        values[f"{b}.attn.norm.bias"] = w[f"{i}.attn_ln.bias"]
+        for proj, name in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"), ("out_proj", "out")):
+            values[f"{b}.attn.{proj}.weight"] = w[f"{i}.{name}.weight"]
+            values[f"{b}.attn.{proj}.bias"] = w.get(f"{i}.{name}.bias",
+                                                    torch.zeros_like(params[f"{b}.attn.{proj}.bias"]))
+        values[f"{b}.ffn2.norm.weight"], values[f"{b}.ffn2.norm.bias"] = w[f"{i}.mlp_ln.weight"], w[f"{i}.mlp_ln.bias"]
+        values[f"{b}.ffn2.linear1.weight"] = w[f"{i}.mlp0.weight"]
+        values[f"{b}.ffn2.linear1.bias"] = w[f"{i}.mlp0.bias"]
+        # doubled: the Conformer's half-step FFN adds 0.5 * ffn2(x), Whisper's MLP adds all of it
+        values[f"{b}.ffn2.linear2.weight"] = 2.0 * w[f"{i}.mlp2.weight"]
+        values[f"{b}.ffn2.linear2.bias"] = 2.0 * w[f"{i}.mlp2.bias"]
+        for identity in (f"{b}.ffn1.linear2", f"{b}.conv.pointwise2"):
+            for kind in ("weight", "bias"):
+                values[f"{identity}.{kind}"] = torch.zeros_like(params[f"{identity}.{kind}"])
+    for name, value in values.items():
+        if params[name].shape != value.shape:
+            raise CheckpointError(f"Whisper tensor of shape {tuple(value.shape)} does not fit {name} "
+                                  f"{tuple(params[name].shape)}")
+    return values
 
-    def put(param: torch.Tensor, value: torch.Tensor):
-        if param.shape != value.shape:
-            raise CheckpointError(f"Whisper tensor of shape {tuple(value.shape)} does not fit {tuple(param.shape)}")
-        param.copy_(value)
 
+def init_from_whisper(model: ConformerCTC, source: str) -> int:
+    """Copy Whisper's encoder into ``model`` (see the module docstring); returns the number of layers copied."""
+    values = warm_start_values(model, source)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        stem = model.subsampling
-        for conv in ("conv1", "conv2"):
-            put(getattr(stem, conv).weight, w[f"{conv}.weight"])
-            put(getattr(stem, conv).bias, w[f"{conv}.bias"])
-        put(model.final_norm.weight, w["ln_post.weight"])
-        put(model.final_norm.bias, w["ln_post.bias"])
-        for i, block in enumerate(model.blocks):
-            a = block.attn
-            put(a.norm.weight, w[f"{i}.attn_ln.weight"]), put(a.norm.bias, w[f"{i}.attn_ln.bias"])
-            for proj, name in ((a.q_proj, "query"), (a.k_proj, "key"), (a.v_proj, "value"), (a.out_proj, "out")):
-                put(proj.weight, w[f"{i}.{name}.weight"])
-                put(proj.bias, w.get(f"{i}.{name}.bias", torch.zeros_like(proj.bias)))
-            f = block.ffn2
-            put(f.norm.weight, w[f"{i}.mlp_ln.weight"]), put(f.norm.bias, w[f"{i}.mlp_ln.bias"])
-            put(f.linear1.weight, w[f"{i}.mlp0.weight"]), put(f.linear1.bias, w[f"{i}.mlp0.bias"])
-            put(f.linear2.weight, 2.0 * w[f"{i}.mlp2.weight"]), put(f.linear2.bias, 2.0 * w[f"{i}.mlp2.bias"])
-            for identity in (block.ffn1.linear2, block.conv.pointwise2):
-                identity.weight.zero_()
-                identity.bias.zero_()
-    return n_layers
+        for name, value in values.items():
+            params[name].copy_(value)
+    return model.cfg.n_layers
+
+
+def wise_ft(model: ConformerCTC, source: str, weight: float) -> int:
+    """Move a Whisper-initialised, fine-tuned ``model`` ``weight`` of the way back to its warm start, in place.
+
+    WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): interpolating the fine-tuned weights
+    with the pre-trained ones keeps part of the pre-trained model's robustness to data unlike the fine-tuning
+    set. Here that is speakers: 28 in training, Whisper's encoder heard hundreds of thousands. Only the tensors in
+    :func:`warm_start_values` move (the modules Whisper lacks are scaled towards their identity start); the CTC
+    head and the randomly started weights stay. Returns the number of tensors moved.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise SettingsError(f"the interpolation weight must be between 0 and 1, got {weight}")
+    values = warm_start_values(model, source)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in values.items():
+            p = params[name]
+            p.copy_((1.0 - weight) * p + weight * value.to(p.dtype))
+    return len(values)
 
 
 def find_packaged_whisper(name: str = "tiny.en") -> str | None:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import soundfile as sf
 
 from conftest import REPO
@@ -95,3 +96,19 @@ def test_build_lm_then_evaluate_with_it(tiny_model_dir, dev_dir, tmp_path):
     strict = run("transcribe", "--model", str(model), "--unk-penalty", "50", "--blank-penalty", "1",
                  "--beam-width", "4", str(clip))
     assert strict.returncode == 0, strict.stderr
+
+
+def test_wise_ft_writes_a_complete_model_folder(tmp_path):
+    from asr_core.checkpoint import load_model, read_config
+
+    out = tmp_path / "wise"
+    result = run("wise-ft", "--weight", "0.5", "--out", str(out))  # the shipped baseline, towards Whisper tiny.en
+    assert result.returncode == 0, result.stderr
+    assert {"model.safetensors", "config.json", "vocab.json", "lm.arpa.gz", "decoding.json"} <= \
+        {p.name for p in out.iterdir()}
+    assert read_config(str(out))["wise_ft"]["weight"] == 0.5
+    assert (out / "model.safetensors").stat().st_size < 30e6  # fp16, as the source
+    model, _ = load_model(str(out))
+    assert next(model.parameters()).dtype == torch.float32  # stored fp16 like its source, loads as fp32
+    bad = run("wise-ft", "--weight", "2", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "between 0 and 1" in bad.stderr

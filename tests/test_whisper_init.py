@@ -83,3 +83,34 @@ def test_mismatched_preset_is_refused(whisper_dir):
 
     with pytest.raises(CheckpointError, match="matching preset"):
         init_from_whisper(ConformerCTC(preset("xs")), whisper_dir)
+
+
+def test_wise_ft_moves_the_whisper_tensors_back_and_nothing_else(whisper_dir):
+    from asr_core.errors import SettingsError
+    from asr_core.whisper_init import warm_start_values, wise_ft
+
+    start = ConformerCTC(preset("whisper-tiny"))
+    init_from_whisper(start, whisper_dir)
+    tuned = ConformerCTC(preset("whisper-tiny"))
+    with torch.no_grad():  # stands for fine-tuning: every tensor moved away from its start
+        for p, p0 in zip(tuned.parameters(), start.parameters()):
+            p.copy_(p0 + 0.1 * torch.randn_like(p0))
+    before = {k: v.clone() for k, v in tuned.state_dict().items()}
+    targets = warm_start_values(tuned, whisper_dir)
+    assert "head.weight" not in targets and "blocks.0.conv.pointwise1.weight" not in targets
+    assert not targets["blocks.0.conv.pointwise2.weight"].any()  # identity start: zero output projection
+    assert wise_ft(tuned, whisper_dir, 0.25) == len(targets)
+    after = tuned.state_dict()
+    for name, value in after.items():
+        if name in targets:
+            torch.testing.assert_close(value, 0.75 * before[name] + 0.25 * targets[name])
+        else:
+            assert torch.equal(value, before[name]), name
+    back = ConformerCTC(preset("whisper-tiny"))
+    back.load_state_dict(before)
+    wise_ft(back, whisper_dir, 1.0)  # all the way: the warm start again, except what started at random
+    for (name, p), p0 in zip(back.named_parameters(), start.parameters()):
+        if name in targets:
+            torch.testing.assert_close(p, p0)
+    with pytest.raises(SettingsError):
+        wise_ft(back, whisper_dir, 1.5)
