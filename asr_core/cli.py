@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default="whisper-tiny.en",
                    help="the Whisper weights the model was initialised from (default: whisper-tiny.en)")
     p.add_argument("--weight", type=float, required=True, help="how far back, from 0 (unchanged) to 1 (Whisper)")
+    p.add_argument("--lower-weight", type=float, default=None,
+                   help="how far back for the conv stem and the first half of the blocks (default: --weight)")
     p.add_argument("--out", required=True, help="model folder to write (the source's LM and decoding.json are "
                                                 "copied with it)")
 
@@ -243,16 +245,19 @@ def cmd_wise_ft(args) -> int:
     if not isinstance(model, ConformerCTC):
         raise SettingsError(f"{folder} is a compressed artifact; interpolate the checkpoint it came from instead")
     model = model.float()
-    n = wise_ft(model, _whisper_source(args.init_from), args.weight)
+    n = wise_ft(model, _whisper_source(args.init_from), args.weight, args.lower_weight)
     with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:  # keep the source's storage precision
         half = all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
     extra = {k: v for k, v in read_config(folder).items() if k not in ("format", "version", "model")}
-    extra["wise_ft"] = {"from": folder, "init": args.init_from, "weight": args.weight, "tensors": n}
+    extra["wise_ft"] = {"from": folder, "init": args.init_from, "weight": args.weight,
+                        "lower_weight": args.weight if args.lower_weight is None else args.lower_weight, "tensors": n}
     save_model(args.out, model, tokenizer, half=half, extra=extra)
     for name in (LM_FILE, DECODING_FILE):
         if os.path.exists(os.path.join(folder, name)):
             shutil.copy2(os.path.join(folder, name), os.path.join(args.out, name))
-    print(f"moved {n} tensors {args.weight:g} of the way back to {args.init_from} -> {args.out}", file=sys.stderr)
+    lower = "" if args.lower_weight is None else f" ({args.lower_weight:g} for the stem and lower blocks)"
+    print(f"moved {n} tensors {args.weight:g}{lower} of the way back to {args.init_from} -> {args.out}",
+          file=sys.stderr)
     return 0
 
 

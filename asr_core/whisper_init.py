@@ -184,23 +184,29 @@ def init_from_whisper(model: ConformerCTC, source: str) -> int:
     return model.cfg.n_layers
 
 
-def wise_ft(model: ConformerCTC, source: str, weight: float) -> int:
+def wise_ft(model: ConformerCTC, source: str, weight: float, lower_weight: float | None = None) -> int:
     """Move a Whisper-initialised, fine-tuned ``model`` ``weight`` of the way back to its warm start, in place.
 
     WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): interpolating the fine-tuned weights
     with the pre-trained ones keeps part of the pre-trained model's robustness to data unlike the fine-tuning
     set. Here that is speakers: 28 in training, Whisper's encoder heard hundreds of thousands. Only the tensors in
     :func:`warm_start_values` move (the modules Whisper lacks are scaled towards their identity start); the CTC
-    head and the randomly started weights stay. Returns the number of tensors moved.
+    head and the randomly started weights stay. ``lower_weight`` (default: ``weight``) applies to the conv stem
+    and the first half of the blocks instead: the acoustic layers, where speakers differ most, want to stay closer
+    to Whisper than the upper ones. Returns the number of tensors moved.
     """
-    if not 0.0 <= weight <= 1.0:
-        raise SettingsError(f"the interpolation weight must be between 0 and 1, got {weight}")
+    lower_weight = weight if lower_weight is None else lower_weight
+    for w in (weight, lower_weight):
+        if not 0.0 <= w <= 1.0:
+            raise SettingsError(f"the interpolation weight must be between 0 and 1, got {w}")
     values = warm_start_values(model, source)
     params = dict(model.named_parameters())
+    lower = ("subsampling.",) + tuple(f"blocks.{i}." for i in range(model.cfg.n_layers // 2))
     with torch.no_grad():
         for name, value in values.items():
+            w = lower_weight if name.startswith(lower) else weight
             p = params[name]
-            p.copy_((1.0 - weight) * p + weight * value.to(p.dtype))
+            p.copy_((1.0 - w) * p + w * value.to(p.dtype))
     return len(values)
 
 

@@ -112,5 +112,14 @@ def test_wise_ft_moves_the_whisper_tensors_back_and_nothing_else(whisper_dir):
     for (name, p), p0 in zip(back.named_parameters(), start.parameters()):
         if name in targets:
             torch.testing.assert_close(p, p0)
+    split = ConformerCTC(preset("whisper-tiny"))  # the stem and the first half of the blocks move further
+    split.load_state_dict(before)
+    wise_ft(split, whisper_dir, 0.1, lower_weight=0.5)
+    for name, value in split.state_dict().items():
+        if name in targets:
+            w = 0.5 if name.startswith(("subsampling.", "blocks.0.", "blocks.1.")) else 0.1
+            torch.testing.assert_close(value, (1 - w) * before[name] + w * targets[name])
     with pytest.raises(SettingsError):
         wise_ft(back, whisper_dir, 1.5)
+    with pytest.raises(SettingsError):
+        wise_ft(back, whisper_dir, 0.1, lower_weight=-0.1)
