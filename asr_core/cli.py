@@ -234,16 +234,15 @@ def cmd_wise_ft(args) -> int:
     from safetensors import safe_open
 
     from .beam_search import DECODING_FILE, LM_FILE
-    from .checkpoint import WEIGHTS, default_model_dir, load_model, read_config, save_model
-    from .model import ConformerCTC
+    from .checkpoint import MANIFEST, WEIGHTS, default_model_dir, load_model, read_config, save_model
     from .whisper_init import wise_ft
 
     folder = args.model or default_model_dir()
     if os.path.abspath(folder) == os.path.abspath(args.out):
         raise SettingsError("--out must be a new folder, not the model's own")
-    model, tokenizer = load_model(folder)
-    if not isinstance(model, ConformerCTC):
+    if os.path.exists(os.path.join(folder, MANIFEST)):
         raise SettingsError(f"{folder} is a compressed artifact; interpolate the checkpoint it came from instead")
+    model, tokenizer = load_model(folder)
     model = model.float()
     n = wise_ft(model, _whisper_source(args.init_from), args.weight, args.lower_weight)
     with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:  # keep the source's storage precision

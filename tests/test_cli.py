@@ -112,3 +112,6 @@ def test_wise_ft_writes_a_complete_model_folder(tmp_path):
     assert next(model.parameters()).dtype == torch.float32  # stored fp16 like its source, loads as fp32
     bad = run("wise-ft", "--weight", "2", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "between 0 and 1" in bad.stderr
+    (out / "compression.json").write_text("{}")  # a compressed artifact is refused, not half-interpolated
+    bad = run("wise-ft", "--model", str(out), "--weight", "0.1", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "compressed artifact" in bad.stderr
