@@ -123,3 +123,28 @@ def test_wise_ft_moves_the_whisper_tensors_back_and_nothing_else(whisper_dir):
         wise_ft(back, whisper_dir, 1.5)
     with pytest.raises(SettingsError):
         wise_ft(back, whisper_dir, 0.1, lower_weight=-0.1)
+
+
+def test_wise_sweep_script_scores_each_setting(whisper_dir, dev_dir, tmp_path):
+    """scripts/wise_sweep.py: weight 0 is the model itself, and every setting gets a row."""
+    import importlib.util
+    import json
+
+    from asr_core.audio import load_audio
+    from asr_core.data import load_utterances
+    from asr_core.evaluation import error_rates
+    from asr_core.transcribe import Transcriber
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("wise_sweep", REPO / "scripts" / "wise_sweep.py")
+    wise_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wise_sweep)
+    out = tmp_path / "sweep.json"
+    wise_sweep.main(["--data", str(dev_dir), "--limit", "2", "--weight", "0", "0.5", "--out", str(out)])
+    grid = json.loads(out.read_text())["grid"]
+    assert [(r["weight"], r["lower_weight"]) for r in grid] == [(0.0, 0.0), (0.5, 0.5)]
+    utts = load_utterances(str(dev_dir), 2)
+    plain = Transcriber.from_folder(decoding="greedy")
+    rates = error_rates([u.text for u in utts], [plain.transcribe(load_audio(u.audio_path)) for u in utts])
+    assert grid[0]["wer"] == pytest.approx(rates["wer"])
+    assert (grid[1]["wer"], grid[1]["cer"]) != (grid[0]["wer"], grid[0]["cer"])  # halfway to Whisper: it hears otherwise
