@@ -10,8 +10,9 @@ every word outside the LM's vocabulary: 0 is plain shallow fusion, a large value
 the output to the vocabulary, like a lexicon-constrained decoder (flashlight's), while still letting a
 name through when the acoustics are sure of it. ``blank_penalty`` is subtracted from the blank's score in
 every frame before the search (then each frame is renormalised), as icefall's decoders do: an acoustic model
-that is unsure spends too many frames on blank, and the LM then prefers dropping a word to spelling it. Why written here: pyctcdecode pins numpy<2 and
-flashlight-text's decoder wants KenLM binaries; the algorithm is 100 lines of Python.
+that is unsure spends too many frames on blank, and the LM then prefers dropping a word to spelling it.
+Why written here: pyctcdecode pins numpy<2 and flashlight-text's decoder wants KenLM binaries; the algorithm is
+100 lines of Python.
 
 Cost: per output frame, beams x (tokens above ``token_min_logp``); frames that are only blank cost almost
 nothing. About 17 ms per second of audio at beam 128 on one core of the 2-core CPU this was developed on.

@@ -248,8 +248,9 @@ def cmd_wise_ft(args) -> int:
     with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:  # keep the source's storage precision
         half = all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
     extra = {k: v for k, v in read_config(folder).items() if k not in ("format", "version", "model")}
-    extra["wise_ft"] = {"from": folder, "init": args.init_from, "weight": args.weight,
-                        "lower_weight": args.weight if args.lower_weight is None else args.lower_weight, "tensors": n}
+    lower_weight = args.weight if args.lower_weight is None else args.lower_weight
+    extra["wise_ft"] = {"from": folder, "init": args.init_from, "weight": args.weight, "lower_weight": lower_weight,
+                        "tensors": n}
     save_model(args.out, model, tokenizer, half=half, extra=extra)
     for name in (LM_FILE, DECODING_FILE):
         if os.path.exists(os.path.join(folder, name)):

@@ -102,11 +102,13 @@ def test_wise_ft_writes_a_complete_model_folder(tmp_path):
     from asr_core.checkpoint import load_model, read_config
 
     out = tmp_path / "wise"
-    result = run("wise-ft", "--weight", "0.5", "--lower-weight", "0.6", "--out", str(out))  # the shipped baseline, towards Whisper tiny.en
+    # the shipped baseline, towards Whisper tiny.en
+    result = run("wise-ft", "--weight", "0.5", "--lower-weight", "0.6", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert {"model.safetensors", "config.json", "vocab.json", "lm.arpa.gz", "decoding.json"} <= \
         {p.name for p in out.iterdir()}
-    assert read_config(str(out))["wise_ft"]["weight"] == 0.5 and read_config(str(out))["wise_ft"]["lower_weight"] == 0.6
+    provenance = read_config(str(out))["wise_ft"]
+    assert provenance["weight"] == 0.5 and provenance["lower_weight"] == 0.6
     assert (out / "model.safetensors").stat().st_size < 30e6  # fp16, as the source
     model, _ = load_model(str(out))
     assert next(model.parameters()).dtype == torch.float32  # stored fp16 like its source, loads as fp32

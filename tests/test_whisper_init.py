@@ -147,4 +147,4 @@ def test_wise_sweep_script_scores_each_setting(whisper_dir, dev_dir, tmp_path):
     plain = Transcriber.from_folder(decoding="greedy")
     rates = error_rates([u.text for u in utts], [plain.transcribe(load_audio(u.audio_path)) for u in utts])
     assert grid[0]["wer"] == pytest.approx(rates["wer"])
-    assert (grid[1]["wer"], grid[1]["cer"]) != (grid[0]["wer"], grid[0]["cer"])  # halfway to Whisper: it hears otherwise
+    assert (grid[1]["wer"], grid[1]["cer"]) != (grid[0]["wer"], grid[0]["cer"])  # halfway back: it hears otherwise
