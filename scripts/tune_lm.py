@@ -28,6 +28,8 @@ from asr_core.text import CharTokenizer
 from asr_core.transcribe import Transcriber
 
 _STATE: dict = {}
+# one grid point: these names are BeamSettings fields, except "lm" (the ARPA file)
+GRID = ("lm", "alpha", "beta", "unk_penalty", "blank_penalty", "beam_width", "beam_prune_logp")
 
 
 def _init(log_probs, tokenizer_json):
@@ -36,14 +38,13 @@ def _init(log_probs, tokenizer_json):
     _STATE["lms"] = {}
 
 
-def _decode(job):
-    lm_path, alpha, beta, unk_penalty, blank_penalty, beam, prune = job
+def _decode(job: dict):
+    settings = dict(job)
+    lm_path = settings.pop("lm")
     lms = _STATE["lms"]
     if lm_path not in lms:
         lms[lm_path] = NGramLM.read_arpa(lm_path)
-    settings = BeamSettings(beam_width=beam, alpha=alpha, beta=beta, unk_penalty=unk_penalty,
-                            blank_penalty=blank_penalty, beam_prune_logp=prune)
-    decoder = BeamSearchDecoder(_STATE["tokenizer"], lms[lm_path], settings)
+    decoder = BeamSearchDecoder(_STATE["tokenizer"], lms[lm_path], BeamSettings(**settings))
     return [decoder(lp) for lp in _STATE["log_probs"]]
 
 
@@ -71,19 +72,17 @@ def main() -> None:
     refs = [u.text for u in utts]
     greedy = error_rates(refs, [transcriber.greedy(lp) for lp in log_probs])
     print(f"greedy: WER {greedy['wer']:.2%} CER {greedy['cer']:.2%} ({len(utts)} utterances)", flush=True)
-    jobs = list(itertools.product(args.lm, args.alpha, args.beta, args.unk_penalty, args.blank_penalty,
-                                 args.beam, args.beam_prune))
+    jobs = [dict(zip(GRID, values)) for values in itertools.product(
+        args.lm, args.alpha, args.beta, args.unk_penalty, args.blank_penalty, args.beam, args.beam_prune)]
     results = []
     with ProcessPoolExecutor(args.processes, initializer=_init,
                              initargs=(log_probs, transcriber.tokenizer.to_json())) as pool:
         for job, hyps in zip(jobs, pool.map(_decode, jobs)):
             rates = error_rates(refs, hyps)
-            results.append({"lm": job[0], "alpha": job[1], "beta": job[2], "unk_penalty": job[3],
-                            "blank_penalty": job[4], "beam": job[5], "beam_prune": job[6],
-                            "wer": rates["wer"], "cer": rates["cer"]})
-            print(f"{os.path.basename(job[0])} alpha {job[1]} beta {job[2]} unk_penalty {job[3]} "
-                  f"blank_penalty {job[4]} beam {job[5]} prune {job[6]}: "
-                  f"WER {rates['wer']:.2%} CER {rates['cer']:.2%}", flush=True)
+            results.append({**job, "wer": rates["wer"], "cer": rates["cer"]})
+            setting = " ".join(f"{name} {value}" for name, value in job.items() if name != "lm")
+            print(f"{os.path.basename(job['lm'])} {setting}: WER {rates['wer']:.2%} CER {rates['cer']:.2%}",
+                  flush=True)
     best = min(results, key=lambda r: r["wer"])
     print(f"best: {best}")
     if args.out:

@@ -19,11 +19,10 @@ import torch
 
 from asr_core.audio import load_audio
 from asr_core.checkpoint import load_model
-from asr_core.cli import _whisper_source
 from asr_core.data import load_utterances
 from asr_core.evaluation import error_rates
 from asr_core.transcribe import Transcriber
-from asr_core.whisper_init import wise_ft
+from asr_core.whisper_init import resolve_whisper_source, wise_ft
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,9 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    source = _whisper_source(args.init_from)
-    tuned, tokenizer = load_model(args.model)
-    tuned = tuned.float()
+    source = resolve_whisper_source(args.init_from)
+    tuned, tokenizer = load_model(args.model)  # fp32
     utts = load_utterances(args.data, args.limit)
     audio = [load_audio(u.audio_path, allow_silence=True) for u in utts]
     refs = [u.text for u in utts]
