@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padded audio seconds per batch (default 120)")
     p.add_argument("--freeze-encoder-steps", type=int, default=0,
                    help="train only the CTC head for the first N steps (useful with --init-from)")
+    p.add_argument("--layers", type=_positive(int), default=None,
+                   help="override the preset's number of blocks; blocks above a Whisper warm start's layers start "
+                        "as identity")
+    p.add_argument("--freeze-layers", type=int, default=0,
+                   help="keep the conv stem and the first K blocks fixed for the whole run (e.g. Whisper's 4 with "
+                        "--layers 6: two new blocks learn on top of the untouched pretrained encoder)")
     p.add_argument("--time-masks", type=int, default=10, help="SpecAugment time masks per utterance (default 10)")
     p.add_argument("--eval-every", type=_positive(int), default=500, help="validate every N steps (default 500)")
     p.add_argument("--dev-limit", type=int, default=200, help="validate on the first N dev utterances (0: all)")
@@ -180,6 +186,8 @@ def cmd_train(args) -> int:
     overrides = {"vocab_size": len(tokenizer)}
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
+    if args.layers is not None:
+        overrides["n_layers"] = args.layers
     init_note = "random"
     resuming = args.resume and os.path.exists(os.path.join(args.out, "train_state.pt"))
     if resuming:
@@ -192,6 +200,9 @@ def cmd_train(args) -> int:
         if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")) and \
                 os.path.exists(os.path.join(source, "model.safetensors")):
             donor, _ = load_model(source)
+            if donor.cfg.n_layers > model.cfg.n_layers:  # its top blocks would be dropped without a word
+                raise SettingsError(f"{source} has {donor.cfg.n_layers} blocks and this preset {model.cfg.n_layers}; "
+                                    f"add --layers {donor.cfg.n_layers}")
             missing = model.load_state_dict(donor.state_dict(), strict=False)
             init_note = f"model folder {source} (missing: {len(missing.missing_keys)})"
         else:
@@ -206,7 +217,8 @@ def cmd_train(args) -> int:
         lr=args.lr, head_lr=args.head_lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
         epochs=args.epochs, max_minutes=args.max_minutes, batch_seconds=args.batch_seconds, seed=args.seed,
         workers=args.workers, speed_factors=speeds, spec_augment=not args.no_spec_augment,
-        eval_every=args.eval_every, freeze_encoder_steps=args.freeze_encoder_steps, time_masks=args.time_masks,
+        eval_every=args.eval_every, freeze_encoder_steps=args.freeze_encoder_steps,
+        freeze_layers=args.freeze_layers, time_masks=args.time_masks,
         dev_limit=args.dev_limit or None, average_last=args.average_last,
         half_checkpoints=args.half, device=args.device, precision=args.precision,
         extra={"init": init_note, "command": "edge-asr " + " ".join(sys.argv[1:]), "train_hours": round(hours, 3)},

@@ -25,6 +25,7 @@ from .augment import spec_augment
 from .checkpoint import save_model
 from .data import BucketBatchSampler, SpeechDataset, Utterance, collate
 from .decoding import GreedyDecoder
+from .errors import SettingsError
 from .evaluation import decode_batches, error_rates
 from .model import ConformerCTC
 from .text import CharTokenizer
@@ -52,6 +53,10 @@ class TrainConfig:
     time_masks: int = 10
     freeze_encoder_steps: int = 0  # train only the CTC head first: a random head's gradients would wreck a
     # pretrained encoder, and a frozen encoder runs forward-only (about 3x faster per step)
+    # keep the conv stem and the first K blocks as they start, for the whole run: on 28 training speakers a
+    # fine-tuned encoder forgets what made the pretrained one speaker-robust; new blocks above it learn the task.
+    # Frozen blocks run forward-only and without dropout.
+    freeze_layers: int = 0
     eval_every: int = 500  # steps; also when snapshots for averaging are taken
     dev_limit: int | None = 200
     average_last: int = 3
@@ -90,6 +95,16 @@ def ctc_loss(log_probs: torch.Tensor, out_lengths: torch.Tensor, targets: torch.
 
 def _resolve_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def frozen_modules(model: ConformerCTC, n_blocks: int) -> list[torch.nn.Module]:
+    """The conv stem, the dropout after it and the first ``n_blocks`` blocks (none when 0)."""
+    if not 0 <= n_blocks <= model.cfg.n_layers:
+        raise SettingsError(f"--freeze-layers must be between 0 and the model's {model.cfg.n_layers} blocks, "
+                            f"got {n_blocks}")
+    if n_blocks == 0:
+        return []
+    return [model.subsampling, model.dropout, *model.blocks[:n_blocks]]
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -133,8 +148,11 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
                                 collate_fn=collate)
     decoder = GreedyDecoder(tokenizer)
 
+    fixed = frozen_modules(model, cfg.freeze_layers)
+    for module in fixed:
+        module.requires_grad_(False)
     head = [p for n, p in model.named_parameters() if n.startswith("head.")]
-    body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("head.") and p.requires_grad]
     groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
     for g in groups:
         g["peak_lr"] = g["lr"]
@@ -181,8 +199,13 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
             return {}
         hyps = decode_batches(model, decoder, dev_loader, device)
         rates = error_rates([u.text for u in dev_utts], [hyps[u.id] for u in dev_utts])
-        model.train()
+        train_mode()
         return rates
+
+    def train_mode():
+        model.train()
+        for module in fixed:
+            module.eval()  # no dropout where nothing learns
 
     log_path = os.path.join(out_dir, "log.csv") if out_dir else None
     log_file = open(log_path, "a", newline="") if log_path else None
@@ -202,7 +225,7 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda")
     # bf16 autocast: ~1.7x faster on CPUs with avx512_bf16 too; the CTC loss itself stays in fp32
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if use_bf16 else _null()
-    model.train()
+    train_mode()
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     last_rates: dict = {}
     reason = "finished"

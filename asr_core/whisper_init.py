@@ -15,6 +15,8 @@ attn_ln, q/k/v (fused in CT2), out     blocks.i.attn.norm, q_proj, k_proj (bias 
 mlp_ln, mlp.0, mlp.2                   blocks.i.ffn2.norm, linear1, linear2 (x2: cancels the ½ step)
 ln_post                                final_norm
 (none)                                 blocks.i.ffn1, blocks.i.conv: output projection zeroed = identity
+(none)                                 blocks above Whisper's last layer (``--layers``): all four output
+                                       projections zeroed = identity, the rest random
 (none)                                 head: random init (CTC vocabulary)
 =====================================  ==========================================================
 
@@ -139,18 +141,22 @@ def warm_start_values(model: ConformerCTC, source: str) -> dict[str, torch.Tenso
     random (the rest of those modules, the CTC head) are not in it."""
     w = load_whisper_encoder(source)
     cfg = model.cfg
-    n_layers = sum(1 for k in w if k.endswith(".mlp0.weight"))
-    if cfg.subsampling != "whisper" or w["conv2.weight"].shape[0] != cfg.d_model or n_layers != cfg.n_layers:
+    n_layers = whisper_layer_count(w)
+    if cfg.subsampling != "whisper" or w["conv2.weight"].shape[0] != cfg.d_model or n_layers > cfg.n_layers:
         raise CheckpointError(
             f"{source} holds a Whisper encoder of width {w['conv2.weight'].shape[0]} with {n_layers} layers; "
             f"the model has subsampling={cfg.subsampling!r}, d_model={cfg.d_model}, n_layers={cfg.n_layers}. "
-            "Use the matching preset (whisper-tiny or whisper-base)."
+            "Use the matching preset (whisper-tiny or whisper-base), with at least Whisper's number of layers."
         )
     values = {f"subsampling.{conv}.{kind}": w[f"{conv}.{kind}"] for conv in ("conv1", "conv2")
               for kind in ("weight", "bias")}
     values["final_norm.weight"], values["final_norm.bias"] = w["ln_post.weight"], w["ln_post.bias"]
     params = dict(model.named_parameters())
-    for i in range(cfg.n_layers):
+    for i in range(n_layers, cfg.n_layers):  # blocks Whisper lacks: every residual branch starts closed
+        for out in ("ffn1.linear2", "attn.out_proj", "conv.pointwise2", "ffn2.linear2"):
+            for kind in ("weight", "bias"):
+                values[f"blocks.{i}.{out}.{kind}"] = torch.zeros_like(params[f"blocks.{i}.{out}.{kind}"])
+    for i in range(n_layers):
         b = f"blocks.{i}"
         values[f"{b}.attn.norm.weight"] = w[f"{i}.attn_ln.weight"]
         values[f"{b}.attn.norm.bias"] = w[f"{i}.attn_ln.bias"]
@@ -174,14 +180,19 @@ def warm_start_values(model: ConformerCTC, source: str) -> dict[str, torch.Tenso
     return values
 
 
+def whisper_layer_count(encoder: dict[str, torch.Tensor]) -> int:
+    return sum(1 for k in encoder if k.endswith(".mlp0.weight"))
+
+
 def init_from_whisper(model: ConformerCTC, source: str) -> int:
-    """Copy Whisper's encoder into ``model`` (see the module docstring); returns the number of layers copied."""
+    """Copy Whisper's encoder into ``model`` (see the module docstring); returns the number of layers copied.
+    Blocks beyond Whisper's layers start as identity, so the initialised model still computes Whisper's encoder."""
     values = warm_start_values(model, source)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in values.items():
             params[name].copy_(value)
-    return model.cfg.n_layers
+    return sum(1 for name in values if name.endswith(".attn.q_proj.weight"))
 
 
 def wise_ft(model: ConformerCTC, source: str, weight: float, lower_weight: float | None = None) -> int:

@@ -247,6 +247,8 @@ def apply_kmeans(model: nn.Module, s: KMeansSettings, layers) -> nn.Module:
         w = _effective(linear)
         mask = current_mask(linear)
         chosen = w[mask] if mask is not None else w.reshape(-1)
+        if chosen.numel() == 0:  # pruned away entirely (e.g. an all-zero identity projection): nothing to cluster
+            continue
         centroids, idx = kmeans_1d(chosen, s.clusters, s.iterations)
         indices = torch.zeros(w.shape, dtype=torch.long)
         if mask is not None:

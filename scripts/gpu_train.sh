@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU session: continue training the shipped baseline at several peak learning rates in parallel
-# on one GPU (a 14 M-parameter model leaves most of an H100 idle; the data loaders share the CPU cores), then
+# on one GPU (a 21 M-parameter model leaves most of an H100 idle; the data loaders share the CPU cores), then
 # score every candidate on the dev subset and export the winner in fp16 shards to $OUT.
 #
 # Prepare here first (fits the device's 64 MiB transfer limit together with the checkout):
@@ -17,7 +17,8 @@ WORKERS=${WORKERS:-4}
 THREADS=${THREADS:-2}  # torch threads of each run's main process: more only oversubscribes the CPU
 DEVICE=${DEVICE:-auto}
 INIT=${INIT:-checkpoints/conformer-ctc-whisper-tiny}
-EXTRA=${EXTRA:-}
+# the shipped recipe: Whisper's stem and 4 layers frozen, two blocks above them trained (model card)
+EXTRA=${EXTRA:---layers 6 --freeze-layers 4 --time-masks 5}
 mkdir -p "$OUT" runs
 if [ -d .whl ] && ! python3 -c "import soundfile, soxr, jiwer" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

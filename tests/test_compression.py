@@ -98,6 +98,20 @@ def test_kmeans_at_most_k_values_and_bits(tmp_path, model):
         assert stored[f"{name}.weight.indices"].numel() == packed_nbytes(m.weight.numel(), 3)  # ceil(log2 5) bits
 
 
+def test_prune_then_kmeans_survives_an_all_zero_layer(tmp_path):
+    """A Whisper-started model has all-zero output projections (identity modules); global pruning removes them
+    entirely, and k-means must leave such a layer alone rather than fail on an empty set (it once did)."""
+    torch.manual_seed(0)
+    net = ConformerCTC(preset("tiny", dropout=0.0)).eval()
+    with torch.no_grad():
+        net.blocks[0].conv.pointwise2.weight.zero_()
+    compressed = apply_recipe(net, parse_recipe("prune:sparsity=0.5+kmeans:clusters=16+int8"))
+    folder = save_load(tmp_path, compressed, "prune:sparsity=0.5+kmeans:clusters=16+int8")
+    reloaded, _ = load_model(folder)
+    x = torch.randn(1, 120, 80)
+    assert torch.isfinite(reloaded(x, torch.tensor([120]))[0]).all()
+
+
 def test_kmeans_1d_matches_sklearn():
     from sklearn.cluster import KMeans
 

@@ -51,3 +51,23 @@ def test_schedule():
     assert lr_at(10, None, cfg, time_fraction=0.5) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(10, None, cfg, time_fraction=1.2) == pytest.approx(0.1)
     assert lr_at(50, 100, cfg, time_fraction=0.99) == lr_at(50, 100, cfg)  # a step count wins over time
+
+
+def test_frozen_layers_stay_as_they_started(dev_dir, tmp_path):
+    """--freeze-layers K: the stem and the first K blocks never change (no gradient step, no weight decay);
+    the blocks above and the head do. Out-of-range K is refused before any work."""
+    from asr_core.errors import SettingsError
+
+    torch.manual_seed(0)
+    utts = sorted(load_utterances(str(dev_dir / "1272")), key=lambda u: u.duration)[:2]
+    model = ConformerCTC(preset("tiny", dropout=0.1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(lr=3e-3, warmup_steps=1, max_steps=3, batch_seconds=100, eval_every=100, speed_factors=(1.0,),
+                      freeze_layers=1, save_every=100)
+    train(model, CharTokenizer(), utts, [], cfg, None, progress=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith(("subsampling.", "blocks.0.")) for k in changed), sorted(changed)
+    assert any(k.startswith("blocks.1.") for k in changed) and "head.weight" in changed
+    with pytest.raises(SettingsError, match="freeze-layers"):
+        train(model, CharTokenizer(), utts, [], TrainConfig(max_steps=1, freeze_layers=9), None, progress=False)

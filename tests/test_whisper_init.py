@@ -52,6 +52,20 @@ def test_initialised_conformer_equals_whisper_encoder(whisper_dir):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_blocks_above_whispers_layers_start_as_identity(whisper_dir):
+    """--layers 6 on a 4-layer Whisper: the two new blocks are random inside but closed, so the model still
+    computes Whisper's encoder exactly; their inner weights really are random (not all zero)."""
+    model = ConformerCTC(preset("whisper-tiny", dropout=0.0, n_layers=6)).eval()
+    assert init_from_whisper(model, whisper_dir) == 4
+    mel = torch.randn(1, 300, 80) * 0.5
+    with torch.no_grad():
+        ours, _ = model.encode(mel, torch.tensor([300]))
+    torch.testing.assert_close(ours, whisper_encoder_reference(load_whisper_encoder(whisper_dir), mel, n_heads=6),
+                               atol=1e-4, rtol=1e-4)
+    assert model.blocks[5].attn.q_proj.weight.abs().sum() > 0
+    assert model.blocks[5].attn.out_proj.weight.abs().sum() == 0
+
+
 def test_openai_pt_layout_gives_the_same_weights(whisper_dir, tmp_path):
     """An OpenAI-format checkpoint (model_state_dict with encoder.blocks.N...) maps to the same tensors."""
     w = load_whisper_encoder(whisper_dir)
@@ -83,6 +97,8 @@ def test_mismatched_preset_is_refused(whisper_dir):
 
     with pytest.raises(CheckpointError, match="matching preset"):
         init_from_whisper(ConformerCTC(preset("xs")), whisper_dir)
+    with pytest.raises(CheckpointError, match="at least Whisper's number of layers"):
+        init_from_whisper(ConformerCTC(preset("whisper-tiny", n_layers=3)), whisper_dir)
 
 
 def test_wise_ft_moves_the_whisper_tensors_back_and_nothing_else(whisper_dir):
