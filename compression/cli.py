@@ -22,6 +22,9 @@ def add_subcommands(sub) -> None:
                    help="comma-separated layer-name patterns kept in fp16 (default: subsampling.conv1,head)")
     p.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tuning steps (needs --data)")
     p.add_argument("--finetune-minutes", type=float, default=None, help="or a time budget for fine-tuning")
+    p.add_argument("--freeze-layers", type=int, default=None,
+                   help="keep the stem and the first K blocks fixed while fine-tuning (default: as the model was "
+                        "trained, from its config.json; the shipped baseline: 4)")
     p.add_argument("--data", default=None, help="fine-tuning data: LibriSpeech folder or JSONL manifest")
     p.add_argument("--dev", default=None, help="optional dev data: WER printed after fine-tuning")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak learning rate (default 1e-4)")
@@ -81,11 +84,16 @@ def cmd_compress(args) -> int:
     if args.finetune_steps or args.finetune_minutes:
         train_utts = load_utterances(args.data)
         dev_utts = load_utterances(args.dev, 100) if args.dev else []
+        frozen = args.freeze_layers
+        if frozen is None:  # as the model was trained
+            from asr_core.checkpoint import read_config
+            frozen = int(read_config(model_dir).get("training", {}).get("freeze_layers", 0))
         summary = finetune(compressed, tokenizer, train_utts, dev_utts, steps=args.finetune_steps or None,
-                           minutes=args.finetune_minutes, lr=args.lr, batch_seconds=args.batch_seconds)
+                           minutes=args.finetune_minutes, lr=args.lr, batch_seconds=args.batch_seconds,
+                           freeze_layers=frozen)
         info["finetune"] = {"steps": summary["step"], "minutes": round(summary["train_seconds"] / 60, 2),
-                            "data": args.data, "lr": args.lr, **({"dev_wer": summary["dev_last"]["wer"]}
-                                                               if summary.get("dev_last") else {})}
+                            "data": args.data, "lr": args.lr, "freeze_layers": frozen,
+                            **({"dev_wer": summary["dev_last"]["wer"]} if summary.get("dev_last") else {})}
     print(format_report(layer_report(base, compressed)))
     save_artifact(compressed, args.out, tokenizer, recipe.to_json(), extra=info)
     before, after = folder_bytes(model_dir), folder_bytes(args.out)

@@ -32,14 +32,16 @@ def apply_recipe(model: ConformerCTC, recipe: Recipe, progress: bool = False) ->
 
 def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int | None = None,
              minutes: float | None = None, lr: float = 1e-4, batch_seconds: float = 90.0, device: str = "auto",
-             progress: bool = True) -> dict:
+             freeze_layers: int = 0, progress: bool = True) -> dict:
     """Recovery fine-tuning through the one training loop of asr_core. Constraints (masks, codebooks,
-    straight-through quantizers) are parametrizations, so every step honours them."""
+    straight-through quantizers) are parametrizations, so every step honours them. ``freeze_layers``: keep the stem
+    and the first K blocks fixed and dropout-free, as the model was trained (a frozen pretrained encoder never saw
+    dropout; training it here wrecks its features)."""
     from asr_core.training import TrainConfig, train
 
     cfg = TrainConfig(lr=lr, warmup_steps=min(50, max(1, (steps or 100) // 10)), max_steps=steps,
                       max_minutes=minutes, batch_seconds=batch_seconds, eval_every=10 ** 9, dev_limit=None,
-                      device=device, final_lr_ratio=0.1, precision="fp32")
+                      device=device, final_lr_ratio=0.1, precision="fp32", freeze_layers=freeze_layers)
     summary = train(model, tokenizer, train_utts, dev_utts, cfg, out_dir=None, progress=progress)
     model.cpu().eval()
     return summary

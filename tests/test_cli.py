@@ -125,5 +125,6 @@ def test_wise_ft_writes_a_complete_model_folder(tmp_path):
 def test_train_refuses_to_drop_blocks_of_the_model_it_continues(tmp_path):
     """--init-from a 6-block model folder with a 4-block preset would silently lose the top blocks."""
     result = run("train", "--data", str(REPO / "assets" / "clips" / "manifest.jsonl"), "--out", str(tmp_path / "r"),
-                 "--preset", "whisper-tiny", "--init-from", "checkpoints/conformer-ctc-whisper-tiny", "--max-steps", "1")
+                 "--preset", "whisper-tiny", "--init-from", "checkpoints/conformer-ctc-whisper-tiny",
+                 "--max-steps", "1")
     assert result.returncode == 2 and "add --layers 6" in result.stderr, result.stderr

@@ -221,3 +221,19 @@ def test_finetuning_keeps_every_constraint(model, dev_dir):
         after = compressed_weights(compressed)
         assert any(not torch.equal(before[k], after[k]) for k in after), text  # it did train
         assert all(check(w) for w in after.values()), text
+
+
+def test_recovery_finetuning_keeps_frozen_blocks_frozen(dev_dir):
+    """compress --finetune-* with freeze_layers (the shipped baseline's config says 4): the frozen blocks' weights
+    and the constraint on them stay; the blocks above learn."""
+    from asr_core.data import load_utterances
+    from compression.compress import finetune
+
+    torch.manual_seed(0)
+    net = apply_recipe(ConformerCTC(preset("tiny", dropout=0.1)), parse_recipe("int4:group=32"))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    utts = sorted(load_utterances(str(dev_dir / "1272")), key=lambda u: u.duration)[:2]
+    finetune(net, CharTokenizer(), utts, [], steps=2, lr=3e-3, batch_seconds=100, freeze_layers=1, progress=False)
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(before[k], v)}
+    assert not any(k.startswith(("subsampling.", "blocks.0.")) for k in changed), sorted(changed)
+    assert any(k.startswith("blocks.1.") for k in changed)
