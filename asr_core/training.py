@@ -192,7 +192,9 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
     def _extra() -> dict:
         return {"training": {"step": state["step"], "epoch": state["epoch"],
                              "audio_hours_seen": round(state["audio_seconds"] / 3600, 3),
-                             "train_minutes": round(state["train_seconds"] / 60, 2), **cfg.extra}}
+                             "train_minutes": round(state["train_seconds"] / 60, 2),
+                             # recovery fine-tuning (compress) must keep these blocks frozen too
+                             **({"freeze_layers": cfg.freeze_layers} if cfg.freeze_layers else {}), **cfg.extra}}
 
     def validate() -> dict:
         if dev_loader is None:

@@ -152,10 +152,14 @@ def warm_start_values(model: ConformerCTC, source: str) -> dict[str, torch.Tenso
               for kind in ("weight", "bias")}
     values["final_norm.weight"], values["final_norm.bias"] = w["ln_post.weight"], w["ln_post.bias"]
     params = dict(model.named_parameters())
+
+    def close(linear: str) -> None:  # a zero output projection: its residual branch starts as identity
+        for kind in ("weight", "bias"):
+            values[f"{linear}.{kind}"] = torch.zeros_like(params[f"{linear}.{kind}"])
+
     for i in range(n_layers, cfg.n_layers):  # blocks Whisper lacks: every residual branch starts closed
         for out in ("ffn1.linear2", "attn.out_proj", "conv.pointwise2", "ffn2.linear2"):
-            for kind in ("weight", "bias"):
-                values[f"blocks.{i}.{out}.{kind}"] = torch.zeros_like(params[f"blocks.{i}.{out}.{kind}"])
+            close(f"blocks.{i}.{out}")
     for i in range(n_layers):
         b = f"blocks.{i}"
         values[f"{b}.attn.norm.weight"] = w[f"{i}.attn_ln.weight"]
@@ -170,9 +174,8 @@ def warm_start_values(model: ConformerCTC, source: str) -> dict[str, torch.Tenso
         # doubled: the Conformer's half-step FFN adds 0.5 * ffn2(x), Whisper's MLP adds all of it
         values[f"{b}.ffn2.linear2.weight"] = 2.0 * w[f"{i}.mlp2.weight"]
         values[f"{b}.ffn2.linear2.bias"] = 2.0 * w[f"{i}.mlp2.bias"]
-        for identity in (f"{b}.ffn1.linear2", f"{b}.conv.pointwise2"):
-            for kind in ("weight", "bias"):
-                values[f"{identity}.{kind}"] = torch.zeros_like(params[f"{identity}.{kind}"])
+        close(f"{b}.ffn1.linear2")
+        close(f"{b}.conv.pointwise2")
     for name, value in values.items():
         if params[name].shape != value.shape:
             raise CheckpointError(f"Whisper tensor of shape {tuple(value.shape)} does not fit {name} "

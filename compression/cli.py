@@ -58,7 +58,7 @@ def add_subcommands(sub) -> None:
 def cmd_compress(args) -> int:
     import torch
 
-    from asr_core.checkpoint import MANIFEST, default_model_dir, folder_bytes, load_model
+    from asr_core.checkpoint import MANIFEST, default_model_dir, folder_bytes, load_model, read_config
     from asr_core.data import load_utterances
     from asr_core.errors import SettingsError
 
@@ -85,8 +85,7 @@ def cmd_compress(args) -> int:
         train_utts = load_utterances(args.data)
         dev_utts = load_utterances(args.dev, 100) if args.dev else []
         frozen = args.freeze_layers
-        if frozen is None:  # as the model was trained
-            from asr_core.checkpoint import read_config
+        if frozen is None:  # as the model was trained (train records it)
             frozen = int(read_config(model_dir).get("training", {}).get("freeze_layers", 0))
         summary = finetune(compressed, tokenizer, train_utts, dev_utts, steps=args.finetune_steps or None,
                            minutes=args.finetune_minutes, lr=args.lr, batch_seconds=args.batch_seconds,

@@ -4,7 +4,7 @@ import csv
 import pytest
 import torch
 
-from asr_core.checkpoint import load_model
+from asr_core.checkpoint import load_model, read_config
 from asr_core.config import preset
 from asr_core.data import load_utterances
 from asr_core.model import ConformerCTC
@@ -64,7 +64,8 @@ def test_frozen_layers_stay_as_they_started(dev_dir, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(lr=3e-3, warmup_steps=1, max_steps=3, batch_seconds=100, eval_every=100, speed_factors=(1.0,),
                       freeze_layers=1, save_every=100)
-    train(model, CharTokenizer(), utts, [], cfg, None, progress=False)
+    train(model, CharTokenizer(), utts, [], cfg, str(tmp_path / "run"), progress=False)
+    assert read_config(str(tmp_path / "run" / "last"))["training"]["freeze_layers"] == 1  # for compress
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert not any(k.startswith(("subsampling.", "blocks.0.")) for k in changed), sorted(changed)
