@@ -6,6 +6,7 @@ the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "as identity")
     p.add_argument("--freeze-layers", type=int, default=0,
                    help="keep the conv stem and the first K blocks fixed for the whole run (e.g. Whisper's 4 with "
-                        "--layers 6: two new blocks learn on top of the untouched pretrained encoder)")
+                        "--layers 6: two new blocks learn on top of the untouched pretrained encoder); frozen blocks "
+                        "whose extra Conformer modules are identity lose them")
     p.add_argument("--time-masks", type=int, default=10, help="SpecAugment time masks per utterance (default 10)")
     p.add_argument("--eval-every", type=_positive(int), default=500, help="validate every N steps (default 500)")
     p.add_argument("--dev-limit", type=int, default=200, help="validate on the first N dev utterances (0: all)")
@@ -169,7 +171,7 @@ def cmd_train(args) -> int:
     from .checkpoint import load_model
     from .config import preset
     from .data import load_utterances
-    from .model import ConformerCTC, count_parameters
+    from .model import ConformerCTC, count_parameters, drop_identity_modules
     from .text import CharTokenizer
     from .training import TrainConfig, train
     from .whisper_init import init_from_whisper, resolve_whisper_source
@@ -203,11 +205,17 @@ def cmd_train(args) -> int:
             if donor.cfg.n_layers > model.cfg.n_layers:  # its top blocks would be dropped without a word
                 raise SettingsError(f"{source} has {donor.cfg.n_layers} blocks and this preset {model.cfg.n_layers}; "
                                     f"add --layers {donor.cfg.n_layers}")
+            if donor.cfg.transformer_layers:  # same shape, or its plain blocks would gain random ffn1/conv modules
+                model = ConformerCTC(dataclasses.replace(model.cfg, transformer_layers=donor.cfg.transformer_layers))
             missing = model.load_state_dict(donor.state_dict(), strict=False)
             init_note = f"model folder {source} (missing: {len(missing.missing_keys)})"
         else:
             n = init_from_whisper(model, source)
             init_note = f"Whisper encoder ({n} layers) from {args.init_from}"
+    if args.freeze_layers and not resuming:  # frozen identity modules would compute zeros forever: drop them
+        plain = drop_identity_modules(model, args.freeze_layers)
+        if plain:
+            init_note += f"; blocks 0-{plain - 1} frozen as plain Transformer blocks (identity ffn1/conv dropped)"
     print(f"model: preset {args.preset}, {count_parameters(model):,} parameters; init: {init_note}", file=sys.stderr)
     train_utts = load_utterances(args.data, args.limit)
     dev_utts = load_utterances(args.dev) if args.dev else []

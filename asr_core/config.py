@@ -47,6 +47,11 @@ class ModelConfig:
     # one LayerNorm after the last block instead (Whisper's ln_post).
     block_final_norm: bool = True
     final_norm: bool = False
+    # The first N blocks are plain Transformer blocks, Whisper's shape: x += MHSA(x); x += ½·FFN(x) (ffn2), no
+    # half-step ffn1 and no convolution module. Set by `train --freeze-layers` on a Whisper warm start, where those
+    # modules would stay identity forever (zero output projections, never trained): they cost 13 MB and a fifth of
+    # the compute of the shipped model for nothing. See asr_core.model.drop_identity_modules.
+    transformer_layers: int = 0
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
     def __post_init__(self):
@@ -56,6 +61,9 @@ class ModelConfig:
             raise SettingsError(f"attention width {self.inner_attn_dim} must be divisible by n_heads={self.n_heads}.")
         if self.subsampling not in ("conv2d", "whisper"):
             raise SettingsError(f"Unknown subsampling {self.subsampling!r}; use 'conv2d' or 'whisper'.")
+        if not 0 <= self.transformer_layers <= self.n_layers:
+            raise SettingsError(f"transformer_layers must be between 0 and n_layers={self.n_layers}, "
+                                f"got {self.transformer_layers}.")
         if self.ffn_activation not in ("swish", "gelu"):
             raise SettingsError(f"Unknown ffn_activation {self.ffn_activation!r}; use 'swish' or 'gelu'.")
 

@@ -9,6 +9,7 @@ The forward pass has no Python-side data-dependent control flow: padding is hand
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -145,18 +146,23 @@ class _ConvModule(nn.Module):
 
 
 class ConformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """x += ½·ffn1(x); x += attn(x); x += conv(x); x += ½·ffn2(x); final_norm. With ``transformer=True`` there
+    is no ffn1 and no conv (``None``): a plain pre-norm Transformer block, Whisper's shape."""
+
+    def __init__(self, cfg: ModelConfig, transformer: bool = False):
         super().__init__()
-        self.ffn1 = _FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout, cfg.ffn_activation)
+        self.ffn1 = None if transformer else _FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout, cfg.ffn_activation)
         self.attn = _SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.attn_dim)
-        self.conv = _ConvModule(cfg.d_model, cfg.conv_kernel, cfg.dropout)
+        self.conv = None if transformer else _ConvModule(cfg.d_model, cfg.conv_kernel, cfg.dropout)
         self.ffn2 = _FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout, cfg.ffn_activation)
         self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.block_final_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        x = x + 0.5 * self.ffn1(x)
+        if self.ffn1 is not None:  # fixed per block at construction: no data-dependent control flow
+            x = x + 0.5 * self.ffn1(x)
         x = x + self.attn(x, frame_mask)
-        x = x + self.conv(x, frame_mask)
+        if self.conv is not None:
+            x = x + self.conv(x, frame_mask)
         x = x + 0.5 * self.ffn2(x)
         return self.final_norm(x)
 
@@ -177,7 +183,8 @@ class ConformerCTC(nn.Module):
         stem = _Conv2dSubsampling if cfg.subsampling == "conv2d" else _WhisperSubsampling
         self.subsampling = stem(cfg.features.n_mels, cfg.subsampling_channels, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(ConformerBlock(cfg, transformer=i < cfg.transformer_layers)
+                                    for i in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.final_norm else nn.Identity()
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
 
@@ -199,6 +206,30 @@ class ConformerCTC(nn.Module):
         """features (B, T, F), lengths (B,) -> log-probs (B, T', V) in fp32, output lengths (B,)."""
         x, out_lengths = self.encode(features, lengths)
         return F.log_softmax(self.head(x).float(), dim=-1), out_lengths
+
+
+def _is_zero_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not module.weight.any() and (module.bias is None or not module.bias.any())
+
+
+def drop_identity_modules(model: ConformerCTC, max_blocks: int) -> int:
+    """Turn the leading blocks (at most ``max_blocks``) whose ffn1 and conv module are exact identities (zero
+    output projection and bias, as a Whisper warm start leaves them) into plain Transformer blocks, in place.
+
+    The output is bit-identical: those branches add exactly 0 to the residual stream. Meant for blocks that stay
+    frozen (``train --freeze-layers``), whose identity modules would otherwise be stored, loaded and computed
+    forever for nothing. Stops at the first block that is not such an identity; records the count in
+    ``model.cfg.transformer_layers`` (so the saved config rebuilds the same shape) and returns it.
+    """
+    n = model.cfg.transformer_layers
+    for block in model.blocks[n:max_blocks]:
+        if not (block.ffn1 is not None and block.conv is not None
+                and _is_zero_linear(block.ffn1.linear2) and _is_zero_linear(block.conv.pointwise2)):
+            break
+        block.ffn1, block.conv = None, None
+        n += 1
+    model.cfg = dataclasses.replace(model.cfg, transformer_layers=n)
+    return n
 
 
 def count_parameters(model: nn.Module) -> int:

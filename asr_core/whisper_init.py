@@ -20,6 +20,10 @@ ln_post                                final_norm
 (none)                                 head: random init (CTC vocabulary)
 =====================================  ==========================================================
 
+With ``train --freeze-layers K`` those identity ffn1 and conv modules of the first K blocks would never change,
+so ``train`` removes them (:func:`asr_core.model.drop_identity_modules`; ``transformer_layers`` in the config):
+those blocks are then exactly Whisper's layers, and the model is smaller and faster with the same output.
+
 After fine-tuning, :func:`wise_ft` can move these tensors part of the way back to their warm start (WiSE-FT).
 
 Whisper's block is ``x += attn(ln(x)); x += mlp(ln(x))``; with ffn1 and conv starting as identity the
@@ -154,6 +158,8 @@ def warm_start_values(model: ConformerCTC, source: str) -> dict[str, torch.Tenso
     params = dict(model.named_parameters())
 
     def close(linear: str) -> None:  # a zero output projection: its residual branch starts as identity
+        if f"{linear}.weight" not in params:  # a plain Transformer block (cfg.transformer_layers) lacks the module
+            return
         for kind in ("weight", "bias"):
             values[f"{linear}.{kind}"] = torch.zeros_like(params[f"{linear}.{kind}"])
 

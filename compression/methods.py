@@ -310,7 +310,7 @@ def apply_structured(model: ConformerCTC, s: StructuredSettings, layers) -> Conf
     head_dim = cfg.inner_attn_dim // cfg.n_heads
     with torch.no_grad():
         for block in model.blocks:
-            for ffn in (block.ffn1, block.ffn2):
+            for ffn in (f for f in (block.ffn1, block.ffn2) if f is not None):  # plain blocks have no ffn1
                 w1, w2 = ffn.linear1.weight, ffn.linear2.weight
                 score = w1.norm(dim=1) * w2.norm(dim=0)
                 keep = score.topk(keep_units).indices.sort().values

@@ -22,8 +22,10 @@ from compression.recipe import parse_recipe
 
 @pytest.fixture(scope="module")
 def model():
+    """Block 0 a plain Transformer block (no ffn1, no conv: as the shipped model's frozen Whisper blocks), block 1
+    a full Conformer block, so every method meets both shapes."""
     torch.manual_seed(0)
-    return ConformerCTC(preset("tiny", d_model=96, ffn_dim=256, n_heads=4, dropout=0.0)).eval()
+    return ConformerCTC(preset("tiny", d_model=96, ffn_dim=256, n_heads=4, dropout=0.0, transformer_layers=1)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -164,3 +164,61 @@ def test_wise_sweep_script_scores_each_setting(whisper_dir, dev_dir, tmp_path):
     rates = error_rates([u.text for u in utts], [plain.transcribe(load_audio(u.audio_path)) for u in utts])
     assert grid[0]["wer"] == pytest.approx(rates["wer"])
     assert (grid[1]["wer"], grid[1]["cer"]) != (grid[0]["wer"], grid[0]["cer"])  # halfway back: it hears otherwise
+
+
+def test_frozen_whisper_blocks_drop_their_identity_modules_exactly(whisper_dir, tmp_path):
+    """drop_identity_modules (what `train --freeze-layers 4` does on a Whisper warm start): Whisper's four blocks
+    lose their zero ffn1 and conv modules, the output stays bit-identical, the saved folder is smaller and reloads
+    as the same shape; a block whose ffn1 is not identity keeps it."""
+    from asr_core.checkpoint import load_model, save_model
+    from asr_core.model import count_parameters, drop_identity_modules
+    from asr_core.text import CharTokenizer
+
+    torch.manual_seed(0)
+    model = ConformerCTC(preset("whisper-tiny", dropout=0.0, n_layers=6)).eval()
+    init_from_whisper(model, whisper_dir)
+    with torch.no_grad():  # the new blocks learn something: they are not identity any more
+        model.blocks[4].ffn1.linear2.weight.normal_(0, 0.01)
+    mel = torch.randn(2, 300, 80) * 0.5
+    lengths = torch.tensor([300, 220])
+    with torch.no_grad():
+        before = model(mel, lengths)[0]
+    n_before = count_parameters(model)
+    assert drop_identity_modules(model, 6) == 4  # stops at block 4, whose ffn1 now computes something
+    assert model.cfg.transformer_layers == 4 and model.blocks[3].conv is None and model.blocks[4].conv is not None
+    with torch.no_grad():
+        assert torch.equal(model(mel, lengths)[0], before)
+    assert n_before - count_parameters(model) == 4 * (2 * 384 * 1536 + 1536 + 384 + 2 * 384  # ffn1
+                                                       + 384 * 768 + 768 + 384 * 15 + 384 + 2 * 384 + 384 * 384 + 384
+                                                       + 2 * 384)  # conv module
+    save_model(str(tmp_path / "m"), model, CharTokenizer())
+    loaded, _ = load_model(str(tmp_path / "m"))
+    assert loaded.cfg.transformer_layers == 4
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(mel, lengths)[0], before)
+
+
+def test_init_from_a_plain_block_model_keeps_its_shape(whisper_dir, tmp_path, monkeypatch):
+    """`train --init-from MODEL` of a model with plain Transformer blocks builds the same shape: its blocks must
+    not gain random ffn1/conv modules that the donor lacks."""
+    from asr_core.checkpoint import save_model
+    from asr_core.cli import build_parser, cmd_train
+    from asr_core.model import drop_identity_modules
+    from asr_core.text import CharTokenizer
+    from asr_core import training
+
+    donor = ConformerCTC(preset("whisper-tiny", n_layers=5))
+    init_from_whisper(donor, whisper_dir)
+    drop_identity_modules(donor, 4)
+    save_model(str(tmp_path / "donor"), donor, CharTokenizer())
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda model, *a, **k: seen.setdefault("model", model) and {})
+    args = build_parser().parse_args(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                                      "--preset", "whisper-tiny", "--layers", "5", "--init-from",
+                                      str(tmp_path / "donor"), "--max-steps", "1"])
+    monkeypatch.setattr("asr_core.data.load_utterances", lambda *a, **k: [])
+    cmd_train(args)
+    model = seen["model"]
+    assert model.cfg.transformer_layers == 4 and model.blocks[0].ffn1 is None
+    for k, v in donor.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
