@@ -49,8 +49,9 @@ class ModelConfig:
     final_norm: bool = False
     # The first N blocks are plain Transformer blocks, Whisper's shape: x += MHSA(x); x += ½·FFN(x) (ffn2), no
     # half-step ffn1 and no convolution module. Set by `train --freeze-layers` on a Whisper warm start, where those
-    # modules would stay identity forever (zero output projections, never trained): they cost 13 MB and a fifth of
-    # the compute of the shipped model for nothing. See asr_core.model.drop_identity_modules.
+    # modules would stay identity forever (zero output projections, never trained): in the shipped model they cost
+    # 13 MB and a quarter of the greedy run time (RTF 0.020 with them, 0.015 without) for nothing. See
+    # asr_core.model.drop_identity_modules.
     transformer_layers: int = 0
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
