@@ -168,8 +168,8 @@ def test_wise_sweep_script_scores_each_setting(whisper_dir, dev_dir, tmp_path):
 
 def test_frozen_whisper_blocks_drop_their_identity_modules_exactly(whisper_dir, tmp_path):
     """drop_identity_modules (what `train --freeze-layers 4` does on a Whisper warm start): Whisper's four blocks
-    lose their zero ffn1 and conv modules, the output stays bit-identical, the saved folder is smaller and reloads
-    as the same shape; a block whose ffn1 is not identity keeps it."""
+    lose their zero ffn1 and conv modules, the output stays bit-identical, the model has exactly those modules'
+    parameters fewer and reloads from disk as the same shape; a block whose ffn1 is not identity keeps it."""
     from asr_core.checkpoint import load_model, save_model
     from asr_core.model import count_parameters, drop_identity_modules
     from asr_core.text import CharTokenizer
