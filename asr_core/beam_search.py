@@ -11,6 +11,9 @@ the output to the vocabulary, like a lexicon-constrained decoder (flashlight's),
 name through when the acoustics are sure of it. ``blank_penalty`` is subtracted from the blank's score in
 every frame before the search (then each frame is renormalised), as icefall's decoders do: an acoustic model
 that is unsure spends too many frames on blank, and the LM then prefers dropping a word to spelling it.
+``temperature`` divides the acoustic log-probs before all that (then renormalises; NeMo's CTC decoders call it
+softmax temperature): a model trained for many epochs on a few hours is over-confident, its runners-up sit far
+below the best token, and the LM cannot reach them; above 1 flattens each frame so that it can.
 Why written here: pyctcdecode pins numpy<2 and flashlight-text's decoder wants KenLM binaries; the algorithm is
 100 lines of Python.
 
@@ -46,6 +49,7 @@ class BeamSettings:
     beam_prune_logp: float = -12.0  # hypotheses this far below the best are dropped
     unk_penalty: float = 0.0  # extra cost (natural log) of a word outside the LM's vocabulary
     blank_penalty: float = 0.0  # subtracted from the blank's log-prob in every frame (then renormalised)
+    temperature: float = 1.0  # acoustic log-probs divided by this (then renormalised), before the blank penalty
 
     def validate(self) -> "BeamSettings":
         if not 1 <= self.beam_width <= 1024:
@@ -56,6 +60,8 @@ class BeamSettings:
             raise SettingsError(f"the unknown-word penalty must be between 0 and 100, got {self.unk_penalty}")
         if not 0 <= self.blank_penalty <= 10:
             raise SettingsError(f"the blank penalty must be between 0 and 10, got {self.blank_penalty}")
+        if not 0.1 <= self.temperature <= 10:
+            raise SettingsError(f"the temperature must be between 0.1 and 10, got {self.temperature}")
         return self
 
     @classmethod
@@ -155,6 +161,9 @@ class BeamSearchDecoder:
         s = self.settings
         lp = log_probs.detach().float().cpu().numpy().astype(np.float64)
         blank, space = self.tokenizer.blank_id, self.space_id
+        if s.temperature != 1.0:
+            lp /= s.temperature
+            lp -= np.logaddexp.reduce(lp, axis=1, keepdims=True)
         if s.blank_penalty:
             lp[:, blank] -= s.blank_penalty
             lp -= np.logaddexp.reduce(lp, axis=1, keepdims=True)

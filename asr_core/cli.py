@@ -33,13 +33,17 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blank-penalty", type=float, default=None,
                    help="cost subtracted from the blank in every frame of the beam search (0: none; default: "
                         "decoding.json)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="acoustic log-probs divided by this before the beam search (1: none; above 1 lets the LM "
+                        "overrule an over-confident model; default: decoding.json)")
 
 
 def _beam_settings(args, folder: str):
-    """decoding.json of the LM's folder, with any --beam-width/--alpha/--beta/--unk-penalty/--blank-penalty given
-    on the command line."""
+    """decoding.json of the LM's folder, with any --beam-width/--alpha/--beta/--unk-penalty/--blank-penalty/
+    --temperature given on the command line."""
     overrides = {"beam_width": args.beam_width, "alpha": args.alpha, "beta": args.beta,
-                 "unk_penalty": args.unk_penalty, "blank_penalty": args.blank_penalty}
+                 "unk_penalty": args.unk_penalty, "blank_penalty": args.blank_penalty,
+                 "temperature": args.temperature}
     if all(value is None for value in overrides.values()):
         return None
     from .beam_search import BeamSettings
@@ -99,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the conv stem and the first K blocks fixed for the whole run (e.g. Whisper's 4 with "
                         "--layers 6: two new blocks learn on top of the untouched pretrained encoder); frozen blocks "
                         "whose extra Conformer modules are identity lose them")
+    p.add_argument("--slow-layers", type=int, default=0,
+                   help="learning rates per part: the conv stem and the first K blocks learn at lr times "
+                        "--slow-lr-scale (e.g. Whisper's 4 pretrained blocks fine-tuned gently under new ones)")
+    p.add_argument("--slow-lr-scale", type=float, default=0.1,
+                   help="learning-rate multiplier of the --slow-layers part (default 0.1)")
     p.add_argument("--time-masks", type=int, default=10, help="SpecAugment time masks per utterance (default 10)")
     p.add_argument("--eval-every", type=_positive(int), default=500, help="validate every N steps (default 500)")
     p.add_argument("--dev-limit", type=int, default=200, help="validate on the first N dev utterances (0: all)")
@@ -171,7 +180,7 @@ def cmd_train(args) -> int:
     from .checkpoint import load_model
     from .config import preset
     from .data import load_utterances
-    from .model import ConformerCTC, count_parameters, drop_identity_modules
+    from .model import ConformerCTC, close_blocks, count_parameters, drop_identity_modules
     from .text import CharTokenizer
     from .training import TrainConfig, train
     from .whisper_init import init_from_whisper, resolve_whisper_source
@@ -209,6 +218,9 @@ def cmd_train(args) -> int:
                 model = ConformerCTC(dataclasses.replace(model.cfg, transformer_layers=donor.cfg.transformer_layers))
             missing = model.load_state_dict(donor.state_dict(), strict=False)
             init_note = f"model folder {source} (missing: {len(missing.missing_keys)})"
+            grown = close_blocks(model, donor.cfg.n_layers)  # new blocks on top start as identity
+            if grown:
+                init_note += f"; blocks {donor.cfg.n_layers}-{model.cfg.n_layers - 1} new, starting as identity"
         else:
             n = init_from_whisper(model, source)
             init_note = f"Whisper encoder ({n} layers) from {args.init_from}"
@@ -226,7 +238,8 @@ def cmd_train(args) -> int:
         epochs=args.epochs, max_minutes=args.max_minutes, batch_seconds=args.batch_seconds, seed=args.seed,
         workers=args.workers, speed_factors=speeds, spec_augment=not args.no_spec_augment,
         eval_every=args.eval_every, freeze_encoder_steps=args.freeze_encoder_steps,
-        freeze_layers=args.freeze_layers, time_masks=args.time_masks,
+        freeze_layers=args.freeze_layers, slow_layers=args.slow_layers, slow_lr_scale=args.slow_lr_scale,
+        time_masks=args.time_masks,
         dev_limit=args.dev_limit or None, average_last=args.average_last,
         half_checkpoints=args.half, device=args.device, precision=args.precision,
         extra={"init": init_note, "command": "edge-asr " + " ".join(sys.argv[1:]), "train_hours": round(hours, 3)},

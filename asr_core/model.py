@@ -212,6 +212,22 @@ def _is_zero_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not module.weight.any() and (module.bias is None or not module.bias.any())
 
 
+def close_blocks(model: "ConformerCTC", first: int) -> int:
+    """Zero every residual branch's output projection in blocks ``first``.. so that they start as identity (the
+    model computes what it did with ``first`` blocks). Used when ``train --layers`` grows a trained model.
+    Returns the number of blocks closed; none when blocks end in a LayerNorm (they cannot be identity)."""
+    if model.cfg.block_final_norm:
+        return 0
+    with torch.no_grad():
+        for block in model.blocks[first:]:
+            for module in (block.ffn1 and block.ffn1.linear2, block.attn.out_proj,
+                           block.conv and block.conv.pointwise2, block.ffn2.linear2):
+                if module is not None:
+                    module.weight.zero_()
+                    module.bias.zero_()
+    return max(0, model.cfg.n_layers - first)
+
+
 def drop_identity_modules(model: ConformerCTC, max_blocks: int) -> int:
     """Turn the leading blocks (at most ``max_blocks``) whose ffn1 and conv module are exact identities (zero
     output projection and bias, as a Whisper warm start leaves them) into plain Transformer blocks, in place.

@@ -57,6 +57,10 @@ class TrainConfig:
     # fine-tuned encoder forgets what made the pretrained one speaker-robust; new blocks above it learn the task.
     # Frozen blocks run forward-only and without dropout.
     freeze_layers: int = 0
+    # learning rates per part: the conv stem and the first K blocks (the pretrained ones) learn at lr * scale.
+    # A middle way between freezing them and fine-tuning them at the rate the new blocks need.
+    slow_layers: int = 0
+    slow_lr_scale: float = 1.0
     eval_every: int = 500  # steps; also when snapshots for averaging are taken
     dev_limit: int | None = 200
     average_last: int = 3
@@ -151,9 +155,16 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
     fixed = frozen_modules(model, cfg.freeze_layers)
     for module in fixed:
         module.requires_grad_(False)
+    if not cfg.slow_lr_scale > 0:
+        raise SettingsError(f"--slow-lr-scale must be above 0 (use --freeze-layers to freeze), got {cfg.slow_lr_scale}")
+    slow_ids = {id(p) for module in frozen_modules(model, cfg.slow_layers) for p in module.parameters()}
     head = [p for n, p in model.named_parameters() if n.startswith("head.")]
     body = [p for n, p in model.named_parameters() if not n.startswith("head.") and p.requires_grad]
-    groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
+    groups = [{"params": [p for p in body if id(p) not in slow_ids], "lr": cfg.lr},
+              {"params": head, "lr": cfg.head_lr or cfg.lr}]
+    slow = [p for p in body if id(p) in slow_ids]
+    if slow:
+        groups.append({"params": slow, "lr": cfg.lr * cfg.slow_lr_scale})
     for g in groups:
         g["peak_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -194,7 +205,9 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
                              "audio_hours_seen": round(state["audio_seconds"] / 3600, 3),
                              "train_minutes": round(state["train_seconds"] / 60, 2),
                              # recovery fine-tuning (compress) must keep these blocks frozen too
-                             **({"freeze_layers": cfg.freeze_layers} if cfg.freeze_layers else {}), **cfg.extra}}
+                             **({"freeze_layers": cfg.freeze_layers} if cfg.freeze_layers else {}),
+                             **({"slow_layers": cfg.slow_layers, "slow_lr_scale": cfg.slow_lr_scale}
+                                if cfg.slow_layers and cfg.slow_lr_scale != 1 else {}), **cfg.extra}}
 
     def validate() -> dict:
         if dev_loader is None:

@@ -1,8 +1,9 @@
 """After parallel GPU runs: score every candidate (best/, averaged/, last/ of each run) on the dev set, and
-export the winner as fp16 safetensors shards small enough for the device's 16 MiB-per-file return limit.
+export the best candidate of each of the ``--top`` best runs as an fp16 model folder ``OUT/<run>/``
+(gpu_train.sh tars and splits them for the device's 16 MiB-per-file return limit), with ``summary.json``.
 
-    python scripts/gpu_pick_export.py runs/gpu_* --dev .gpu/dev --out $OUT
-    python scripts/gpu_pick_export.py --join $OUT --out checkpoints/conformer-ctc-whisper-tiny   # back home
+    python scripts/gpu_pick_export.py runs/gpu_* --dev .gpu/dev --out runs/export --top 2
+    python scripts/gpu_pick_export.py --join PARTS --out FOLDER   # older sharded exports: join model.partN
 """
 from __future__ import annotations
 
@@ -20,9 +21,6 @@ from asr_core.data import BucketBatchSampler, SpeechDataset, collate, load_utter
 from asr_core.decoding import GreedyDecoder
 from asr_core.evaluation import decode_batches, error_rates
 
-SHARD_BYTES = 15 * 2**20
-
-
 def score(folder: str, dev: str, device: str) -> dict:
     model, tokenizer = load_model(folder)
     utts = load_utterances(dev)
@@ -33,19 +31,11 @@ def score(folder: str, dev: str, device: str) -> dict:
     return error_rates([u.text for u in utts], [hyps[u.id] for u in utts])
 
 
-def export_shards(folder: str, out: str, extra: dict) -> None:
+def export_half(folder: str, out: str, extra: dict) -> None:
+    """``folder``'s model with fp16 weights (as shipped) into ``out``; ``extra`` is merged into its config."""
+    os.makedirs(out, exist_ok=True)
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(os.path.join(folder, WEIGHTS)).items()}
-    shards, current, size = [], {}, 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor.contiguous()
-        size += nbytes
-    shards.append(current)
-    for n, shard in enumerate(shards):
-        save_file(shard, os.path.join(out, f"model.part{n}.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, WEIGHTS))
     config = read_config(folder)
     config.update(extra)
     with open(os.path.join(out, CONFIG), "w") as f:
@@ -71,6 +61,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="*", help="training output folders")
     parser.add_argument("--dev", help="dev data to pick on")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--top", type=int, default=2, help="export the best model of this many runs")
     parser.add_argument("--join", help="a folder of model.partN.safetensors to join into --out")
     args = parser.parse_args()
     if args.join:
@@ -87,13 +78,19 @@ def main() -> None:
                 print(f"{folder}: WER {rates['wer']:.2%} CER {rates['cer']:.2%}", flush=True)
     if not results:
         raise SystemExit("no candidate model found")
-    winner = min(results, key=lambda r: (r["wer"], r["cer"]))
+    best_per_run = {}
+    for r in results:
+        run = os.path.dirname(r["folder"])
+        if run not in best_per_run or (r["wer"], r["cer"]) < (best_per_run[run]["wer"], best_per_run[run]["cer"]):
+            best_per_run[run] = r
+    ranked = sorted(best_per_run.values(), key=lambda r: (r["wer"], r["cer"]))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"candidates": results, "winner": winner}, f, indent=2)
-    export_shards(winner["folder"], args.out, {"selection": {"dev": args.dev, **winner,
-                                                             "candidates": len(results)}})
-    print(f"winner {winner['folder']}: WER {winner['wer']:.2%} CER {winner['cer']:.2%}")
+        json.dump({"candidates": results, "ranked": ranked}, f, indent=2)
+    for r in ranked[: args.top]:
+        target = os.path.join(args.out, os.path.basename(os.path.dirname(r["folder"])))
+        export_half(r["folder"], target, {"selection": {"dev": args.dev, **r, "candidates": len(results)}})
+        print(f"exported {r['folder']} -> {target}: WER {r['wer']:.2%} CER {r['cer']:.2%}")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# One prepared GPU session: continue training the shipped baseline at several peak learning rates in parallel
-# on one GPU (a 21 M-parameter model leaves most of an H100 idle; the data loaders share the CPU cores), then
-# score every candidate on the dev subset and export the winner in fp16 shards to $OUT.
+# One prepared GPU session: continue training the shipped baseline under several recipes in parallel on one GPU
+# (a 14 M-parameter model leaves most of an H100 idle; the data loaders share the CPU cores), then score every
+# candidate on the dev subset and send back the best model of the best runs, as a tar split into 15 MiB pieces
+# (the device returns at most 8 files of 16 MiB).
 #
-# Prepare here first (fits the device's 64 MiB transfer limit together with the checkout):
+# Prepare here first (fits the device's 64 MiB transfer limit together with the checkout, once the LM is
+# left behind: it is not needed for training):
 #   python scripts/prepare_gpu_bundle.py --train ../shared/data/librispeech-mini/train-clean-5 \
 #       --dev ../shared/data/librispeech-mini/dev-clean-2-a --out .gpu
 #   (plus the wheels the device lacks in .whl/: soundfile, cffi, pycparser, soxr, jiwer, rapidfuzz)
-# Then on the device: OUT=... MINUTES=6 bash scripts/gpu_train.sh   (carry .gpu and .whl)
+# Then on the device: OUT=... MINUTES=6.5 bash scripts/gpu_train.sh   (carry .gpu and .whl)
+# Back here: cat OUT/bundle.tar.part* | tar xf - -C runs/   (runs/export/<run>/ are ordinary model folders)
 # The same command trains on a CPU (DEVICE=cpu), only slower; each run resumes with --resume if rerun.
 set -u
 OUT=${OUT:-runs/gpu_out}
-MINUTES=${MINUTES:-6}
-LRS=${LRS:-"3e-4 6e-4 1.2e-3"}
-WORKERS=${WORKERS:-4}
-THREADS=${THREADS:-2}  # torch threads of each run's main process: more only oversubscribes the CPU
+MINUTES=${MINUTES:-6.5}
+WORKERS=${WORKERS:-3}
+THREADS=${THREADS:-1}  # torch threads of each run's main process: more only oversubscribes the CPU
 DEVICE=${DEVICE:-auto}
+TOP=${TOP:-2}          # how many runs' best models come back
+DEV=${DEV:-.gpu/dev}   # validation and selection data
 INIT=${INIT:-checkpoints/conformer-ctc-whisper-tiny}
-# the shipped recipe: Whisper's stem and 4 layers frozen, two blocks above them trained (model card)
-EXTRA=${EXTRA:---layers 6 --freeze-layers 4 --time-masks 5}
+COMMON=${COMMON:---preset whisper-tiny --layers 6 --time-masks 5 --batch-seconds 240 --warmup-steps 100 \
+--eval-every 250 --dev-limit 0 --average-last 4 --half}
+# name=arguments; the shipped recipe (frozen Whisper layers) against learning rates per part
+RUNS=${RUNS:-"frozen=--lr 6e-4 --freeze-layers 4
+slow0.1=--lr 6e-4 --slow-layers 4 --slow-lr-scale 0.1
+slow0.3=--lr 6e-4 --slow-layers 4 --slow-lr-scale 0.3
+all3e-4=--lr 3e-4"}
 mkdir -p "$OUT" runs
 if [ -d .whl ] && ! python3 -c "import soundfile, soxr, jiwer" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -26,15 +35,26 @@ if [ -d .whl ] && ! python3 -c "import soundfile, soxr, jiwer" 2>/dev/null; then
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
-python3 -c "import torch, soundfile; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'libsndfile', soundfile.__libsndfile_version__)"
-for lr in $LRS; do
-  python3 -m asr_core train --data .gpu/train --dev .gpu/dev --out "runs/gpu_lr$lr" --preset whisper-tiny \
-    --init-from "$INIT" --max-minutes "$MINUTES" --batch-seconds 240 --lr "$lr" --warmup-steps 100 \
-    --eval-every 250 --dev-limit 0 --average-last 4 --workers "$WORKERS" --threads "$THREADS" --device "$DEVICE" $EXTRA \
-    > "runs/gpu_lr$lr.log" 2>&1 &
-done
-wait
-for lr in $LRS; do tail -c 1500 "runs/gpu_lr$lr.log" | tr '\r' '\n' | tail -n 6; done
-python3 scripts/gpu_pick_export.py runs/gpu_lr* --dev .gpu/dev --out "$OUT"
-tar czf "$OUT/logs.tar.gz" runs/gpu_lr*.log runs/gpu_lr*/log.csv
+python3 -c "import torch, soundfile; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'libsndfile', soundfile.__libsndfile_version__)" || exit 1
+mkdir -p runs/export
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 30 > runs/export/gpu_util.csv 2>/dev/null &
+monitor=$!
+names=()
+pids=()
+while IFS= read -r line; do
+  [ -z "$line" ] && continue
+  name=${line%%=*}; args=${line#*=}; names+=("runs/gpu_$name")
+  # shellcheck disable=SC2086  # word splitting of the argument strings is intended
+  python3 -m asr_core train --data .gpu/train --dev "$DEV" --out "runs/gpu_$name" --init-from "$INIT" \
+    --max-minutes "$MINUTES" --workers "$WORKERS" --threads "$THREADS" --device "$DEVICE" $COMMON $args ${EXTRA:-} \
+    > "runs/gpu_$name.log" 2>&1 &
+  pids+=($!)
+done <<< "$RUNS"
+wait "${pids[@]}"
+kill "$monitor" 2>/dev/null
+for run in "${names[@]}"; do echo "== $run"; tr "\r" "\n" < "$run.log" | grep -E "dev WER|audio_sec_per_sec|\"step\"|reason|Error|rror:" | tail -n 14; done
+python3 scripts/gpu_pick_export.py "${names[@]}" --dev "$DEV" --out runs/export --top "$TOP" || echo "pick/export failed"
+cp runs/gpu_*.log runs/export/ 2>/dev/null
+for run in "${names[@]}"; do cp "$run/log.csv" "runs/export/$(basename "$run").csv" 2>/dev/null; done
+tar cf - -C runs export | split -b 15M - "$OUT/bundle.tar.part"
 ls -la "$OUT"

@@ -29,7 +29,8 @@ from asr_core.transcribe import Transcriber
 
 _STATE: dict = {}
 # one grid point: these names are BeamSettings fields, except "lm" (the ARPA file)
-GRID = ("lm", "alpha", "beta", "unk_penalty", "blank_penalty", "beam_width", "beam_prune_logp")
+GRID = ("lm", "alpha", "beta", "unk_penalty", "blank_penalty", "temperature", "beam_width",
+        "beam_prune_logp")
 
 
 def _init(log_probs, tokenizer_json):
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--beta", nargs="+", type=float, default=[0.0, 1.0, 2.0])
     parser.add_argument("--unk-penalty", nargs="+", type=float, default=[0.0])
     parser.add_argument("--blank-penalty", nargs="+", type=float, default=[0.0])
+    parser.add_argument("--temperature", nargs="+", type=float, default=[1.0])
     parser.add_argument("--beam", nargs="+", type=int, default=[32])
     parser.add_argument("--beam-prune", nargs="+", type=float, default=[-12.0])
     parser.add_argument("--processes", type=int, default=2)
@@ -73,7 +75,8 @@ def main() -> None:
     greedy = error_rates(refs, [transcriber.greedy(lp) for lp in log_probs])
     print(f"greedy: WER {greedy['wer']:.2%} CER {greedy['cer']:.2%} ({len(utts)} utterances)", flush=True)
     jobs = [dict(zip(GRID, values)) for values in itertools.product(
-        args.lm, args.alpha, args.beta, args.unk_penalty, args.blank_penalty, args.beam, args.beam_prune)]
+        args.lm, args.alpha, args.beta, args.unk_penalty, args.blank_penalty, args.temperature, args.beam,
+        args.beam_prune)]
     results = []
     with ProcessPoolExecutor(args.processes, initializer=_init,
                              initargs=(log_probs, transcriber.tokenizer.to_json())) as pool:

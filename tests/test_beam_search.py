@@ -106,3 +106,18 @@ def test_empty_and_all_blank_input_give_empty_text():
     for decoder in (BeamSearchDecoder(TOK), BeamSearchDecoder(TOK, lm)):
         assert decoder(torch.zeros(0, len(TOK))) == ""
         assert decoder(frames({"_": 1.0}, {"_": 1.0})) == ""
+
+
+def test_temperature_lets_the_lm_overrule_an_over_confident_model():
+    """An over-confident model hears "cap": the "t" has 1e-4 in its frame (ln = -9.2, below token_min_logp -8, so
+    never tried) and the LM cannot reach "cat"; at temperature 3 the frame is flat enough that it can.
+    The frames themselves are unchanged by the setting (the decoder works on its own copy)."""
+    rows = spell("the ", p=0.99) + spell("ca", p=0.99) + [{"p": 1 - 1e-4, "t": 1e-4}] + spell(" ", p=0.99)
+    lp = frames(*rows)
+    before = lp.clone()
+    lm = build_kneser_ney([["the", "cat"], ["a", "cat", "sat"], ["the", "dog"]] * 5, 2)
+    assert BeamSearchDecoder(TOK, lm, BeamSettings(alpha=0.3, beta=0.0))(lp) == "the cap"
+    assert BeamSearchDecoder(TOK, lm, BeamSettings(alpha=0.3, beta=0.0, temperature=3.0))(lp) == "the cat"
+    assert torch.equal(lp, before)
+    with pytest.raises(SettingsError):
+        BeamSettings(temperature=0).validate()

@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
 from asr_core.config import PRESETS, ModelConfig, preset
 from asr_core.errors import SettingsError
-from asr_core.model import ConformerCTC, count_parameters, subsampled_lengths
+from asr_core.model import ConformerCTC, close_blocks, count_parameters, subsampled_lengths
 
 
 @pytest.mark.parametrize("name", ["tiny", "whisper-tiny"])
@@ -64,3 +66,22 @@ def test_exportable_with_torch_export():
     exported = torch.export.export(model, (feats, lengths), dynamic_shapes=({1: time}, None))
     other = torch.randn(2, 332, 80), torch.tensor([330, 100])
     torch.testing.assert_close(exported.module()(*other)[0], model(*other)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_grown_model_computes_what_the_smaller_one_did():
+    """train --layers N+2 --init-from an N-block folder: the donor's weights load, the two new blocks start with
+    every residual branch closed, so the grown model's output equals the donor's exactly until training moves it.
+    Blocks that end in a LayerNorm cannot be identity and are left alone (0 closed)."""
+    torch.manual_seed(0)
+    small_cfg = preset("tiny", dropout=0.0, block_final_norm=False)
+    small = ConformerCTC(small_cfg).eval()
+    grown = ConformerCTC(dataclasses.replace(small_cfg, n_layers=small_cfg.n_layers + 2)).eval()
+    missing = grown.load_state_dict(small.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith((f"blocks.{small_cfg.n_layers}.", f"blocks.{small_cfg.n_layers + 1}."))
+                           for k in missing)
+    feats, lengths = torch.randn(2, 120, small_cfg.features.n_mels), torch.tensor([120, 90])
+    assert close_blocks(grown, small_cfg.n_layers) == 2
+    with torch.no_grad():
+        expected, grown_out = small(feats, lengths)[0], grown(feats, lengths)[0]
+    assert torch.allclose(expected, grown_out, atol=1e-6)
+    assert close_blocks(ConformerCTC(preset("tiny", block_final_norm=True)), 1) == 0

@@ -72,3 +72,36 @@ def test_frozen_layers_stay_as_they_started(dev_dir, tmp_path):
     assert any(k.startswith("blocks.1.") for k in changed) and "head.weight" in changed
     with pytest.raises(SettingsError, match="freeze-layers"):
         train(model, CharTokenizer(), utts, [], TrainConfig(max_steps=1, freeze_layers=9), None, progress=False)
+
+
+def test_slow_layers_learn_at_a_fraction_of_the_rate(dev_dir, tmp_path):
+    """--slow-layers K --slow-lr-scale S: the stem and the first K blocks get their own parameter group at lr * S.
+    Adam's steps are about lr in size whatever the gradient, so with S = 0.01 block 0 moves about a hundredth as
+    far as block 1; with S = 1 the two move comparably. A scale of 0 is refused (that is --freeze-layers)."""
+    from asr_core.errors import SettingsError
+
+    utts = sorted(load_utterances(str(dev_dir / "1272")), key=lambda u: u.duration)[:2]
+
+    def movement(scale: float) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = ConformerCTC(preset("tiny", dropout=0.0))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        cfg = TrainConfig(lr=1e-3, warmup_steps=1, max_steps=3, batch_seconds=100, eval_every=100,
+                          speed_factors=(1.0,), weight_decay=0.0, slow_layers=1, slow_lr_scale=scale)
+        train(model, CharTokenizer(), utts, [], cfg, str(tmp_path / f"run{scale}"), progress=False)
+        after = model.state_dict()
+
+        def moved(prefix: str) -> float:
+            keys = [k for k in before if k.startswith(prefix) and k.endswith("weight")]
+            return max(float((after[k] - before[k]).abs().max()) for k in keys)
+        return moved("blocks.0."), moved("blocks.1.")
+
+    slow, fast = movement(0.01)
+    assert 0 < slow < 0.05 * fast, (slow, fast)
+    same_slow, same_fast = movement(1.0)
+    assert same_slow > 0.3 * same_fast, (same_slow, same_fast)
+    assert read_config(str(tmp_path / "run0.01" / "last"))["training"]["slow_lr_scale"] == 0.01
+    with pytest.raises(SettingsError, match="slow-lr-scale"):
+        train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, [], TrainConfig(max_steps=1, slow_layers=1,
+                                                                                 slow_lr_scale=0), None,
+              progress=False)
