@@ -94,8 +94,10 @@ def test_build_lm_then_evaluate_with_it(tiny_model_dir, dev_dir, tmp_path):
     assert bad.returncode == 2 and "unknown-word penalty" in bad.stderr
     bad = run("transcribe", "--model", str(model), "--blank-penalty", "20", str(clip))
     assert bad.returncode == 2 and "blank penalty" in bad.stderr
+    bad = run("transcribe", "--model", str(model), "--temperature", "0", str(clip))
+    assert bad.returncode == 2 and "temperature" in bad.stderr
     strict = run("transcribe", "--model", str(model), "--unk-penalty", "50", "--blank-penalty", "1",
-                 "--beam-width", "4", str(clip))
+                 "--temperature", "1.5", "--beam-width", "4", str(clip))
     assert strict.returncode == 0, strict.stderr
 
 
