@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write (the source's LM and decoding.json are "
                                                 "copied with it)")
 
+    p = sub.add_parser("average", help="weighted average of the weights of models of one shape (a model soup; e.g. "
+                                       "two training stages, one continuing the other)")
+    p.add_argument("models", nargs="+", help="two or more model folders with the same config")
+    p.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="one non-negative weight per model, normalised to sum to 1 (default: equal)")
+    p.add_argument("--out", required=True, help="model folder to write (the first model's LM and decoding.json are "
+                                                "copied with it)")
+
     p = sub.add_parser("make-manifest", help="write a JSONL manifest from a LibriSpeech-layout folder")
     p.add_argument("librispeech_dir")
     p.add_argument("--out", required=True, help="manifest file to write (.jsonl)")
@@ -281,6 +289,48 @@ def cmd_wise_ft(args) -> int:
     return 0
 
 
+def cmd_average(args) -> int:
+    import shutil
+
+    from safetensors import safe_open
+
+    from .beam_search import DECODING_FILE, LM_FILE
+    from .checkpoint import MANIFEST, WEIGHTS, load_model, read_config, save_model
+    from .training import average_states
+
+    if len(args.models) < 2:
+        raise SettingsError("give at least two model folders to average")
+    weights = args.weights or [1.0] * len(args.models)
+    if len(weights) != len(args.models) or min(weights) < 0 or sum(weights) <= 0:
+        raise SettingsError(f"--weights needs one non-negative weight per model ({len(args.models)}), not all zero; "
+                            f"got {weights}")
+    weights = [w / sum(weights) for w in weights]
+    if any(os.path.abspath(m) == os.path.abspath(args.out) for m in args.models):
+        raise SettingsError("--out must be a new folder, not one of the models")
+    models, half = [], True
+    for folder in args.models:
+        if os.path.exists(os.path.join(folder, MANIFEST)):
+            raise SettingsError(f"{folder} is a compressed artifact; average the checkpoints instead")
+        models.append(load_model(folder))  # fp32, whatever the file stores
+        with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:  # fp16 out only if every input was fp16
+            half = half and all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+    first, tokenizer = models[0]
+    for folder, (model, tok) in zip(args.models[1:], models[1:]):
+        if model.cfg.to_dict() != first.cfg.to_dict() or tok.to_json() != tokenizer.to_json():
+            raise SettingsError(f"{folder} has another shape or vocabulary than {args.models[0]}: only models of one "
+                                "config can be averaged")
+    n = len(models)
+    first.load_state_dict(average_states([m.state_dict() for m, _ in models], weights))
+    extra = {k: v for k, v in read_config(args.models[0]).items() if k not in ("format", "version", "model")}
+    extra["average"] = {"models": list(args.models), "weights": [round(w, 6) for w in weights]}
+    save_model(args.out, first, tokenizer, half=half, extra=extra)
+    for name in (LM_FILE, DECODING_FILE):
+        if os.path.exists(os.path.join(args.models[0], name)):
+            shutil.copy2(os.path.join(args.models[0], name), os.path.join(args.out, name))
+    print(f"averaged {n} models ({', '.join(f'{w:g}' for w in weights)}) -> {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .data import load_utterances
     from .evaluation import evaluate
@@ -389,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "transcribe": cmd_transcribe,
-                "make-manifest": cmd_make_manifest, "build-lm": cmd_build_lm, "wise-ft": cmd_wise_ft}
+                "make-manifest": cmd_make_manifest, "build-lm": cmd_build_lm, "wise-ft": cmd_wise_ft,
+                "average": cmd_average}
     try:
         if args.command in handlers:
             return handlers[args.command](args)

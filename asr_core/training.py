@@ -115,8 +115,13 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: sum(s[k] for s in states) / len(states) for k in states[0]}
+def average_states(states: list[dict[str, torch.Tensor]],
+                   weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """Weighted mean of state dicts (equal weights by default; ``weights`` should sum to 1). Tensors that are not
+    floating point (counters, indices) are taken from the first state."""
+    weights = weights or [1.0 / len(states)] * len(states)
+    return {k: sum(w * s[k] for w, s in zip(weights, states)) if states[0][k].is_floating_point() else states[0][k]
+            for k in states[0]}
 
 
 class _StopRequested(Exception):

@@ -124,6 +124,42 @@ def test_wise_ft_writes_a_complete_model_folder(tmp_path):
     assert bad.returncode == 2 and "compressed artifact" in bad.stderr
 
 
+def test_average_writes_the_weighted_mean_of_two_models(tmp_path):
+    """edge-asr average A B --weights 3 1: every float tensor is 0.75 A + 0.25 B (weights normalised), stored in
+    fp16 only when both inputs were; the provenance is in config.json. Models of another shape, a weight per model
+    missing, or --out equal to an input are refused before anything is written."""
+    from asr_core.checkpoint import load_model, read_config, save_model
+    from asr_core.config import preset
+    from asr_core.model import ConformerCTC
+    from asr_core.text import CharTokenizer
+
+    torch.manual_seed(0)
+    a, b = ConformerCTC(preset("tiny")), ConformerCTC(preset("tiny"))
+    save_model(str(tmp_path / "a"), a, CharTokenizer())
+    save_model(str(tmp_path / "b"), b, CharTokenizer())
+    result = run("average", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "3", "1",
+                 "--out", str(tmp_path / "ab"))
+    assert result.returncode == 0, result.stderr
+    mean, _ = load_model(str(tmp_path / "ab"))
+    expected = {k: 0.75 * a.state_dict()[k] + 0.25 * b.state_dict()[k] for k in a.state_dict()}
+    assert all(torch.allclose(v, expected[k], atol=1e-6) for k, v in mean.state_dict().items())
+    assert not all(torch.allclose(v, a.state_dict()[k]) for k, v in mean.state_dict().items())
+    assert read_config(str(tmp_path / "ab"))["average"]["weights"] == [0.75, 0.25]
+    from safetensors.torch import load_file
+    assert all(v.dtype == torch.float32 for v in load_file(str(tmp_path / "ab" / "model.safetensors")).values())
+    save_model(str(tmp_path / "a16"), a, CharTokenizer(), half=True)
+    save_model(str(tmp_path / "b16"), b, CharTokenizer(), half=True)
+    assert run("average", str(tmp_path / "a16"), str(tmp_path / "b16"), "--out", str(tmp_path / "ab16")).returncode == 0
+    assert all(v.dtype == torch.float16 for v in load_file(str(tmp_path / "ab16" / "model.safetensors")).values())
+    save_model(str(tmp_path / "c"), ConformerCTC(preset("tiny", n_layers=1)), CharTokenizer())
+    bad = run("average", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "ac"))
+    assert bad.returncode == 2 and "another shape" in bad.stderr and not (tmp_path / "ac").exists()
+    bad = run("average", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "one non-negative weight per model" in bad.stderr
+    bad = run("average", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "a"))
+    assert bad.returncode == 2 and "new folder" in bad.stderr
+
+
 def test_train_refuses_to_drop_blocks_of_the_model_it_continues(tmp_path):
     """--init-from a 6-block model folder with a 4-block preset would silently lose the top blocks."""
     result = run("train", "--data", str(REPO / "assets" / "clips" / "manifest.jsonl"), "--out", str(tmp_path / "r"),
