@@ -101,10 +101,11 @@ def _resolve_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def frozen_modules(model: ConformerCTC, n_blocks: int) -> list[torch.nn.Module]:
-    """The conv stem, the dropout after it and the first ``n_blocks`` blocks (none when 0)."""
+def frozen_modules(model: ConformerCTC, n_blocks: int, flag: str = "--freeze-layers") -> list[torch.nn.Module]:
+    """The conv stem, the dropout after it and the first ``n_blocks`` blocks (none when 0). ``flag`` names the
+    option in the message when ``n_blocks`` is out of range."""
     if not 0 <= n_blocks <= model.cfg.n_layers:
-        raise SettingsError(f"--freeze-layers must be between 0 and the model's {model.cfg.n_layers} blocks, "
+        raise SettingsError(f"{flag} must be between 0 and the model's {model.cfg.n_layers} blocks, "
                             f"got {n_blocks}")
     if n_blocks == 0:
         return []
@@ -162,7 +163,8 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
         module.requires_grad_(False)
     if not cfg.slow_lr_scale > 0:
         raise SettingsError(f"--slow-lr-scale must be above 0 (use --freeze-layers to freeze), got {cfg.slow_lr_scale}")
-    slow_ids = {id(p) for module in frozen_modules(model, cfg.slow_layers) for p in module.parameters()}
+    slow_ids = {id(p) for module in frozen_modules(model, cfg.slow_layers, "--slow-layers")
+                for p in module.parameters()}
     head = [p for n, p in model.named_parameters() if n.startswith("head.")]
     body = [p for n, p in model.named_parameters() if not n.startswith("head.") and p.requires_grad]
     groups = [{"params": [p for p in body if id(p) not in slow_ids], "lr": cfg.lr},

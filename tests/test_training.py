@@ -105,3 +105,6 @@ def test_slow_layers_learn_at_a_fraction_of_the_rate(dev_dir, tmp_path):
         train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, [], TrainConfig(max_steps=1, slow_layers=1,
                                                                                  slow_lr_scale=0), None,
               progress=False)
+    with pytest.raises(SettingsError, match="slow-layers"):
+        train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, [], TrainConfig(max_steps=1, slow_layers=9), None,
+              progress=False)
