@@ -163,9 +163,9 @@ class BeamSearchDecoder:
         blank, space = self.tokenizer.blank_id, self.space_id
         if s.temperature != 1.0:
             lp /= s.temperature
-            lp -= np.logaddexp.reduce(lp, axis=1, keepdims=True)
         if s.blank_penalty:
             lp[:, blank] -= s.blank_penalty
+        if s.temperature != 1.0 or s.blank_penalty:  # one renormalisation serves both
             lp -= np.logaddexp.reduce(lp, axis=1, keepdims=True)
         tokens = self.tokenizer.tokens
         start = _Hyp(0.0, ("<s>",) if self.lm is not None and self.lm.order > 1 else (), "", 0.0)

@@ -257,13 +257,29 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_wise_ft(args) -> int:
-    import shutil
-
+def _stored_in_half(folder: str) -> bool:
+    """Whether every tensor of the folder's weights file is fp16 (so a derived model is stored the same way)."""
     from safetensors import safe_open
 
+    from .checkpoint import WEIGHTS
+
+    with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:
+        return all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+
+
+def _copy_decoding_files(source: str, out: str) -> None:
+    """The word LM and decoding.json travel with a model derived from ``source`` (wise-ft, average)."""
+    import shutil
+
     from .beam_search import DECODING_FILE, LM_FILE
-    from .checkpoint import MANIFEST, WEIGHTS, default_model_dir, load_model, read_config, save_model
+
+    for name in (LM_FILE, DECODING_FILE):
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), os.path.join(out, name))
+
+
+def cmd_wise_ft(args) -> int:
+    from .checkpoint import MANIFEST, default_model_dir, load_model, read_config, save_model
     from .whisper_init import resolve_whisper_source, wise_ft
 
     folder = args.model or default_model_dir()
@@ -273,16 +289,13 @@ def cmd_wise_ft(args) -> int:
         raise SettingsError(f"{folder} is a compressed artifact; interpolate the checkpoint it came from instead")
     model, tokenizer = load_model(folder)  # fp32, whatever the file stores
     n = wise_ft(model, resolve_whisper_source(args.init_from), args.weight, args.lower_weight)
-    with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:  # keep the source's storage precision
-        half = all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+    half = _stored_in_half(folder)  # keep the source's storage precision
     extra = {k: v for k, v in read_config(folder).items() if k not in ("format", "version", "model")}
     lower_weight = args.weight if args.lower_weight is None else args.lower_weight
     extra["wise_ft"] = {"from": folder, "init": args.init_from, "weight": args.weight, "lower_weight": lower_weight,
                         "tensors": n}
     save_model(args.out, model, tokenizer, half=half, extra=extra)
-    for name in (LM_FILE, DECODING_FILE):
-        if os.path.exists(os.path.join(folder, name)):
-            shutil.copy2(os.path.join(folder, name), os.path.join(args.out, name))
+    _copy_decoding_files(folder, args.out)
     lower = "" if args.lower_weight is None else f" ({args.lower_weight:g} for the stem and lower blocks)"
     print(f"moved {n} tensors {args.weight:g}{lower} of the way back to {args.init_from} -> {args.out}",
           file=sys.stderr)
@@ -290,12 +303,7 @@ def cmd_wise_ft(args) -> int:
 
 
 def cmd_average(args) -> int:
-    import shutil
-
-    from safetensors import safe_open
-
-    from .beam_search import DECODING_FILE, LM_FILE
-    from .checkpoint import MANIFEST, WEIGHTS, load_model, read_config, save_model
+    from .checkpoint import MANIFEST, load_model, read_config, save_model
     from .training import average_states
 
     if len(args.models) < 2:
@@ -312,8 +320,7 @@ def cmd_average(args) -> int:
         if os.path.exists(os.path.join(folder, MANIFEST)):
             raise SettingsError(f"{folder} is a compressed artifact; average the checkpoints instead")
         models.append(load_model(folder))  # fp32, whatever the file stores
-        with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:  # fp16 out only if every input was fp16
-            half = half and all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+        half = half and _stored_in_half(folder)  # fp16 out only if every input was fp16
     first, tokenizer = models[0]
     for folder, (model, tok) in zip(args.models[1:], models[1:]):
         if model.cfg.to_dict() != first.cfg.to_dict() or tok.to_json() != tokenizer.to_json():
@@ -324,9 +331,7 @@ def cmd_average(args) -> int:
     extra = {k: v for k, v in read_config(args.models[0]).items() if k not in ("format", "version", "model")}
     extra["average"] = {"models": list(args.models), "weights": [round(w, 6) for w in weights]}
     save_model(args.out, first, tokenizer, half=half, extra=extra)
-    for name in (LM_FILE, DECODING_FILE):
-        if os.path.exists(os.path.join(args.models[0], name)):
-            shutil.copy2(os.path.join(args.models[0], name), os.path.join(args.out, name))
+    _copy_decoding_files(args.models[0], args.out)
     print(f"averaged {n} models ({', '.join(f'{w:g}' for w in weights)}) -> {args.out}", file=sys.stderr)
     return 0
 

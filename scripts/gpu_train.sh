@@ -54,7 +54,8 @@ wait "${pids[@]}"
 kill "$monitor" 2>/dev/null
 for run in "${names[@]}"; do echo "== $run"; tr "\r" "\n" < "$run.log" | grep -E "dev WER|audio_sec_per_sec|\"step\"|reason|Error|rror:" | tail -n 14; done
 python3 scripts/gpu_pick_export.py "${names[@]}" --dev "$DEV" --out runs/export --top "$TOP" || echo "pick/export failed"
-cp runs/gpu_*.log runs/export/ 2>/dev/null
-for run in "${names[@]}"; do cp "$run/log.csv" "runs/export/$(basename "$run").csv" 2>/dev/null; done
+for run in "${names[@]}"; do  # this call's runs only (a warm machine may hold older ones)
+  cp "$run.log" runs/export/ 2>/dev/null; cp "$run/log.csv" "runs/export/$(basename "$run").csv" 2>/dev/null
+done
 tar cf - -C runs export | split -b 15M - "$OUT/bundle.tar.part"
 ls -la "$OUT"
