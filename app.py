@@ -109,7 +109,8 @@ class Studio:
         self.workdir = tempfile.mkdtemp(prefix="edge-asr-studio-")
         torch.set_num_threads(threads)
         fp32_dir = os.path.join(self.workdir, "fp32")
-        save_model(fp32_dir, self.base, self.tokenizer)  # the baseline's size is measured in fp32, as a file
+        # the baseline's size is measured in fp32, as a file (int8=False: an int8-stored frozen part too)
+        save_model(fp32_dir, self.base, self.tokenizer, int8=False)
         self.cache[""] = Variant("", Transcriber(self.base, self.tokenizer), folder_bytes(fp32_dir), 0.0)
         # one word-LM decoder for every variant (the LM ships with the baseline), so that rows differ only in
         # the acoustic model; None when the model folder has no lm.arpa.gz

@@ -18,10 +18,12 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .model import ConformerCTC
 from .text import CharTokenizer
+from .weight_int8 import int8_dequantize, int8_quantize
 
 FORMAT = "edge-asr-checkpoint"
 DEFAULT_MODEL_NAME = "conformer-ctc-whisper-tiny"
 WEIGHTS, CONFIG, VOCAB, MANIFEST = "model.safetensors", "config.json", "vocab.json", "compression.json"
+INT8_SCALE = ":int8_scale"  # suffix of the per-output-channel scales of an int8-stored matrix
 
 
 def default_model_dir() -> str:
@@ -40,13 +42,41 @@ def folder_bytes(folder: str) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
+def int8_stored_names(model: ConformerCTC) -> list[str]:
+    """State-dict names of the matrices (2-D and up) of the conv stem and the first ``cfg.int8_stored_layers``
+    blocks (none when 0): what a checkpoint stores as weight-only int8."""
+    layers = model.cfg.int8_stored_layers
+    if not layers:
+        return []
+    prefixes = ("subsampling.", *(f"blocks.{i}." for i in range(layers)))
+    return [k for k, v in model.state_dict().items() if k.startswith(prefixes) and v.dim() >= 2]
+
+
+def round_to_int8_storage(model: ConformerCTC) -> int:
+    """Round, in place, the tensors that ``cfg.int8_stored_layers`` stores as int8 to what they load as; returns
+    how many. Training with that part frozen then learns on exactly the values that are saved."""
+    names = int8_stored_names(model)
+    params = dict(model.state_dict(keep_vars=True))
+    with torch.no_grad():
+        for name in names:
+            params[name].copy_(int8_dequantize(*int8_quantize(params[name].detach())))
+    return len(names)
+
+
 def save_model(folder: str, model: ConformerCTC, tokenizer: CharTokenizer, *, half: bool = False,
-               extra: dict | None = None) -> None:
-    """Write weights (fp16 when ``half``), config and vocabulary; ``extra`` goes into config.json as is."""
+               int8: bool = True, extra: dict | None = None) -> None:
+    """Write weights (fp16 when ``half``), config and vocabulary; ``extra`` goes into config.json as is.
+
+    The matrices ``cfg.int8_stored_layers`` names are stored as int8 codes under their own name plus fp16 scales
+    under ``NAME + INT8_SCALE`` (``int8=False``: as the rest, e.g. to measure full-precision bytes)."""
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    if int8:
+        for name in int8_stored_names(model):
+            codes, scales = int8_quantize(state[name].float())
+            state[name], state[name + INT8_SCALE] = codes, scales.half()
     tmp = os.path.join(folder, WEIGHTS + ".tmp")
     save_file(state, tmp)
     os.replace(tmp, os.path.join(folder, WEIGHTS))  # never leave a half-written checkpoint behind
@@ -79,6 +109,7 @@ def read_tokenizer(folder: str) -> CharTokenizer:
 
 
 def read_weights(folder: str, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file as stored (a compressed artifact's packed codes stay packed)."""
     path = os.path.join(folder, name)
     if not os.path.exists(path):
         raise CheckpointError(f"{folder} has no {name}")
@@ -86,6 +117,17 @@ def read_weights(folder: str, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} is truncated or corrupt ({err})") from None
+
+
+def read_state(folder: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict: int8-stored matrices (see :func:`save_model`) dequantized, the rest as stored."""
+    state = read_weights(folder)
+    for key in [k for k in state if k.endswith(INT8_SCALE)]:
+        name = key[: -len(INT8_SCALE)]
+        if name not in state or state[name].dtype != torch.int8:
+            raise CheckpointError(f"{folder}: {key} has no int8 tensor {name} beside it")
+        state[name] = int8_dequantize(state[name], state.pop(key))
+    return state
 
 
 def model_config(config: dict) -> ModelConfig:
@@ -121,4 +163,4 @@ def load_model(folder: str | None = None) -> tuple[torch.nn.Module, CharTokenize
         return load_artifact(folder), tokenizer
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{folder}/config.json has format {config.get('format')!r}, expected {FORMAT!r}")
-    return build_model(model_config(config), read_weights(folder)), tokenizer
+    return build_model(model_config(config), read_state(folder)), tokenizer

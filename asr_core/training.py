@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .augment import spec_augment
-from .checkpoint import save_model
+from .checkpoint import read_state, save_model
 from .data import BucketBatchSampler, SpeechDataset, Utterance, collate
 from .decoding import GreedyDecoder
 from .errors import SettingsError
@@ -189,8 +189,7 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
         os.makedirs(out_dir, exist_ok=True)
     if resume and out_dir and os.path.exists(os.path.join(out_dir, STATE_FILE)):
         saved = torch.load(os.path.join(out_dir, STATE_FILE), map_location="cpu", weights_only=True)
-        model.load_state_dict({k: v.to(device) for k, v in load_file(os.path.join(out_dir, "last",
-                                                                                   "model.safetensors")).items()})
+        model.load_state_dict({k: v.to(device) for k, v in read_state(os.path.join(out_dir, "last")).items()})
         optimizer.load_state_dict(saved["optimizer"])
         state.update(saved["progress"])
         snapshots = list(saved["snapshots"])

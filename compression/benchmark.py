@@ -57,7 +57,7 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
     if os.path.exists(os.path.join(model_dir, MANIFEST)):
         raise ValueError("benchmark needs a trained checkpoint as its baseline, not a compressed artifact")
     fp32_dir = os.path.join(artifacts, "fp32")
-    save_model(fp32_dir, base_model, read_tokenizer(model_dir))  # the FP32 row: full-precision bytes
+    save_model(fp32_dir, base_model, read_tokenizer(model_dir), int8=False)  # the FP32 row: full-precision bytes
     decoder = make_decoder(tokenizer, model_dir, decoding)
 
     def transcriber(folder: str) -> Transcriber:

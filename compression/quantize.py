@@ -13,22 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-EPS = 1e-6  # smallest scale: fp16 keeps it (a channel of zeros quantizes to codes 0 either way)
-
-
-def _fp16_exact(scales: torch.Tensor) -> torch.Tensor:
-    return scales.clamp_min(EPS).half().float()
-
-
-def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) -> int8 codes (out, in), fp32 scales (out,)."""
-    scales = _fp16_exact(w.abs().amax(dim=1) / 127.0)
-    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return codes, scales
-
-
-def int8_dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return codes.float() * scales[:, None]
+# int8 lives in asr_core because checkpoints store their frozen Whisper part with it too (asr_core.weight_int8)
+from asr_core.weight_int8 import EPS, int8_dequantize, int8_quantize  # noqa: F401
+from asr_core.weight_int8 import fp16_exact as _fp16_exact
 
 
 def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:

