@@ -71,12 +71,12 @@ def save_model(folder: str, model: ConformerCTC, tokenizer: CharTokenizer, *, ha
     under ``NAME + INT8_SCALE`` (``int8=False``: as the rest, e.g. to measure full-precision bytes)."""
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    if int8:
+    if int8:  # from the fp32 values, before any halving: re-saving a rounded model must give the same codes
         for name in int8_stored_names(model):
             codes, scales = int8_quantize(state[name].float())
             state[name], state[name + INT8_SCALE] = codes, scales.half()
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     tmp = os.path.join(folder, WEIGHTS + ".tmp")
     save_file(state, tmp)
     os.replace(tmp, os.path.join(folder, WEIGHTS))  # never leave a half-written checkpoint behind

@@ -92,6 +92,10 @@ def test_int8_stored_layers_store_the_stem_and_first_blocks_as_int8(tmp_path):
     save_model(str(tmp_path / "b"), loaded, CharTokenizer())
     again = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert stored.keys() == again.keys() and all(torch.equal(stored[k], again[k]) for k in stored)
+    save_model(str(tmp_path / "h"), loaded, CharTokenizer(), half=True)  # fp16 for the rest: the same codes
+    halved = load_file(str(tmp_path / "h" / "model.safetensors"))
+    assert all(torch.equal(halved[n], stored[n]) and torch.equal(halved[n + INT8_SCALE], stored[n + INT8_SCALE])
+               for n in names)
     save_model(str(tmp_path / "f"), loaded, CharTokenizer(), int8=False)
     assert all(v.dtype == torch.float32 for v in load_file(str(tmp_path / "f" / "model.safetensors")).values())
     del stored[names[0]]
