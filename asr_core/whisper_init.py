@@ -145,11 +145,12 @@ def load_whisper_encoder(source: str) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"--init-from {source}: expected a CTranslate2 Whisper folder or an OpenAI .pt file")
 
 
-def warm_start_values(model: ConformerCTC, source: str) -> dict[str, torch.Tensor]:
+def warm_start_values(model: ConformerCTC, source: str, encoder: dict[str, torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
     """What each Whisper-initialised tensor of ``model`` starts at (see the module docstring), by state-dict name:
     Whisper's weights, and zeros for the output projections of the modules Whisper lacks. Tensors that start at
-    random (the rest of those modules, the CTC head) are not in it."""
-    w = load_whisper_encoder(source)
+    random (the rest of those modules, the CTC head) are not in it. ``encoder``: ``source`` already loaded."""
+    w = load_whisper_encoder(source) if encoder is None else encoder
     cfg = model.cfg
     n_layers = whisper_layer_count(w)
     if cfg.subsampling != "whisper" or w["conv2.weight"].shape[0] != cfg.d_model or n_layers > cfg.n_layers:
@@ -199,15 +200,34 @@ def whisper_layer_count(encoder: dict[str, torch.Tensor]) -> int:
     return sum(1 for k in encoder if k.endswith(".mlp0.weight"))
 
 
-def init_from_whisper(model: ConformerCTC, source: str) -> int:
+def init_from_whisper(model: ConformerCTC, source: str, encoder: dict[str, torch.Tensor] | None = None) -> int:
     """Copy Whisper's encoder into ``model`` (see the module docstring); returns the number of layers copied.
-    Blocks beyond Whisper's layers start as identity, so the initialised model still computes Whisper's encoder."""
-    values = warm_start_values(model, source)
+    Blocks beyond Whisper's layers start as identity, so the initialised model still computes Whisper's encoder.
+    ``encoder``: ``source`` already loaded (:func:`load_whisper_encoder`), not read again."""
+    values = warm_start_values(model, source, encoder)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in values.items():
             params[name].copy_(value)
     return sum(1 for name in values if name.endswith(".attn.q_proj.weight"))
+
+
+def whisper_encoder_model(source: str) -> ConformerCTC:
+    """Whisper's encoder alone as a model (eval mode, no dropout): the stem and all its layers as plain Transformer
+    blocks, ``ln_post`` as the final norm, a random CTC head; the preset follows the width (tiny 384, base 512).
+    What the encoder-probe script caches and what a GPU bundle starts training from."""
+    from .config import preset
+    from .model import drop_identity_modules
+
+    weights = load_whisper_encoder(source)  # read once (base's model.bin is 148 MB)
+    layers, width = whisper_layer_count(weights), weights["conv2.weight"].shape[0]
+    presets = {384: "whisper-tiny", 512: "whisper-base"}
+    if width not in presets:
+        raise CheckpointError(f"{source}: a Whisper encoder of width {width}; presets exist for {sorted(presets)}")
+    model = ConformerCTC(preset(presets[width], n_layers=layers, dropout=0.0))
+    init_from_whisper(model, source, weights)
+    drop_identity_modules(model, layers)  # exactly Whisper's layers
+    return model.eval()
 
 
 def wise_ft(model: ConformerCTC, source: str, weight: float, lower_weight: float | None = None) -> int:

@@ -63,17 +63,11 @@ def write_whisper_init(name: str, out: str) -> int:
     import dataclasses
 
     from asr_core.checkpoint import folder_bytes, round_to_int8_storage, save_model
-    from asr_core.config import preset
-    from asr_core.model import ConformerCTC, drop_identity_modules
     from asr_core.text import CharTokenizer
-    from asr_core.whisper_init import init_from_whisper, load_whisper_encoder, resolve_whisper_source
-    from asr_core.whisper_init import whisper_layer_count
+    from asr_core.whisper_init import resolve_whisper_source, whisper_encoder_model
 
-    source = resolve_whisper_source(name)
-    layers = whisper_layer_count(load_whisper_encoder(source))
-    model = ConformerCTC(preset({"whisper-tiny.en": "whisper-tiny"}.get(name, name), n_layers=layers))
-    init_from_whisper(model, source)
-    drop_identity_modules(model, layers)  # exactly Whisper's layers, as train --freeze-layers leaves them
+    model = whisper_encoder_model(resolve_whisper_source(name))
+    layers = model.cfg.n_layers
     model.cfg = dataclasses.replace(model.cfg, int8_stored_layers=layers)
     round_to_int8_storage(model)
     save_model(out, model, CharTokenizer(), half=True, extra={"init": f"Whisper encoder ({layers} layers) from {name}"})

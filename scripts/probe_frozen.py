@@ -39,10 +39,9 @@ from asr_core.config import preset  # noqa: E402
 from asr_core.data import load_utterances  # noqa: E402
 from asr_core.decoding import greedy_ids  # noqa: E402
 from asr_core.features import log_mel  # noqa: E402
-from asr_core.model import ConformerBlock, ConformerCTC, drop_identity_modules, valid_mask  # noqa: E402
+from asr_core.model import ConformerBlock, valid_mask  # noqa: E402
 from asr_core.text import CharTokenizer, normalize_text  # noqa: E402
-from asr_core.whisper_init import init_from_whisper, load_whisper_encoder, resolve_whisper_source  # noqa: E402
-from asr_core.whisper_init import whisper_layer_count  # noqa: E402
+from asr_core.whisper_init import resolve_whisper_source, whisper_encoder_model  # noqa: E402
 
 
 def whisper_preset(width: int) -> str:
@@ -51,14 +50,8 @@ def whisper_preset(width: int) -> str:
 
 def cmd_cache(args) -> None:
     torch.set_num_threads(args.threads)
-    source = resolve_whisper_source(args.whisper)
-    weights = load_whisper_encoder(source)
-    layers, width = whisper_layer_count(weights), weights["conv2.weight"].shape[0]
-    cfg = preset(whisper_preset(width), n_layers=layers, dropout=0.0)
-    encoder = ConformerCTC(cfg)
-    init_from_whisper(encoder, source)
-    drop_identity_modules(encoder, layers)  # exactly Whisper's layers
-    encoder.eval()
+    encoder = whisper_encoder_model(resolve_whisper_source(args.whisper))
+    cfg, width = encoder.cfg, encoder.cfg.d_model
     utts = load_utterances(args.data, limit=args.limit or None)
     feats, start, seconds = [], time.time(), 0.0
     with torch.inference_mode():

