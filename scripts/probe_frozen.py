@@ -16,7 +16,9 @@ perturbation), and SpecAugment cannot reach the input, so time masks are applied
         --blocks 2 --epochs 3 --lr 1e-3 [--bpe 256]
 
 ``cache`` stores, per utterance, Whisper's encoder output after its final LayerNorm (``ln_post``), fp16, (T', D).
-``train`` prints greedy WER/CER on the first 100 dev utterances of the cache and on the next 100.
+``train`` prints greedy WER/CER on the first 100 dev utterances of the cache and on the next 100. Several
+``--train`` caches are trained on together (say the shared data and ``scripts/synthesize_speech.py``'s speech);
+``--steps`` fixes the number of steps, so that runs on more data get the same compute, not more.
 """
 from __future__ import annotations
 
@@ -130,11 +132,12 @@ def cmd_train(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    train, dev = torch.load(args.train), torch.load(args.dev)
-    if train["width"] != dev["width"]:
+    caches, dev = [torch.load(path) for path in args.train], torch.load(args.dev)
+    if any(cache["width"] != dev["width"] for cache in caches):
         raise SystemExit("--train and --dev were cached from different encoders")
-    width = train["width"]
-    tokenizer = BPETokenizer(train["texts"], args.bpe, Path(args.train).parent) if args.bpe else CharTokenizer()
+    width = dev["width"]
+    train = {"feats": [f for c in caches for f in c["feats"]], "texts": [t for c in caches for t in c["texts"]]}
+    tokenizer = BPETokenizer(train["texts"], args.bpe, Path(args.train[0]).parent) if args.bpe else CharTokenizer()
     top = Top(width, args.blocks, len(tokenizer))
     feats, targets = train["feats"], [torch.tensor(tokenizer.encode(t)) for t in train["texts"]]
     order = sorted(range(len(feats)), key=lambda i: feats[i].shape[0])
@@ -145,7 +148,7 @@ def cmd_train(args) -> None:
             current = []
         current.append(i)
     batches.append(current)
-    steps = max(1, int(args.epochs * len(batches)))
+    steps = args.steps or max(1, int(args.epochs * len(batches)))
     warmup = max(1, steps // 20)
     opt = torch.optim.AdamW(top.parameters(), lr=args.lr, weight_decay=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -194,11 +197,12 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("train", help="train new blocks + CTC head on cached features; print dev greedy WER")
-    p.add_argument("--train", required=True)
+    p.add_argument("--train", required=True, nargs="+", help="one or more caches, trained on together")
     p.add_argument("--dev", required=True, help="a cache of at least 200 dev utterances")
     p.add_argument("--blocks", type=int, default=2, help="new Conformer blocks (0: a linear head alone)")
     p.add_argument("--bpe", type=int, default=0, help="sentencepiece BPE pieces instead of characters")
     p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--steps", type=int, default=0, help="train this many steps instead (equal compute across data)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-frames", type=int, default=10000, help="padded encoder frames per batch (200 s)")
     p.add_argument("--time-masks", type=int, default=5)
