@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
+    kept = {row["audio_filepath"] for row in rows}
+    for path in Path(args.out).glob("synth-*.opus"):  # read in reserve (in flight when the budget was met)
+        if path.name not in kept:
+            path.unlink()
     with open(os.path.join(args.out, "manifest.jsonl"), "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

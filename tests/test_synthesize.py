@@ -55,5 +55,6 @@ def test_manifest_rows_are_the_normalised_text_of_what_was_read(tmp_path, monkey
         assert row["voice"] == "fake:tone:1.00" and abs(row["duration"] - 3.3) < 0.01
         samples, rate = sf.read(out / row["audio_filepath"])
         assert rate == 16000 and abs(len(samples) / rate - 3.3) < 0.05
+    assert sorted(p.name for p in out.glob("*.opus")) == sorted(r["audio_filepath"] for r in rows)
     combined = load_utterances(str(out / "with_train.jsonl"))
     assert [u.text for u in combined] == ["a real one"] + [r["text"] for r in rows]
