@@ -212,6 +212,17 @@ def init_from_whisper(model: ConformerCTC, source: str, encoder: dict[str, torch
     return sum(1 for name in values if name.endswith(".attn.q_proj.weight"))
 
 
+WHISPER_PRESETS = {384: "whisper-tiny", 512: "whisper-base"}  # the preset that matches a Whisper encoder's width
+
+
+def whisper_preset(width: int, source: str = "a Whisper encoder") -> str:
+    """The preset of a Whisper encoder of this width (tiny 384, base 512)."""
+    if width not in WHISPER_PRESETS:
+        raise CheckpointError(f"{source}: a Whisper encoder of width {width}; presets exist for "
+                              f"{sorted(WHISPER_PRESETS)}")
+    return WHISPER_PRESETS[width]
+
+
 def whisper_encoder_model(source: str) -> ConformerCTC:
     """Whisper's encoder alone as a model (eval mode, no dropout): the stem and all its layers as plain Transformer
     blocks, ``ln_post`` as the final norm, a random CTC head; the preset follows the width (tiny 384, base 512).
@@ -221,10 +232,7 @@ def whisper_encoder_model(source: str) -> ConformerCTC:
 
     weights = load_whisper_encoder(source)  # read once (base's model.bin is 148 MB)
     layers, width = whisper_layer_count(weights), weights["conv2.weight"].shape[0]
-    presets = {384: "whisper-tiny", 512: "whisper-base"}
-    if width not in presets:
-        raise CheckpointError(f"{source}: a Whisper encoder of width {width}; presets exist for {sorted(presets)}")
-    model = ConformerCTC(preset(presets[width], n_layers=layers, dropout=0.0))
+    model = ConformerCTC(preset(whisper_preset(width, source), n_layers=layers, dropout=0.0))
     init_from_whisper(model, source, weights)
     drop_identity_modules(model, layers)  # exactly Whisper's layers
     return model.eval()

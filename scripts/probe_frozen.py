@@ -43,11 +43,7 @@ from asr_core.decoding import greedy_ids  # noqa: E402
 from asr_core.features import log_mel  # noqa: E402
 from asr_core.model import ConformerBlock, valid_mask  # noqa: E402
 from asr_core.text import CharTokenizer, normalize_text  # noqa: E402
-from asr_core.whisper_init import resolve_whisper_source, whisper_encoder_model  # noqa: E402
-
-
-def whisper_preset(width: int) -> str:
-    return {384: "whisper-tiny", 512: "whisper-base"}[width]
+from asr_core.whisper_init import resolve_whisper_source, whisper_encoder_model, whisper_preset  # noqa: E402
 
 
 def cmd_cache(args) -> None:
