@@ -21,7 +21,7 @@ from .text import CharTokenizer
 from .weight_int8 import int8_dequantize, int8_quantize
 
 FORMAT = "edge-asr-checkpoint"
-DEFAULT_MODEL_NAME = "conformer-ctc-whisper-tiny"
+DEFAULT_MODEL_NAME = "conformer-ctc-whisper-base"
 WEIGHTS, CONFIG, VOCAB, MANIFEST = "model.safetensors", "config.json", "vocab.json", "compression.json"
 INT8_SCALE = ":int8_scale"  # suffix of the per-output-channel scales of an int8-stored matrix
 

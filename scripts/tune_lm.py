@@ -4,7 +4,7 @@ Log-probs are computed once per utterance, then every (LM, alpha, beta) is decod
 processes. Tune on a slice (e.g. the first 100 dev utterances) and report on the rest, so that the reported
 figure is not the one that was tuned.
 
-    python scripts/tune_lm.py --model checkpoints/conformer-ctc-whisper-tiny \
+    python scripts/tune_lm.py --model checkpoints/conformer-ctc-whisper-base \
         --data ../shared/data/librispeech-mini/dev-clean-2-a --limit 100 --lm runs/lm/lm.arpa.gz \
         --alpha 0.3 0.5 0.7 0.9 --beta 0 1 2 --unk-penalty 0 10 --blank-penalty 0 1 --beam 32 128 \
         --out runs/lm/tune.json
