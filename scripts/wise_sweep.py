@@ -22,13 +22,14 @@ from asr_core.checkpoint import load_model
 from asr_core.data import load_utterances
 from asr_core.evaluation import error_rates
 from asr_core.transcribe import Transcriber
-from asr_core.whisper_init import resolve_whisper_source, wise_ft
+from asr_core.whisper_init import packaged_whisper_for, resolve_whisper_source, wise_ft
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="fine-tuned model folder (default: the shipped baseline)")
-    parser.add_argument("--init-from", default="whisper-tiny.en", help="the Whisper weights it started from")
+    parser.add_argument("--init-from", default=None,
+                        help="the Whisper weights it started from (default: by the model's width)")
     parser.add_argument("--data", required=True)
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--weight", nargs="+", type=float, default=[0.0, 0.1, 0.15, 0.2])
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    source = resolve_whisper_source(args.init_from)
     tuned, tokenizer = load_model(args.model)  # fp32
+    source = resolve_whisper_source(args.init_from or packaged_whisper_for(tuned))
     utts = load_utterances(args.data, args.limit)
     audio = [load_audio(u.audio_path, allow_silence=True) for u in utts]
     refs = [u.text for u in utts]

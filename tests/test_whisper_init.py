@@ -298,3 +298,19 @@ def test_whisper_encoder_model_is_whispers_encoder_alone(whisper_dir):
     assert (model.cfg.d_model, model.cfg.n_layers, model.cfg.transformer_layers) == (384, 4, 4)
     assert not model.training and model.blocks[0].conv is None
     assert_computes_whispers_encoder(model, whisper_dir, n_heads=6, frames=300)
+
+
+def test_wise_ft_default_source_follows_the_model_width():
+    """wise-ft and wise_sweep default --init-from to the packaged Whisper of the model's width (the shipped
+    baseline is Whisper base); a width no packaged Whisper has asks for --init-from."""
+    from asr_core.checkpoint import default_model_dir, load_model
+    from asr_core.config import preset
+    from asr_core.errors import SettingsError
+    from asr_core.model import ConformerCTC
+    from asr_core.whisper_init import packaged_whisper_for
+
+    shipped, _ = load_model(default_model_dir())
+    assert packaged_whisper_for(shipped) == "whisper-base"
+    assert packaged_whisper_for(ConformerCTC(preset("whisper-tiny"))) == "whisper-tiny.en"
+    with pytest.raises(SettingsError, match="--init-from"):
+        packaged_whisper_for(ConformerCTC(preset("xs")))
