@@ -212,15 +212,16 @@ def init_from_whisper(model: ConformerCTC, source: str, encoder: dict[str, torch
     return sum(1 for name in values if name.endswith(".attn.q_proj.weight"))
 
 
-WHISPER_PRESETS = {384: "whisper-tiny", 512: "whisper-base"}  # the preset that matches a Whisper encoder's width
+# A Whisper encoder's width -> (the preset that matches it, the packaged weights of that width: PACKAGED_WHISPER)
+WHISPER_BY_WIDTH = {384: ("whisper-tiny", "whisper-tiny.en"), 512: ("whisper-base", "whisper-base")}
 
 
 def whisper_preset(width: int, source: str = "a Whisper encoder") -> str:
     """The preset of a Whisper encoder of this width (tiny 384, base 512)."""
-    if width not in WHISPER_PRESETS:
+    if width not in WHISPER_BY_WIDTH:
         raise CheckpointError(f"{source}: a Whisper encoder of width {width}; presets exist for "
-                              f"{sorted(WHISPER_PRESETS)}")
-    return WHISPER_PRESETS[width]
+                              f"{sorted(WHISPER_BY_WIDTH)}")
+    return WHISPER_BY_WIDTH[width][0]
 
 
 def whisper_encoder_model(source: str) -> ConformerCTC:
@@ -284,16 +285,14 @@ def resolve_whisper_source(name: str) -> str:
     return source
 
 
-# The packaged Whisper a model of this width was warm-started from (wise-ft's and wise_sweep's default).
-PACKAGED_BY_WIDTH = {384: "whisper-tiny.en", 512: "whisper-base"}
-
-
 def packaged_whisper_for(model: ConformerCTC) -> str:
-    """'whisper-tiny.en' or 'whisper-base', by the model's width; an error names --init-from for other widths."""
-    if model.cfg.d_model not in PACKAGED_BY_WIDTH:
-        raise SettingsError(f"a model of width {model.cfg.d_model} was not started from a packaged Whisper; "
-                            "give --init-from (a CTranslate2 folder or an OpenAI .pt file)")
-    return PACKAGED_BY_WIDTH[model.cfg.d_model]
+    """The packaged Whisper a Whisper-stemmed model of this width started from ('whisper-tiny.en' for 384,
+    'whisper-base' for 512: wise-ft's and wise_sweep's default); other models are asked for --init-from."""
+    if model.cfg.subsampling != "whisper" or model.cfg.d_model not in WHISPER_BY_WIDTH:
+        raise SettingsError(f"a model of width {model.cfg.d_model} with subsampling {model.cfg.subsampling!r} was "
+                            "not started from a packaged Whisper; give --init-from (a CTranslate2 folder or an "
+                            "OpenAI .pt file)")
+    return WHISPER_BY_WIDTH[model.cfg.d_model][1]
 
 
 def find_packaged_whisper(name: str = "whisper-tiny.en") -> str | None:

@@ -1,4 +1,7 @@
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,25 @@ def tiny_model_dir(tmp_path_factory, tiny_model):
     folder = tmp_path_factory.mktemp("tiny_model")
     save_model(str(folder), tiny_model, CharTokenizer())
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_en_finetuned_dir(tmp_path_factory):
+    """A model folder as `train --init-from whisper-tiny.en` writes it: two steps at a high rate (so its weights
+    have left Whisper's), fp16, with the shipped LM and decoding.json beside it. For what needs a tiny.en-started
+    model (wise-ft, its sweep); the shipped baseline is Whisper base, whose weights CI does not install."""
+    from asr_core.checkpoint import default_model_dir
+
+    out = tmp_path_factory.mktemp("tiny_en_finetuned") / "run"
+    trained = subprocess.run([sys.executable, "-m", "asr_core", "train", "--data",
+                              str(REPO / "assets" / "clips" / "manifest.jsonl"), "--out", str(out), "--preset",
+                              "whisper-tiny", "--init-from", "whisper-tiny.en", "--max-steps", "2", "--batch-seconds",
+                              "20", "--lr", "1e-2", "--warmup-steps", "1", "--threads", "1", "--half"],
+                             capture_output=True, text=True, cwd=REPO)
+    assert trained.returncode == 0, trained.stderr
+    for name in ("lm.arpa.gz", "decoding.json"):
+        shutil.copy(os.path.join(default_model_dir(), name), out / "last" / name)
+    return out / "last"
 
 
 @pytest.fixture

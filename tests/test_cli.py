@@ -102,18 +102,10 @@ def test_build_lm_then_evaluate_with_it(tiny_model_dir, dev_dir, tmp_path):
     assert strict.returncode == 0, strict.stderr
 
 
-def test_wise_ft_writes_a_complete_model_folder(tmp_path):
-    from asr_core.checkpoint import default_model_dir, load_model, read_config
+def test_wise_ft_writes_a_complete_model_folder(tiny_en_finetuned_dir, tmp_path):
+    from asr_core.checkpoint import load_model, read_config
 
-    # a tiny.en-initialised model trained one step and stored in fp16, with the shipped LM and decoding beside it
-    # (the shipped baseline is Whisper base, frozen, whose weights CI does not install)
-    trained = run("train", "--data", str(REPO / "assets" / "clips" / "manifest.jsonl"), "--out", str(tmp_path / "r"),
-                  "--preset", "whisper-tiny", "--init-from", "whisper-tiny.en", "--max-steps", "1",
-                  "--batch-seconds", "20", "--threads", "1", "--half")
-    assert trained.returncode == 0, trained.stderr
-    source = tmp_path / "r" / "last"
-    for name in ("lm.arpa.gz", "decoding.json"):
-        shutil.copy(os.path.join(default_model_dir(), name), source / name)
+    source = tiny_en_finetuned_dir  # fp16, with an LM and decoding.json that must travel to the output
     out = tmp_path / "wise"
     result = run("wise-ft", "--model", str(source), "--weight", "0.5", "--lower-weight", "0.6", "--out", str(out))
     assert result.returncode == 0, result.stderr
