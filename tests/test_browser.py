@@ -52,11 +52,11 @@ def server(tiny_model_dir):
     proc.wait(timeout=20)
 
 
-@pytest.fixture(scope="module")
-def browser():
+def start_chromium():
+    """Headless Debian Chromium under selenium (None when chromium or chromedriver is missing)."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("chromium/chromedriver not installed (Debian: apt-get install chromium chromium-driver)")
+        return None
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -65,7 +65,14 @@ def browser():
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}")
     options.binary_location = chromium
-    d = webdriver.Chrome(service=Service(driver), options=options)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    d = start_chromium()
+    if d is None:
+        pytest.skip("chromium/chromedriver not installed (Debian: apt-get install chromium chromium-driver)")
     yield d
     d.quit()
 
@@ -89,6 +96,29 @@ def result_rows(d):
     """)
 
 
+def upload_and_run_all(d, url, clip=CLIP, reference=REFERENCE):
+    """Open the page, upload ``clip``, type ``reference``, press "Run all variants" and wait for the table.
+    Returns (status line, result rows, seconds from the click to the table). Also used by scripts/screenshot.py."""
+    from selenium.webdriver.common.by import By
+
+    d.get(url)
+    wait_for(lambda: d.find_elements(By.ID, "run"))
+    upload = next(b for b in d.find_elements(By.CSS_SELECTOR, "#audio-input button")
+                  if (b.get_attribute("aria-label") or "").lower().startswith("upload"))
+    upload.click()
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#audio-input input[type=file]"))
+    d.find_element(By.CSS_SELECTOR, "#audio-input input[type=file]").send_keys(str(clip))
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#audio-input audio, #audio-input [data-testid=waveform-controls]")
+             or "0:0" in d.find_element(By.ID, "audio-input").text)
+    d.find_element(By.CSS_SELECTOR, "#reference textarea").send_keys(reference)
+    start = time.perf_counter()
+    d.find_element(By.ID, "run").click()
+    wait_for(lambda: "Ran" in d.find_element(By.ID, "status").text or "⚠" in d.find_element(By.ID, "status").text)
+    status = d.find_element(By.ID, "status").text
+    rows = wait_for(lambda: result_rows(d) if len(result_rows(d)) >= 8 else None) if "Ran" in status else []
+    return status, rows, time.perf_counter() - start
+
+
 def test_upload_run_all_and_move_a_knob(server, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -97,20 +127,8 @@ def test_upload_run_all_and_move_a_knob(server, browser):
 
     d = browser
     ARTIFACTS.mkdir(exist_ok=True)
-    d.get(server)
-    wait_for(lambda: d.find_elements(By.ID, "run"))
-    upload = next(b for b in d.find_elements(By.CSS_SELECTOR, "#audio-input button")
-                  if (b.get_attribute("aria-label") or "").lower().startswith("upload"))
-    upload.click()
-    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#audio-input input[type=file]"))
-    d.find_element(By.CSS_SELECTOR, "#audio-input input[type=file]").send_keys(str(CLIP))
-    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#audio-input audio, #audio-input [data-testid=waveform-controls]")
-             or "0:0" in d.find_element(By.ID, "audio-input").text)
-    d.find_element(By.CSS_SELECTOR, "#reference textarea").send_keys(REFERENCE)
-    d.find_element(By.ID, "run").click()
-    wait_for(lambda: "Ran" in d.find_element(By.ID, "status").text or "⚠" in d.find_element(By.ID, "status").text)
-    assert "Ran" in d.find_element(By.ID, "status").text, d.find_element(By.ID, "status").text
-    rows = wait_for(lambda: result_rows(d) if len(result_rows(d)) >= 8 else None)
+    status, rows, _ = upload_and_run_all(d, server)
+    assert "Ran" in status, status
     enabled = [s for s in app.VARIANTS if s.enabled]
     assert len(rows) == len(enabled)
     for spec, row in zip(enabled, rows):
