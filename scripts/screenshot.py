@@ -10,12 +10,11 @@ import argparse
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from test_browser import free_port, start_chromium, upload_and_run_all  # noqa: E402
+from test_browser import free_port, start_chromium, upload_and_run_all, wait_for_app  # noqa: E402
 
 
 def main():
@@ -31,14 +30,9 @@ def main():
     url = f"http://127.0.0.1:{port}"
     browser = None
     try:
-        while True:  # start-up loads the model and builds the default variants: wait for it, or for its exit
-            if app.poll() is not None:
-                sys.exit(f"app.py exited with status {app.returncode}")
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        # start-up loads the model and builds the default variants: up to 10 minutes, or until it exits
+        if not wait_for_app(app, url, tries=1200):
+            sys.exit(f"app.py exited with status {app.returncode}")
         browser = start_chromium()
         if browser is None:
             sys.exit("chromium/chromedriver not installed (Debian: apt-get install chromium chromium-driver)")

@@ -31,6 +31,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_app(proc, url, tries):
+    """Poll ``url`` every half second, at most ``tries`` times, until the app answers. False if its process exited
+    first. Also used by scripts/screenshot.py."""
+    for _ in range(tries):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return True
+        except OSError:
+            if proc.poll() is not None:
+                return False
+            time.sleep(0.5)
+    return True  # still starting: the page steps that follow time out with their own message
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     port = free_port()
@@ -38,15 +52,9 @@ def server(tiny_model_dir):
     proc = subprocess.Popen([sys.executable, "app.py", "--model", tiny_model_dir, "--port", str(port), "--threads",
                              "1", "--no-warm"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"app exited: {log.read()[-2000:]}")
-            time.sleep(0.5)
+    if not wait_for_app(proc, url, tries=120):
+        log.seek(0)
+        pytest.fail(f"app exited: {log.read()[-2000:]}")
     yield url
     proc.terminate()
     proc.wait(timeout=20)
