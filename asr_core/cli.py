@@ -171,9 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("average", help="weighted average of the weights of models of one shape (a model soup; e.g. "
                                        "two training stages, one continuing the other)")
-    p.add_argument("models", nargs="+", help="two or more model folders with the same config")
+    p.add_argument("models", nargs="+", help="two or more model folders with the same config (one with "
+                                             "--int8-layers: store it anew)")
     p.add_argument("--weights", type=float, nargs="+", default=None,
                    help="one non-negative weight per model, normalised to sum to 1 (default: equal)")
+    p.add_argument("--int8-layers", type=int, default=None, metavar="K",
+                   help="store the conv stem and the first K blocks of the result as weight-only int8 (default: as "
+                        "the first model stores them); the models may differ in this storage only")
     p.add_argument("--out", required=True, help="model folder to write (the first model's LM and decoding.json are "
                                                 "copied with it)")
 
@@ -245,8 +249,9 @@ def cmd_train(args) -> int:
             init_note = f"Whisper encoder ({n} layers) from {args.init_from}"
     if args.freeze_layers and not resuming:  # frozen identity modules would compute zeros forever: drop them
         plain = drop_identity_modules(model, args.freeze_layers)
-        if plain:
-            init_note += f"; blocks 0-{plain - 1} frozen as plain Transformer blocks (identity ffn1/conv dropped)"
+        if plain:  # the donor's plain blocks may reach above the frozen ones (they then train in Whisper's shape)
+            init_note += f"; blocks 0-{plain - 1} plain Transformer blocks (identity ffn1/conv dropped)"
+        init_note += f"; the stem and blocks 0-{args.freeze_layers - 1} frozen"
     if args.int8_frozen and not resuming:
         if not args.freeze_layers:
             raise SettingsError("--int8-frozen stores the frozen part as int8: give --freeze-layers K as well")
@@ -322,11 +327,13 @@ def cmd_wise_ft(args) -> int:
 
 
 def cmd_average(args) -> int:
-    from .checkpoint import MANIFEST, load_model, read_config, save_model
+    import dataclasses
+
+    from .checkpoint import MANIFEST, load_model, read_config, round_to_int8_storage, save_model
     from .training import average_states
 
-    if len(args.models) < 2:
-        raise SettingsError("give at least two model folders to average")
+    if len(args.models) < 2 and args.int8_layers is None:
+        raise SettingsError("give at least two model folders to average (or one with --int8-layers to store it anew)")
     weights = args.weights or [1.0] * len(args.models)
     if len(weights) != len(args.models) or min(weights) < 0 or sum(weights) <= 0:
         raise SettingsError(f"--weights needs one non-negative weight per model ({len(args.models)}), not all zero; "
@@ -341,17 +348,24 @@ def cmd_average(args) -> int:
         models.append(load_model(folder))  # fp32, whatever the file stores
         half = half and _stored_in_half(folder)  # fp16 out only if every input was fp16
     first, tokenizer = models[0]
+    shape = lambda cfg: {**cfg.to_dict(), "int8_stored_layers": None}  # storage only: the weights load as floats
     for folder, (model, tok) in zip(args.models[1:], models[1:]):
-        if model.cfg.to_dict() != first.cfg.to_dict() or tok.to_json() != tokenizer.to_json():
+        if shape(model.cfg) != shape(first.cfg) or tok.to_json() != tokenizer.to_json():
             raise SettingsError(f"{folder} has another shape or vocabulary than {args.models[0]}: only models of one "
                                 "config can be averaged")
     n = len(models)
     first.load_state_dict(average_states([m.state_dict() for m, _ in models], weights))
     extra = {k: v for k, v in read_config(args.models[0]).items() if k not in ("format", "version", "model")}
     extra["average"] = {"models": list(args.models), "weights": [round(w, 6) for w in weights]}
+    if args.int8_layers is not None:
+        first.cfg = dataclasses.replace(first.cfg, int8_stored_layers=args.int8_layers)  # checks 0 <= K <= n_layers
+        round_to_int8_storage(first)  # what the file will hold, whatever each input stored
+        extra["average"]["int8_layers"] = args.int8_layers
     save_model(args.out, first, tokenizer, half=half, extra=extra)
     _copy_decoding_files(args.models[0], args.out)
-    print(f"averaged {n} models ({', '.join(f'{w:g}' for w in weights)}) -> {args.out}", file=sys.stderr)
+    stored = "" if args.int8_layers is None else f", the stem and {args.int8_layers} blocks stored as int8"
+    what = f"averaged {n} models ({', '.join(f'{w:g}' for w in weights)})" if n > 1 else f"stored {args.models[0]}"
+    print(f"{what}{stored} -> {args.out}", file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,13 @@ export the best candidate of each of the ``--top`` best runs as an fp16 model fo
 
     python scripts/gpu_pick_export.py runs/gpu_* --dev .gpu/dev --out runs/export --top 2
     python scripts/gpu_pick_export.py --join PARTS --out FOLDER   # older sharded exports: join model.partN
+
+``--delta-from INIT`` leaves out of each export the tensors that are bit for bit those of the INIT model folder
+the runs started from (the frozen part: 20 MB of int8 for Whisper base), so that two runs' models fit the 64 MiB
+the device sends back; the names left out are listed in the export's config.json under ``delta_from``. Back here
+the same INIT folder fills them in:
+
+    python scripts/gpu_pick_export.py --fill runs/export/RUN --out runs/RUN-full   # [--base INIT] if it moved
 """
 from __future__ import annotations
 
@@ -31,16 +38,46 @@ def score(folder: str, dev: str, device: str) -> dict:
     return error_rates([u.text for u in utts], [hyps[u.id] for u in utts])
 
 
-def export_half(folder: str, out: str, extra: dict) -> None:
-    """``folder``'s model with fp16 weights (as shipped) into ``out``; ``extra`` is merged into its config."""
+def export_half(folder: str, out: str, extra: dict, delta_from: str | None = None) -> None:
+    """``folder``'s model with fp16 weights (as shipped) into ``out``; ``extra`` is merged into its config.
+    With ``delta_from``, the tensors identical to that model folder's are left out (``fill`` puts them back)."""
     os.makedirs(out, exist_ok=True)
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(os.path.join(folder, WEIGHTS)).items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, WEIGHTS))
     config = read_config(folder)
+    if delta_from:
+        base = load_file(os.path.join(delta_from, WEIGHTS))
+        same = sorted(k for k, v in state.items()
+                      if k in base and base[k].dtype == v.dtype and torch.equal(base[k], v))
+        state = {k: v for k, v in state.items() if k not in same}
+        config["delta_from"] = {"folder": delta_from, "names": same}
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, WEIGHTS))
     config.update(extra)
     with open(os.path.join(out, CONFIG), "w") as f:
         json.dump(config, f, indent=2)
     shutil.copyfile(os.path.join(folder, VOCAB), os.path.join(out, VOCAB))
+
+
+def fill(delta: str, out: str, base: str | None = None) -> None:
+    """A whole model folder from an export made with ``--delta-from``: the left-out tensors come from ``base``
+    (default: the folder named in the export's config)."""
+    config = read_config(delta)
+    record = config.pop("delta_from", None)
+    if record is None:
+        raise SystemExit(f"{delta} is a whole model already (its config.json has no delta_from)")
+    base = base or record["folder"]
+    reference = load_file(os.path.join(base, WEIGHTS))
+    missing = [name for name in record["names"] if name not in reference]
+    if missing:
+        raise SystemExit(f"{base} lacks {len(missing)} of the left-out tensors (e.g. {missing[0]}): not the run's INIT")
+    state = load_file(os.path.join(delta, WEIGHTS))
+    state.update({name: reference[name] for name in record["names"]})
+    os.makedirs(out, exist_ok=True)
+    save_file(state, os.path.join(out, WEIGHTS))
+    with open(os.path.join(out, CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    shutil.copyfile(os.path.join(delta, VOCAB), os.path.join(out, VOCAB))
+    load_model(out)  # fails loudly if anything is missing or mismatched
+    print(f"{out}: {len(state)} tensors, {len(record['names'])} of them from {base}")
 
 
 def join_shards(parts_dir: str, out: str) -> None:
@@ -63,9 +100,16 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--top", type=int, default=2, help="export the best model of this many runs")
     parser.add_argument("--join", help="a folder of model.partN.safetensors to join into --out")
+    parser.add_argument("--delta-from", metavar="INIT",
+                        help="leave out of the exports the tensors identical to this model folder's")
+    parser.add_argument("--fill", metavar="EXPORT", help="an export made with --delta-from, to make whole in --out")
+    parser.add_argument("--base", help="with --fill: the INIT folder, if not where the export's config says")
     args = parser.parse_args()
     if args.join:
         join_shards(args.join, args.out)
+        return
+    if args.fill:
+        fill(args.fill, args.out, args.base)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = []
@@ -89,7 +133,8 @@ def main() -> None:
         json.dump({"candidates": results, "ranked": ranked}, f, indent=2)
     for r in ranked[: args.top]:
         target = os.path.join(args.out, os.path.basename(os.path.dirname(r["folder"])))
-        export_half(r["folder"], target, {"selection": {"dev": args.dev, **r, "candidates": len(results)}})
+        export_half(r["folder"], target, {"selection": {"dev": args.dev, **r, "candidates": len(results)}},
+                    args.delta_from)
         print(f"exported {r['folder']} -> {target}: WER {r['wer']:.2%} CER {r['cer']:.2%}")
 
 

@@ -14,6 +14,13 @@ encoder alone (the stem and its 6 layers as plain Transformer blocks, Whisper's 
 stored the way ``train --freeze-layers 6 --int8-frozen`` stores its frozen part: int8 per output channel,
 20 MB. On the device, ``train --init-from .gpu/init-whisper-base --preset whisper-base --layers 8
 --freeze-layers 6`` grows it by two closed blocks and keeps that storage (scripts/gpu_train.sh, README).
+
+Continuing a trained model there does not fit as it is: the shipped base model is 44.2 MB (its frozen part int8,
+its 12 M trained parameters fp16), which with the audio and the wheels makes about 76 MB. ``--continue-from MODEL``
+writes ``.gpu/init-continue/``: MODEL with every block stored as int8 for the journey (32 MB; the frozen part's
+codes are unchanged, the trained blocks lose what int8 per output channel rounds away, which the first steps of
+training on the device take back). ``train --init-from .gpu/init-continue --freeze-layers 6 --int8-frozen`` loads
+the trained blocks as float parameters again and saves them in fp16 as before.
 """
 from __future__ import annotations
 
@@ -74,6 +81,19 @@ def write_whisper_init(name: str, out: str) -> int:
     return folder_bytes(out)
 
 
+def write_transport_copy(model_folder: str, out: str) -> int:
+    """``model_folder`` with all its blocks int8-stored (the transport copy above); returns its bytes."""
+    import dataclasses
+
+    from asr_core.checkpoint import folder_bytes, load_model, round_to_int8_storage, save_model
+
+    model, tokenizer = load_model(model_folder)
+    model.cfg = dataclasses.replace(model.cfg, int8_stored_layers=model.cfg.n_layers)
+    round_to_int8_storage(model)
+    save_model(out, model, tokenizer, half=True, extra={"init": f"{model_folder}, all blocks int8 for transport"})
+    return folder_bytes(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", required=True)
@@ -84,7 +104,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=os.cpu_count())
     parser.add_argument("--whisper-init", choices=["whisper-base", "whisper-tiny.en"],
                         help="also write OUT/init-NAME/: that Whisper encoder, int8-stored, to initialise training")
+    parser.add_argument("--continue-from", metavar="MODEL",
+                        help="also write OUT/init-continue/: MODEL with all blocks int8-stored, to continue training")
     args = parser.parse_args()
+    if args.continue_from:
+        folder = os.path.join(args.out, "init-continue")
+        print(f"{folder}: {write_transport_copy(args.continue_from, folder) / 2**20:.1f} MiB")
     if args.whisper_init:
         folder = os.path.join(args.out, f"init-{args.whisper_init}")
         print(f"{folder}: {write_whisper_init(args.whisper_init, folder) / 2**20:.1f} MiB")

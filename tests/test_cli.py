@@ -197,3 +197,20 @@ def test_train_int8_frozen_stores_the_frozen_part_as_int8_and_average_keeps_it(t
     assert torch.equal(ab["blocks.0.attn.q_proj.weight"], a["blocks.0.attn.q_proj.weight"])
     mean, _ = load_model(str(tmp_path / "ab"))
     assert mean.cfg.int8_stored_layers == 1
+    # --int8-layers: the trained block 1 rounded to int8 too; inputs differing only in that storage still average
+    result = run("average", str(tmp_path / "ab"), "--int8-layers", "2", "--out", str(tmp_path / "ab2"))
+    assert result.returncode == 0 and "stored" in result.stderr, result.stderr
+    ab2 = load_file(str(tmp_path / "ab2" / "model.safetensors"))
+    assert ab2["blocks.1.attn.q_proj.weight"].dtype == torch.int8
+    assert torch.equal(ab2["blocks.0.attn.q_proj.weight"], ab["blocks.0.attn.q_proj.weight"])
+    stored, _ = load_model(str(tmp_path / "ab2"))
+    q = stored.state_dict()["blocks.1.attn.q_proj.weight"]
+    assert stored.cfg.int8_stored_layers == 2 and not torch.equal(q, mean.state_dict()["blocks.1.attn.q_proj.weight"])
+    assert torch.allclose(q, mean.state_dict()["blocks.1.attn.q_proj.weight"], atol=q.abs().max().item() / 200)
+    result = run("average", str(tmp_path / "ab2"), str(tmp_path / "a" / "last"), "--out", str(tmp_path / "mixed"))
+    assert result.returncode == 0, result.stderr
+    assert load_model(str(tmp_path / "mixed"))[0].cfg.int8_stored_layers == 2  # the first model's storage
+    bad = run("average", str(tmp_path / "ab"), "--out", str(tmp_path / "one"))
+    assert bad.returncode == 2 and "--int8-layers" in bad.stderr
+    bad = run("average", str(tmp_path / "ab"), "--int8-layers", "9", "--out", str(tmp_path / "nine"))
+    assert bad.returncode == 2 and "int8_stored_layers" in bad.stderr and not (tmp_path / "nine").exists()
