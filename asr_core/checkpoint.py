@@ -6,6 +6,7 @@ transcription, the app and the benchmark need no special case.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -52,9 +53,13 @@ def int8_stored_names(model: ConformerCTC) -> list[str]:
     return [k for k, v in model.state_dict().items() if k.startswith(prefixes) and v.dim() >= 2]
 
 
-def round_to_int8_storage(model: ConformerCTC) -> int:
+def round_to_int8_storage(model: ConformerCTC, layers: int | None = None) -> int:
     """Round, in place, the tensors that ``cfg.int8_stored_layers`` stores as int8 to what they load as; returns
-    how many. Training with that part frozen then learns on exactly the values that are saved."""
+    how many. Training with that part frozen then learns on exactly the values that are saved. ``layers`` first
+    sets ``cfg.int8_stored_layers`` (validated by the config: 0 to n_layers), as every writer that changes the
+    storage needs both steps."""
+    if layers is not None:
+        model.cfg = dataclasses.replace(model.cfg, int8_stored_layers=layers)
     names = int8_stored_names(model)
     params = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():

@@ -255,8 +255,7 @@ def cmd_train(args) -> int:
     if args.int8_frozen and not resuming:
         if not args.freeze_layers:
             raise SettingsError("--int8-frozen stores the frozen part as int8: give --freeze-layers K as well")
-        model.cfg = dataclasses.replace(model.cfg, int8_stored_layers=args.freeze_layers)
-        n = round_to_int8_storage(model)  # the new blocks learn on the values that will be saved
+        n = round_to_int8_storage(model, args.freeze_layers)  # the new blocks learn on the values that will be saved
         init_note += f"; the stem and blocks 0-{args.freeze_layers - 1} stored as int8 ({n} matrices rounded)"
     print(f"model: preset {args.preset}, {count_parameters(model):,} parameters; init: {init_note}", file=sys.stderr)
     train_utts = load_utterances(args.data, args.limit)
@@ -327,8 +326,6 @@ def cmd_wise_ft(args) -> int:
 
 
 def cmd_average(args) -> int:
-    import dataclasses
-
     from .checkpoint import MANIFEST, load_model, read_config, round_to_int8_storage, save_model
     from .training import average_states
 
@@ -358,8 +355,7 @@ def cmd_average(args) -> int:
     extra = {k: v for k, v in read_config(args.models[0]).items() if k not in ("format", "version", "model")}
     extra["average"] = {"models": list(args.models), "weights": [round(w, 6) for w in weights]}
     if args.int8_layers is not None:
-        first.cfg = dataclasses.replace(first.cfg, int8_stored_layers=args.int8_layers)  # checks 0 <= K <= n_layers
-        round_to_int8_storage(first)  # what the file will hold, whatever each input stored
+        round_to_int8_storage(first, args.int8_layers)  # what the file will hold, whatever each input stored
         extra["average"]["int8_layers"] = args.int8_layers
     save_model(args.out, first, tokenizer, half=half, extra=extra)
     _copy_decoding_files(args.models[0], args.out)

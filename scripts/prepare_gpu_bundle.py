@@ -67,29 +67,23 @@ def copy_subset(root: str, out: str, limit: int | None, level: float | None, pro
 
 def write_whisper_init(name: str, out: str) -> int:
     """Whisper ``name``'s encoder as a frozen-part-only model folder with int8 storage; returns its bytes."""
-    import dataclasses
-
     from asr_core.checkpoint import folder_bytes, round_to_int8_storage, save_model
     from asr_core.text import CharTokenizer
     from asr_core.whisper_init import resolve_whisper_source, whisper_encoder_model
 
     model = whisper_encoder_model(resolve_whisper_source(name))
     layers = model.cfg.n_layers
-    model.cfg = dataclasses.replace(model.cfg, int8_stored_layers=layers)
-    round_to_int8_storage(model)
+    round_to_int8_storage(model, layers)
     save_model(out, model, CharTokenizer(), half=True, extra={"init": f"Whisper encoder ({layers} layers) from {name}"})
     return folder_bytes(out)
 
 
 def write_transport_copy(model_folder: str, out: str) -> int:
     """``model_folder`` with all its blocks int8-stored (the transport copy above); returns its bytes."""
-    import dataclasses
-
     from asr_core.checkpoint import folder_bytes, load_model, round_to_int8_storage, save_model
 
     model, tokenizer = load_model(model_folder)
-    model.cfg = dataclasses.replace(model.cfg, int8_stored_layers=model.cfg.n_layers)
-    round_to_int8_storage(model)
+    round_to_int8_storage(model, model.cfg.n_layers)
     save_model(out, model, tokenizer, half=True, extra={"init": f"{model_folder}, all blocks int8 for transport"})
     return folder_bytes(out)
 
