@@ -37,12 +37,16 @@ from asr_core.data import load_utterances
 from asr_core.text import normalize_text
 from asr_core.transcribe import Transcriber, make_decoder
 from compression.artifact import load_artifact, save_artifact
+from compression.benchmark import algorithms, naive_twin
+from compression.calibration import collect_stats, load_calibration
 from compression.compress import apply_recipe
 from compression.recipe import parse_recipe
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MAX_SECONDS = float(os.environ.get("EDGE_ASR_MAX_SECONDS", 120))  # longer uploads are refused with a message
 TIMED_RUNS = 3  # latency = median of this many runs, after one warm-up
+# each variant is built by its method's calibrated algorithm (GPTQ, SparseGPT, ...) or its data-free twin
+ALGORITHMS = ("calibrated", "naive")
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,14 @@ class VariantSpec:
     default: float | None = None
     enabled: bool = True
 
-    def recipe(self, value) -> str:
+    def recipe(self, value, algorithm: str = "calibrated") -> str:
+        """The recipe for this knob value; ``algorithm`` "naive" gives every step its data-free algorithm."""
+        if algorithm not in ALGORITHMS:
+            raise SettingsError(f"{self.label}: algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
         if not self.template:
             return ""
+        if algorithm == "naive":
+            return naive_twin(self.recipe(value))
         if self.knob is None:
             return self.template
         if value is None or not (self.minimum <= float(value) <= self.maximum):
@@ -93,13 +102,14 @@ class Variant:
     transcriber: Transcriber
     bytes_on_disk: int
     build_seconds: float
+    algorithm: str = ""  # per step: gptq, sparsegpt, rtn, magnitude, ...
 
 
 class Studio:
     """The baseline, a bounded LRU cache of compressed variants, and the measurements the page shows."""
 
     def __init__(self, model_dir: str | None = None, *, cache_size: int = 10, threads: int = 2,
-                 max_seconds: float = MAX_SECONDS, timed_runs: int = TIMED_RUNS):
+                 max_seconds: float = MAX_SECONDS, timed_runs: int = TIMED_RUNS, calib: str | None = None):
         self.model_dir = model_dir or default_model_dir()
         self.base, self.tokenizer = load_model(self.model_dir)
         self.threads, self.max_seconds, self.timed_runs = threads, max_seconds, timed_runs
@@ -115,6 +125,10 @@ class Studio:
         # one word-LM decoder for every variant (the LM ships with the baseline), so that rows differ only in
         # the acoustic model; None when the model folder has no lm.arpa.gz
         self.lm_decoder = make_decoder(self.tokenizer, self.model_dir, "lm") if has_lm(self.model_dir) else None
+        # calibration statistics, once: every calibrated variant and knob change reuses them
+        start = time.perf_counter()
+        self.stats = collect_stats(self.base, load_calibration(calib, features=self.base.cfg.features))
+        self.calibration_seconds = time.perf_counter() - start
 
     def variant(self, recipe: str) -> Variant:
         """The compressed model for ``recipe`` (validated), built once and kept while recently used."""
@@ -126,10 +140,11 @@ class Studio:
                 return self.cache[key]
             start = time.perf_counter()
             folder = os.path.join(self.workdir, f"v{len(os.listdir(self.workdir))}")
-            save_artifact(apply_recipe(self.base, parsed), folder, self.tokenizer, parsed.to_json())
+            save_artifact(apply_recipe(self.base, parsed, stats=self.stats), folder, self.tokenizer,
+                          parsed.to_json())
             model = load_artifact(folder)  # run what was saved: what a device would load
             variant = Variant(key, Transcriber(model, self.tokenizer), folder_bytes(folder),
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, algorithms(parsed))
             self.cache[key] = variant
             while len(self.cache) > self.cache_size:
                 old_key = next(k for k in self.cache if k)  # never evict the baseline
@@ -167,7 +182,7 @@ class Studio:
         return {"recipe": variant.recipe, "transcript": text, "wer": rates["wer"] if rates else None,
                 "cer": rates["cer"] if rates else None, "latency_ms": 1000 * latency,
                 "rtf": latency / (len(samples) / SAMPLE_RATE), "size_mb": variant.bytes_on_disk / 1e6,
-                "build_seconds": variant.build_seconds,
+                "build_seconds": variant.build_seconds, "algorithm": variant.algorithm,
                 "decoding": "greedy" if decoder is t.greedy else "beam search + word LM"}
 
 
@@ -205,8 +220,8 @@ def diff_html(reference: str | None, hypothesis: str) -> str:
     return " ".join(parts)
 
 
-TABLE_HEADERS = ["Variant", "Transcript (vs reference)", "WER", "CER", "Latency ms", "RTF", "Size MB", "Ratio",
-                 "Speed-up"]
+TABLE_HEADERS = ["Variant", "Algorithm", "Transcript (vs reference)", "WER", "CER", "Latency ms", "RTF", "Size MB",
+                 "Ratio", "Speed-up"]
 
 
 def versus_baseline(base: dict | None, row: dict) -> tuple[float | None, float | None]:
@@ -225,7 +240,8 @@ def table_rows(results: dict[str, dict], reference: str | None) -> list[list]:
         fmt = lambda x, f: "—" if x is None else format(x, f)  # noqa: E731
         label = SPECS[key].label + (f" ({r['recipe']})" if r["recipe"] and SPECS[key].knob else "")
         ratio, speedup = versus_baseline(base, r)
-        rows.append([label, diff_html(reference, r["transcript"]), fmt(r["wer"], ".1%"), fmt(r["cer"], ".1%"),
+        rows.append([label, r.get("algorithm") or "—", diff_html(reference, r["transcript"]), fmt(r["wer"], ".1%"),
+                     fmt(r["cer"], ".1%"),
                      f"{r['latency_ms']:.0f}", f"{r['rtf']:.3f}", f"{r['size_mb']:.2f}",
                      fmt(ratio, ".1f") + ("x" if ratio else ""), fmt(speedup, ".2f") + ("x" if speedup else "")])
     return rows
@@ -257,12 +273,13 @@ def write_csv(results: dict[str, dict], folder: str) -> str:
     base = results.get("fp32")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "recipe", "transcript", "wer", "cer", "latency_ms", "rtf", "size_mb",
+        w.writerow(["variant", "recipe", "algorithm", "transcript", "wer", "cer", "latency_ms", "rtf", "size_mb",
                     "compression_ratio", "speedup"])
         for key in [v.key for v in VARIANTS if v.key in results]:
             r = results[key]
             ratio, speedup = versus_baseline(base, r)
-            w.writerow([SPECS[key].label, r["recipe"], r["transcript"], r["wer"], r["cer"], round(r["latency_ms"], 2),
+            w.writerow([SPECS[key].label, r["recipe"], r.get("algorithm", ""), r["transcript"], r["wer"], r["cer"],
+                        round(r["latency_ms"], 2),
                         round(r["rtf"], 5), round(r["size_mb"], 4), "" if ratio is None else round(ratio, 3),
                         "" if speedup is None else round(speedup, 3)])
     return path
@@ -288,7 +305,8 @@ def dataset_row(r: dict) -> list[str]:
     """One row of the Dataset tab from a benchmark row (keys as in compression.benchmark's results.json)."""
     delta = r.get("delta_wer_rel")
     delta = "—" if delta is None or math.isnan(delta) else f"{delta:+.1%}"
-    return [r["variant"], f"{r['size_mb']:.2f}", f"{r['compression']:.1f}x", f"{r['wer']:.2%}", delta,
+    return [r["variant"], r.get("algorithm") or "—", f"{r['size_mb']:.2f}", f"{r['compression']:.1f}x",
+            f"{r['wer']:.2%}", delta,
             f"{r['cer']:.2%}", f"{r['latency_ms_median']:.0f}", f"{r['rtf']:.3f}", f"{r['speedup']:.2f}x"]
 
 
@@ -308,12 +326,12 @@ def build_app(studio: Studio):
     import gradio as gr
 
     def enabled_recipes(values) -> dict[str, str]:
-        """values: flat list [enabled, knob] per variant (after fp32) -> {key: recipe} of enabled ones."""
+        """values: flat list [enabled, knob, algorithm] per variant (after fp32) -> {key: recipe} of enabled ones."""
         recipes = {"fp32": ""}
         for i, spec in enumerate(VARIANTS[1:]):
-            on, knob = values[2 * i], values[2 * i + 1]
+            on, knob, algo = values[3 * i: 3 * i + 3]
             if on:
-                recipes[spec.key] = spec.recipe(knob)
+                recipes[spec.key] = spec.recipe(knob, algo)
         return recipes
 
     def run_all(audio, reference, use_lm, *knobs, progress=gr.Progress()):
@@ -330,7 +348,7 @@ def build_app(studio: Studio):
         except Exception as err:  # noqa: BLE001 - every failure becomes a message in the page
             return gr.update(), gr.update(), gr.update(), f"⚠️ {friendly(err)}", gr.update()
 
-    def rerun_one(key, audio, reference, use_lm, results, on, knob, progress=gr.Progress()):
+    def rerun_one(key, audio, reference, use_lm, results, on, knob, algo, progress=gr.Progress()):
         if not results:
             return gr.update(), gr.update(), gr.update(), "Press **Run all variants** first.", results
         try:
@@ -341,7 +359,7 @@ def build_app(studio: Studio):
             samples = studio.load_clip(audio)
             progress(0.2, desc=f"{SPECS[key].label}: compressing")
             start = time.perf_counter()
-            results[key] = studio.measure(SPECS[key].recipe(knob), samples, reference, use_lm)
+            results[key] = studio.measure(SPECS[key].recipe(knob, algo), samples, reference, use_lm)
             return outputs(results, reference, f"{SPECS[key].label} re-run with {results[key]['recipe']} in "
                                                 f"{time.perf_counter() - start:.1f} s.")
         except Exception as err:  # noqa: BLE001
@@ -364,7 +382,7 @@ def build_app(studio: Studio):
                                           decoder=studio.decoder_for(variant, use_lm))
                 with studio.lock:
                     r = evaluate(transcriber, utterances, threads=studio.threads, warmup=1, progress=False)
-                results[key] = {**r, "size_mb": variant.bytes_on_disk / 1e6}
+                results[key] = {**r, "size_mb": variant.bytes_on_disk / 1e6, "algorithm": variant.algorithm}
             base = results["fp32"]
             for key, r in results.items():
                 rows.append(dataset_row({
@@ -403,7 +421,10 @@ def build_app(studio: Studio):
     with gr.Blocks(title="Edge ASR Studio") as demo:
         gr.Markdown("# Edge ASR Studio\nRecord or upload speech, or pick an example. The baseline Conformer-CTC and "
                     "its compressed variants transcribe it side by side; move a knob to re-compress that variant. "
-                    f"Clips up to {studio.max_seconds:.0f} s; any rate, any channels.")
+                    f"Clips up to {studio.max_seconds:.0f} s; any rate, any channels. Each variant is built by its method's "
+                    "*calibrated* algorithm (GPTQ, SparseGPT, activation-aware SVD, ... on "
+                    f"{len(studio.stats.calibration)} bundled clips, statistics collected once at start-up) or its "
+                    "*naive*, data-free twin: switch it per row.")
         results_state = gr.State({})
         with gr.Tab("Compare on a clip"):
             with gr.Row():
@@ -431,23 +452,26 @@ def build_app(studio: Studio):
                                                  label=spec.knob, elem_id=f"knob-{spec.key}", scale=2)
                             else:
                                 knob = gr.Number(value=None, visible=False)
-                        controls.append((spec, on, knob))
+                            algo = gr.Radio(list(ALGORITHMS), value="calibrated", label="algorithm",
+                                            elem_id=f"algo-{spec.key}", scale=1, min_width=120)
+                        controls.append((spec, on, knob, algo))
             run = gr.Button("Run all variants", variant="primary", elem_id="run")
             status = gr.Markdown(elem_id="status")
-            table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "html"] + ["str"] * 7, interactive=False,
+            table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "html"] + ["str"] * 7, interactive=False,
                                  wrap=True, elem_id="results", label="Results",
-                                 column_widths=["13%", "41%", "6%", "6%", "7%", "6%", "7%", "6%", "8%"])
+                                 column_widths=["12%", "9%", "35%", "6%", "6%", "7%", "6%", "6%", "6%", "7%"])
             with gr.Row():
                 plot = gr.Plot(label="Size and latency vs WER")
                 csv_file = gr.File(label="Download the table (CSV)")
-            knob_inputs = [c for _, on, knob in controls for c in (on, knob)]
+            knob_inputs = [c for _, on, knob, algo in controls for c in (on, knob, algo)]
             run.click(run_all, [audio, reference, use_lm, *knob_inputs], [table, plot, csv_file, status, results_state],
                       api_visibility="private")
-            for spec, on, knob in controls:
+            for spec, on, knob, algo in controls:
                 handler = (lambda key: lambda *a, progress=gr.Progress(): rerun_one(key, *a, progress=progress))(spec.key)
-                args = dict(fn=handler, inputs=[audio, reference, use_lm, results_state, on, knob],
+                args = dict(fn=handler, inputs=[audio, reference, use_lm, results_state, on, knob, algo],
                             outputs=[table, plot, csv_file, status, results_state], api_visibility="private")
                 on.input(**args)
+                algo.input(**args)
                 if spec.knob:
                     knob.release(**args)
         with gr.Tab("Dataset (class view)"):
@@ -455,7 +479,8 @@ def build_app(studio: Studio):
             gr.Markdown("Corpus-level WER of each variant: precomputed with `edge-asr benchmark` (see README), or "
                         "recomputed here on the bundled clips with the knobs of the first tab.")
             ds_status = gr.Markdown(note)
-            ds_table = gr.Dataframe(value=rows or None, headers=["Variant", "Size MB", "Ratio", "WER", "ΔWER rel",
+            ds_table = gr.Dataframe(value=rows or None, headers=["Variant", "Algorithm", "Size MB", "Ratio", "WER",
+                                                                 "ΔWER rel",
                                                                  "CER", "Latency ms", "RTF", "Speed-up"],
                                     interactive=False, elem_id="dataset-results")
             recompute = gr.Button("Recompute on the bundled clips")
@@ -484,11 +509,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="longest clip accepted (s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-warm", action="store_true", help="do not build the default variants at start-up")
+    parser.add_argument("--calib", default=None,
+                        help="calibration audio (folder or manifest; default: the set in assets/calibration/)")
     args = parser.parse_args(argv)
     if os.environ.get("SYSTEM") == "spaces":
         args.host = "0.0.0.0"
     try:
-        studio = Studio(args.model, threads=args.threads, max_seconds=args.max_seconds)
+        studio = Studio(args.model, threads=args.threads, max_seconds=args.max_seconds, calib=args.calib)
+        print(f"calibrated in {studio.calibration_seconds:.1f} s: {studio.stats.describe()}", flush=True)
         if not args.no_warm:  # load once at start-up, not on the first request
             for spec in VARIANTS:
                 if spec.enabled:

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Sampler
 from .audio import audio_duration, load_audio
 from .augment import speed_perturb
 from .config import FeatureConfig
-from .errors import SettingsError
+from .errors import AudioError, SettingsError
 from .features import log_mel
 from .text import CharTokenizer, normalize_text
 
@@ -73,6 +73,31 @@ def load_utterances(source: str, limit: int | None = None) -> list[Utterance]:
         raise SettingsError(f"Data not found: {source}")
     utterances = read_librispeech(source) if os.path.isdir(source) else read_manifest(source)
     return utterances[:limit] if limit else utterances
+
+
+def read_audio_files(source: str) -> list[Utterance]:
+    """Any audio, no transcripts needed: a LibriSpeech folder (texts kept), a JSONL manifest, a folder of audio
+    files (searched recursively, text "") or one audio file. Unreadable files are left out; none readable raises.
+
+    For calibration and distillation, which learn from the audio alone (the teacher supplies the targets).
+    """
+    if not os.path.exists(source):
+        raise SettingsError(f"Audio not found: {source}")
+    if os.path.isfile(source) and not source.lower().endswith(AUDIO_EXTENSIONS):
+        return read_manifest(source)
+    if os.path.isdir(source) and any(Path(source).rglob("*.trans.txt")):
+        return read_librispeech(source)
+    paths = [Path(source)] if os.path.isfile(source) else sorted(
+        p for p in Path(source).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+    utterances = []
+    for path in paths:
+        try:
+            utterances.append(Utterance(path.stem, str(path), "", audio_duration(str(path))))
+        except AudioError:
+            continue  # a corrupt or non-audio file among many: skip it, the count below says what is left
+    if not utterances:
+        raise SettingsError(f"No readable audio ({', '.join(AUDIO_EXTENSIONS)}) found in {source}")
+    return utterances
 
 
 def write_manifest(utterances: list[Utterance], out: str) -> None:

@@ -27,7 +27,7 @@ from .data import BucketBatchSampler, SpeechDataset, Utterance, collate
 from .decoding import GreedyDecoder
 from .errors import SettingsError
 from .evaluation import decode_batches, error_rates
-from .model import ConformerCTC
+from .model import ConformerCTC, valid_mask
 from .text import CharTokenizer
 
 STATE_FILE = "train_state.pt"  # optimizer + progress; written by us, read with weights_only=True
@@ -69,6 +69,10 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16": autocast on either; "fp32"
     log_every: int = 10
+    # distillation from a teacher passed to train(): loss = ctc_weight * CTC + distill_weight * KL(teacher || student)
+    distill_weight: float = 0.0
+    ctc_weight: float = 1.0  # 0: no CTC at all, so the data needs no transcripts
+    distill_temperature: float = 1.0
     extra: dict = field(default_factory=dict)  # recorded in config.json (e.g. how the model was initialised)
 
 
@@ -95,6 +99,71 @@ def ctc_loss(log_probs: torch.Tensor, out_lengths: torch.Tensor, targets: torch.
     """Mean over utterances of CTC loss divided by target length (fp32; impossible alignments give 0)."""
     return F.ctc_loss(log_probs.float().transpose(0, 1), targets, out_lengths, target_lengths, blank=blank,
                       reduction="mean", zero_infinity=True)
+
+
+def distill_loss(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, out_lengths: torch.Tensor,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per frame over the vocabulary, mean over the valid frames, times T^2 (fp32).
+
+    Both log-probs (B, T', V), out_lengths (B,). Each is softened by dividing by ``temperature`` and renormalised
+    (Hinton et al. 2015); the T^2 keeps the gradient's size independent of T. Padded frames are dropped before
+    anything is computed, so whatever they hold cannot reach the value or the gradient.
+    """
+    valid = valid_mask(out_lengths, student_log_probs.shape[1])  # (B, T')
+    student = F.log_softmax(student_log_probs[valid].float() / temperature, dim=-1)  # (N, V), N valid frames
+    teacher = F.log_softmax(teacher_log_probs[valid].float() / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="sum")
+    return kl / max(1, student.shape[0]) * temperature ** 2
+
+
+def _check_distill(cfg: TrainConfig, model: torch.nn.Module, teacher: torch.nn.Module | None) -> None:
+    """Refuse contradictory loss settings before any work."""
+    if cfg.ctc_weight < 0 or cfg.distill_weight < 0:
+        raise SettingsError(f"loss weights must not be negative, got ctc_weight={cfg.ctc_weight}, "
+                            f"distill_weight={cfg.distill_weight}")
+    if cfg.ctc_weight == 0 and cfg.distill_weight == 0:
+        raise SettingsError("ctc_weight and distill_weight are both 0: nothing to train on")
+    if (cfg.distill_weight > 0) != (teacher is not None):
+        raise SettingsError("distillation needs both a teacher and distill_weight > 0, got "
+                            f"{'a' if teacher is not None else 'no'} teacher and distill_weight={cfg.distill_weight}")
+    if not cfg.distill_temperature > 0:
+        raise SettingsError(f"distill_temperature must be above 0, got {cfg.distill_temperature}")
+    # the teacher is frozen below: sharing a parameter with the student would freeze the student too
+    if teacher is not None and {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
+        raise SettingsError("the teacher shares parameters with the student; pass a separate (uncompressed) copy")
+
+
+def _loss(cfg: TrainConfig, log_probs: torch.Tensor, out_lengths: torch.Tensor, batch: dict, device: str,
+          teacher_log_probs: torch.Tensor | None) -> torch.Tensor:
+    """ctc_weight * CTC (skipped at weight 0: the data may have no transcripts) + distill_weight * KL."""
+    loss = torch.zeros((), device=log_probs.device)
+    if cfg.ctc_weight > 0:
+        loss = cfg.ctc_weight * ctc_loss(log_probs, out_lengths, batch["targets"].to(device),
+                                         batch["target_lengths"].to(device))
+    if teacher_log_probs is not None:
+        if teacher_log_probs.shape != log_probs.shape:
+            raise SettingsError(f"teacher outputs {tuple(teacher_log_probs.shape)} but the student "
+                                f"{tuple(log_probs.shape)}: they need the same vocabulary and frame rate")
+        loss = loss + cfg.distill_weight * distill_loss(log_probs, teacher_log_probs, out_lengths,
+                                                        cfg.distill_temperature)
+    return loss
+
+
+def _freeze_teacher(teacher: torch.nn.Module | None, device: str):
+    """Put the teacher on ``device``, in eval mode, with no gradients; returns a function that gives back its
+    gradient flags and mode: it is usually the base model, which later compressions copy (a frozen copy would
+    not train)."""
+    if teacher is None:
+        return lambda: None
+    flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    was_training = teacher.training
+    teacher.to(device).eval().requires_grad_(False)
+
+    def release():
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        teacher.train(was_training)
+    return release
 
 
 def _resolve_device(name: str) -> str:
@@ -131,13 +200,20 @@ class _StopRequested(Exception):
 
 def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Utterance], dev_utts: list[Utterance],
           cfg: TrainConfig, out_dir: str | None, *, resume: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, teacher: torch.nn.Module | None = None, on_step=None) -> dict:
     """Train ``model`` in place. Writes to ``out_dir`` (when given): ``last/``, ``best/``, ``averaged/`` model
     folders, ``snapshots/``, ``log.csv`` and ``train_state.pt``. Returns a summary dict.
 
     Stops at the first of ``max_steps``, ``epochs`` and ``max_minutes``; Ctrl-C or SIGTERM also stop it
     cleanly after the current step, saving everything needed for ``resume=True``.
+
+    ``on_step(state)``: called after every step with the progress dict (``step``, ``train_seconds``, ...); its own
+    time is not counted as training time (e.g. to keep snapshots for a recovery curve).
+
+    ``teacher``: distil from it (``cfg.distill_weight`` > 0). It is moved to the training device (and left there),
+    in eval mode and frozen while the loop runs; it sees the same (augmented) features as the student.
     """
+    _check_distill(cfg, model, teacher)
     device = _resolve_device(cfg.device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -247,6 +323,7 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
     # bf16 autocast: ~1.7x faster on CPUs with avx512_bf16 too; the CTC loss itself stays in fp32
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if use_bf16 else _null()
     train_mode()
+    release_teacher = _freeze_teacher(teacher, device)
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     last_rates: dict = {}
     reason = "finished"
@@ -279,7 +356,9 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
                     g["lr"] = g["peak_lr"] * scale
                 with autocast:
                     log_probs, out_lengths = model(feats, lengths)
-                loss = ctc_loss(log_probs, out_lengths, batch["targets"].to(device), batch["target_lengths"].to(device))
+                    with torch.no_grad():
+                        teacher_log_probs = teacher(feats, lengths)[0] if teacher is not None else None
+                loss = _loss(cfg, log_probs, out_lengths, batch, device, teacher_log_probs)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -312,6 +391,8 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
                     log_file.flush()
                 if state["step"] % cfg.save_every == 0:
                     save_resumable()
+                if on_step is not None:
+                    on_step(dict(state))
                 t_prev = time.time()  # validation and saving are not training speed
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
@@ -319,6 +400,7 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
         reason = str(why)
     finally:
         bar.close()
+        release_teacher()
         for s, h in old_handlers.items():
             signal.signal(s, h)
     model.eval()

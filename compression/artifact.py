@@ -8,7 +8,7 @@ encoding      stored per layer (``mask``: 1 bit per weight, only when pruned; co
 ============  ===============================================================================
 int8          ``codes`` int8, ``scales`` fp16 per output channel
 int4          ``codes`` 4-bit packed (2 per byte), ``scales`` fp16 per group
-ternary       ``codes`` 2-bit packed (4 per byte), ``scales`` (alpha) fp16 per output channel
+ternary       ``codes`` 2-bit packed (4 per byte), ``scales`` (alpha) fp16 per output channel (or group)
 kmeans        ``indices`` ceil(log2 K)-bit packed, ``codebook`` fp32 (K values)
 sparse        ``values`` fp16 of the kept weights
 ============  ===============================================================================
@@ -38,8 +38,7 @@ from asr_core.text import CharTokenizer
 
 from .methods import Clustered, LowRankLinear, Mask, _set_child, constraints
 from .packing import bits_for, pack_bits, pack_mask, unpack_bits, unpack_mask
-from .quantize import (FakeQuant, int4_dequantize, int4_quantize, int8_dequantize, int8_quantize,
-                       quantized_int8_linear, ternary_dequantize, ternary_quantize)
+from .quantize import FakeQuant, int4_dequantize, int8_dequantize, quantized_int8_linear, ternary_dequantize
 
 FORMAT = "edge-asr-artifact"
 
@@ -57,13 +56,14 @@ def encode_linear(linear: nn.Linear) -> tuple[dict[str, torch.Tensor], dict]:
     chain = constraints(linear)
     kinds = [p.kind if isinstance(p, FakeQuant) else type(p).__name__ for p in chain]
     int8_runtime = bool(kinds) and kinds[-1] == "int8" and isinstance(linear, nn.Linear)
+    full_range = int8_runtime and chain[-1].full_range
     shape = list(linear.parametrizations.weight.original.shape)
     mask = next((p.mask for p in chain if isinstance(p, (Mask, Clustered))), None)
     if mask is not None:
         mask = None if bool(mask.all()) else mask.reshape(shape[0], -1)  # nothing pruned: no mask to store
     select = (lambda t: t[mask]) if mask is not None else (lambda t: t.reshape(-1))
     tensors: dict[str, torch.Tensor] = {}
-    entry: dict = {"shape": shape, "int8_runtime": int8_runtime}
+    entry: dict = {"shape": shape, "int8_runtime": int8_runtime, **({"int8_full_range": True} if full_range else {})}
     if mask is not None:
         tensors["mask"] = pack_mask(mask)
     grid = next((i for i, k in enumerate(kinds) if k in ("Clustered", "int4", "ternary")), None)
@@ -74,19 +74,16 @@ def encode_linear(linear: nn.Linear) -> tuple[dict[str, torch.Tensor], dict]:
         tensors["indices"] = pack_bits(select(clustered.indices.reshape(shape[0], -1)), bits_for(k))
         tensors["codebook"] = clustered.codebook.detach().float().clone()
     elif grid is not None:
-        before = _chain_value(linear, grid)
+        codes, scales = chain[grid].encode(_chain_value(linear, grid))
         if kinds[grid] == "int4":
-            group = chain[grid].group
-            codes, scales = int4_quantize(before, group)
-            entry.update(encoding="int4", bits=4, group=group)
+            entry.update(encoding="int4", bits=4, group=chain[grid].group)
             tensors["codes"] = pack_bits(select(codes.long() + 8), 4)
         else:
-            codes, scales = ternary_quantize(before)
-            entry.update(encoding="ternary", bits=2)
+            entry.update(encoding="ternary", bits=2, **({"group": chain[grid].group} if chain[grid].group else {}))
             tensors["codes"] = pack_bits(select(codes.long() + 1), 2)
         tensors["scales"] = scales.half()
     elif "int8" in kinds:
-        codes, scales = int8_quantize(_chain_value(linear, kinds.index("int8")))
+        codes, scales = chain[kinds.index("int8")].encode(_chain_value(linear, kinds.index("int8")))
         entry.update(encoding="int8", bits=8)
         tensors["codes"] = select(codes).clone()
         tensors["scales"] = scales.half()
@@ -119,7 +116,7 @@ def decode_weight(tensors: dict[str, torch.Tensor], entry: dict) -> tuple[torch.
         return int4_dequantize(codes, tensors["scales"].float(), entry["group"]), None
     if encoding == "ternary":
         codes = place(unpack_bits(tensors["codes"], 2, n) - 1)
-        return ternary_dequantize(codes, tensors["scales"].float()), None
+        return ternary_dequantize(codes, tensors["scales"].float(), entry.get("group")), None
     if encoding == "int8":
         codes = place(tensors["codes"]).to(torch.int8)
         scales = tensors["scales"].float()
@@ -178,7 +175,8 @@ def decode_model(cfg, tensors: dict[str, torch.Tensor], manifest: dict) -> Confo
             if entry.get("int8_runtime"):
                 with warnings.catch_warnings():  # torch flags its quantized-tensor constructors as deprecated
                     warnings.simplefilter("ignore")
-                    _set_child(model, name, quantized_int8_linear(linear, *(int8 or (None, None))))
+                    _set_child(model, name, quantized_int8_linear(linear, *(int8 or (None, None)),
+                                                                  full_range=bool(entry.get("int8_full_range"))))
     return model.eval()
 
 

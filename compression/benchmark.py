@@ -6,6 +6,7 @@ results.csv, results.md and plotly charts (HTML; PNG too when kaleido can render
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,38 +19,66 @@ from asr_core.checkpoint import MANIFEST, folder_bytes, load_model, read_tokeniz
 from asr_core.evaluation import evaluate
 from asr_core.transcribe import Transcriber, make_decoder
 
-from .artifact import save_artifact
+from .artifact import read_manifest, save_artifact
+from .calibration import collect_stats, load_calibration
 from .compress import apply_recipe
+from .methods import is_calibrated
 from .recipe import parse_recipe
 
-# The seed's Results table rows, plus a combined recipe.
-DEFAULT_RECIPES = [
-    "int8", "int4:group=64", "ternary", "prune:sparsity=0.3", "prune:sparsity=0.5", "prune:sparsity=0.7",
-    "structured:fraction=0.3", "structured:fraction=0.5", "svd:energy=0.9", "kmeans:clusters=16", "kmeans:clusters=256",
-    "prune:sparsity=0.5+kmeans:clusters=16+int8",
-]
+# The goals of the calibrated-compression work, each recipe with its data-free twin beside it (algo=...).
+CALIBRATED_RECIPES = ["int8", "int4:group=64", "ternary", "prune:sparsity=0.5", "prune:pattern=2:4",
+                      "structured:fraction=0.3", "svd:energy=0.9", "kmeans:clusters=16",
+                      "prune:sparsity=0.5+kmeans:clusters=16+int8"]
+
+
+def naive_twin(recipe: str) -> str:
+    """The same recipe with every step's data-free algorithm (compression.methods.NAIVE)."""
+    from .methods import NAIVE
+
+    parts = []
+    for part in recipe.split("+"):
+        method, _, args = part.partition(":")
+        method = method.strip()
+        parts.append(f"{method}:{args + ',' if args else ''}algo={NAIVE[method]}")
+    return "+".join(parts)
+
+
+DEFAULT_RECIPES = [r for recipe in CALIBRATED_RECIPES for r in (naive_twin(recipe), recipe)]
+
+
+def algorithms(recipe) -> str:
+    """'gptq', 'sparsegpt+weighted+gptq', ...: which algorithm made each step of a parsed recipe."""
+    return "+".join(str(getattr(s, "algo", "-")) for _, s in recipe.steps)
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")[:80] or "variant"
+    """A folder name for a recipe; long ones are cut and keep a hash of the whole, so two never share one."""
+    name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "variant"
+    if len(name) <= 80:
+        return name
+    return name[:71] + "_" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def build_variant(base_dir: str, entry: str, out_root: str, base_model=None, tokenizer=None) -> tuple[str, str]:
+def build_variant(entry: str, out_root: str, base_model=None, tokenizer=None,
+                  stats=None) -> tuple[str, str, str]:
     """A recipe string/file -> artifact folder under out_root; an existing model folder is used as is.
-    Returns (label, folder)."""
+    Returns (label, algorithms, folder)."""
     if os.path.isdir(entry) and os.path.exists(os.path.join(entry, "config.json")):
-        return os.path.basename(os.path.normpath(entry)), entry
+        steps = read_manifest(entry).get("recipe", {}).get("steps", []) \
+            if os.path.exists(os.path.join(entry, MANIFEST)) else []
+        return os.path.basename(os.path.normpath(entry)), "+".join(str(s.get("algo", "-")) for s in steps), entry
     recipe = parse_recipe(entry)
     folder = os.path.join(out_root, slug(recipe.describe()))
-    compressed = apply_recipe(base_model, recipe)
+    compressed = apply_recipe(base_model, recipe, stats=stats)
     save_artifact(compressed, folder, tokenizer, recipe.to_json())
-    return recipe.describe(), folder
+    return recipe.describe(), algorithms(recipe), folder
 
 
 def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, *, threads: int = 2,
-                  progress: bool = True, decoding: str = "greedy") -> pd.DataFrame:
+                  progress: bool = True, decoding: str = "greedy", calibration=None) -> pd.DataFrame:
     """``decoding``: "greedy" (the model alone) or "lm" (every row decoded with the baseline folder's word LM,
-    so rows still differ only in the acoustic model)."""
+    so rows still differ only in the acoustic model). ``calibration``: a CalibrationSet (default: the bundled
+    one), whose statistics are collected once and serve every calibrated recipe."""
     torch.set_num_threads(threads)
     os.makedirs(out_dir, exist_ok=True)
     artifacts = os.path.join(out_dir, "artifacts")
@@ -64,23 +93,29 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
         model, tok = load_model(folder)
         return Transcriber(model, tok, decoder=decoder)
 
-    variants = [("FP32 (baseline)", fp32_dir)]
+    stats = None
+    if any(not os.path.isdir(e) and any(is_calibrated(s) for _, s in parse_recipe(e).steps) for e in recipes):
+        stats = collect_stats(base_model, calibration or load_calibration(features=base_model.cfg.features))
+        if progress:
+            print(f"calibration: {stats.describe()}", flush=True)
+    variants = [("FP32 (baseline)", "", fp32_dir, 0.0)]
     for entry in recipes:
         start = time.perf_counter()
-        label, folder = build_variant(model_dir, entry, artifacts, base_model, tokenizer)
-        variants.append((label, folder))
+        label, algo, folder = build_variant(entry, artifacts, base_model, tokenizer, stats)
+        variants.append((label, algo, folder, time.perf_counter() - start))
         if progress:
-            print(f"built {label} in {time.perf_counter() - start:.1f} s -> {folder}", flush=True)
+            print(f"built {label} in {variants[-1][3]:.1f} s -> {folder}", flush=True)
     # one untimed pass first: the process's first model runs pay for allocator and kernel warm-up, which would
     # otherwise be charged to whichever variant is measured first (the baseline)
     evaluate(transcriber(fp32_dir), utterances[:10], threads=threads, warmup=0, progress=False)
     rows = []
-    for label, folder in variants:
+    for label, algo, folder, build_seconds in variants:
         if progress:
             print(f"evaluating {label}", flush=True)
         result = evaluate(transcriber(folder), utterances, threads=threads, model_dir=folder,
                           progress=progress)
-        rows.append({"variant": label, "size_mb": folder_bytes(folder) / 1e6, "wer": result["wer"],
+        rows.append({"variant": label, "algorithm": algo, "build_seconds": round(build_seconds, 2),
+                     "size_mb": folder_bytes(folder) / 1e6, "wer": result["wer"],
                      "cer": result["cer"], "latency_ms_median": result["latency_ms_median"],
                      "latency_ms_p90": result["latency_ms_p90"], "rtf": result["rtf"], "folder": folder})
         with open(os.path.join(out_dir, f"hyp_{slug(label)}.json"), "w") as f:
@@ -91,20 +126,22 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
     table["delta_wer_rel"] = (table["wer"] - base["wer"]) / base["wer"] if base["wer"] > 0 else float("nan")
     table["speedup"] = base["latency_ms_median"] / table["latency_ms_median"]
     table.attrs.update(threads=threads, n_utterances=len(utterances), decoding=decoding,
-                       audio_seconds=sum(u.duration for u in utterances))
+                       audio_seconds=sum(u.duration for u in utterances),
+                       calibration=stats.describe() if stats is not None else None)
     write_outputs(table, out_dir)
     return table
 
 
-COLUMNS = ["variant", "size_mb", "compression", "wer", "delta_wer_rel", "cer", "latency_ms_median", "rtf",
-           "speedup"]
+COLUMNS = ["variant", "algorithm", "size_mb", "compression", "wer", "delta_wer_rel", "cer", "latency_ms_median",
+           "rtf", "speedup", "build_seconds"]
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    lines = ["| variant | size MB | ratio | WER | ΔWER rel | CER | median latency ms | RTF | speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | algorithm | size MB | ratio | WER | ΔWER rel | CER | median latency ms | RTF | speed-up |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for _, r in table.iterrows():
-        lines.append(f"| {r['variant']} | {r['size_mb']:.2f} | {r['compression']:.2f}x | {r['wer']:.2%} | "
+        lines.append(f"| {r['variant']} | {r.get('algorithm') or '-'} | {r['size_mb']:.2f} | {r['compression']:.2f}x | "
+                     f"{r['wer']:.2%} | "
                      f"{r['delta_wer_rel']:+.1%} | {r['cer']:.2%} | {r['latency_ms_median']:.0f} | "
                      f"{r['rtf']:.4f} | {r['speedup']:.2f}x |")
     return "\n".join(lines)
@@ -119,7 +156,8 @@ def charts(table: pd.DataFrame):
     wer = table["wer"] * 100
     for col, x, title in ((1, table["size_mb"], "size (MB)"), (2, table["latency_ms_median"], "latency (ms)")):
         fig.add_trace(go.Scatter(x=x, y=wer, mode="markers+text", text=table["variant"], textposition="top center",
-                                 marker=dict(size=10, color=["crimson"] + ["steelblue"] * (len(table) - 1)),
+                                 marker=dict(size=10, color=[row_color(a) for a in table.get("algorithm", [""] *
+                                                                                              len(table))]),
                                  showlegend=False, hovertemplate="%{text}<br>%{x:.2f}<br>WER %{y:.1f}%"),
                       row=1, col=col)
         fig.update_xaxes(title_text=title, row=1, col=col)
@@ -127,8 +165,18 @@ def charts(table: pd.DataFrame):
     front = pareto_front(table["size_mb"].tolist(), table["wer"].tolist())
     fig.add_trace(go.Scatter(x=table["size_mb"].iloc[front], y=wer.iloc[front], mode="lines",
                              line=dict(dash="dot", color="gray"), name="Pareto front"), row=1, col=1)
-    fig.update_layout(height=480, width=1100, title="Baseline (red) and compressed variants")
+    fig.update_layout(height=480, width=1100,
+                      title="Baseline (red), data-free algorithms (grey), calibrated algorithms (blue)")
     return fig
+
+
+def row_color(algorithm: str) -> str:
+    """Baseline red, a variant made only by data-free algorithms grey, one with a calibrated step blue."""
+    from .methods import NAIVE
+
+    if not algorithm:
+        return "crimson"
+    return "gray" if all(a in NAIVE.values() for a in algorithm.split("+")) else "steelblue"
 
 
 def pareto_front(sizes: list[float], wers: list[float]) -> list[int]:

@@ -10,6 +10,27 @@ def _model_flag(p):
     p.add_argument("--model", default=None, help="trained checkpoint folder (default: the shipped baseline)")
 
 
+def _calib_flags(p):
+    p.add_argument("--calib", default=None,
+                   help="calibration audio for the calibrated algorithms: a folder of any audio, a LibriSpeech folder "
+                        "or a manifest; no transcripts needed (default: the set bundled in assets/calibration/)")
+    p.add_argument("--calib-utterances", type=int, default=None,
+                   help="how many calibration utterances to use (default 32; at least 4)")
+
+
+def calibration_stats(args, model, recipes):
+    """The model's calibration statistics when any recipe asks for a calibrated algorithm, else None."""
+    from .calibration import collect_stats, load_calibration
+    from .methods import is_calibrated
+
+    if not any(is_calibrated(s) for r in recipes for _, s in r.steps):
+        return None
+    calib = load_calibration(args.calib, args.calib_utterances, features=model.cfg.features)
+    stats = collect_stats(model, calib)
+    print(f"calibration: {stats.describe()}", flush=True)
+    return stats
+
+
 def add_subcommands(sub) -> None:
     p = sub.add_parser("compress", help="compress a model with a recipe into an artifact folder",
                        description="RECIPE: inline (int8, int4:group=64, ternary, prune:sparsity=0.5, "
@@ -18,13 +39,23 @@ def add_subcommands(sub) -> None:
     _model_flag(p)
     p.add_argument("--recipe", required=True, help="inline recipe or JSON recipe file")
     p.add_argument("--out", required=True, help="artifact folder to write")
+    _calib_flags(p)
+    p.add_argument("--sequential", action="store_true",
+                   help="re-collect calibration statistics on the partly compressed model before every calibrated "
+                        "step of a chain (default: only after steps that reshape layers)")
+    p.add_argument("--distill", action="store_true",
+                   help="fine-tune against the uncompressed model's frame posteriors (KL); any audio works, "
+                        "transcripts not needed (default data: the calibration audio)")
+    p.add_argument("--ctc-weight", type=float, default=None,
+                   help="with --distill: add CTC on the transcripts of --data with this weight (default 0)")
     p.add_argument("--skip", default=None,
                    help="comma-separated layer-name patterns kept in fp16 (default: subsampling.conv1,head)")
-    p.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tuning steps (needs --data)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="recovery fine-tuning steps (needs --data, or --distill)")
     p.add_argument("--finetune-minutes", type=float, default=None, help="or a time budget for fine-tuning")
     p.add_argument("--freeze-layers", type=int, default=None,
                    help="keep the stem and the first K blocks fixed while fine-tuning (default: as the model was "
-                        "trained, from its config.json; the shipped baseline: 4)")
+                        "trained, from its config.json, the shipped baseline: 4; with --distill: 0)")
     p.add_argument("--data", default=None, help="fine-tuning data: LibriSpeech folder or JSONL manifest")
     p.add_argument("--dev", default=None, help="optional dev data: WER printed after fine-tuning")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak learning rate (default 1e-4)")
@@ -42,6 +73,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for every variant (default 2)")
     p.add_argument("--decoding", choices=("greedy", "lm"), default="greedy",
                    help="greedy (default: the models alone) or lm (every variant with the baseline's word LM)")
+    _calib_flags(p)
     p.set_defaults(handler=cmd_benchmark)
 
     p = sub.add_parser("sensitivity", help="WER change when one layer (type) at a time is compressed")
@@ -52,26 +84,27 @@ def add_subcommands(sub) -> None:
     p.add_argument("--limit", type=int, default=50, help="first N utterances (default 50)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write rows as JSON here")
+    _calib_flags(p)
     p.set_defaults(handler=cmd_sensitivity)
 
 
 def cmd_compress(args) -> int:
     import torch
 
-    from asr_core.checkpoint import MANIFEST, default_model_dir, folder_bytes, load_model, read_config
-    from asr_core.data import load_utterances
+    from asr_core.checkpoint import MANIFEST, default_model_dir, folder_bytes, load_model
     from asr_core.errors import SettingsError
 
     from .artifact import save_artifact
-    from .compress import apply_recipe, finetune, format_report, layer_report
+    from .compress import apply_recipe, format_report, layer_report
     from .recipe import parse_recipe
 
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = tuple(s.strip() for s in args.skip.split(",")) if args.skip is not None else None
     recipe = parse_recipe(args.recipe, skip)  # validated before any work
-    if (args.finetune_steps or args.finetune_minutes) and not args.data:
-        raise SettingsError("--finetune-steps/--finetune-minutes need --data")
+    tuning = bool(args.finetune_steps or args.finetune_minutes)
+    if tuning and not (args.data or args.distill):
+        raise SettingsError("--finetune-steps/--finetune-minutes need --data (or --distill, which can use any audio)")
     if args.finetune_steps < 0:
         raise SettingsError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
     model_dir = args.model or default_model_dir()
@@ -79,28 +112,48 @@ def cmd_compress(args) -> int:
         raise SettingsError(f"{model_dir} is already a compressed artifact; compress the trained checkpoint")
     base, tokenizer = load_model(model_dir)
     start = time.perf_counter()
-    compressed = apply_recipe(base, recipe, progress=True)
-    info = {"compress_seconds": round(time.perf_counter() - start, 2), "source_model": os.path.abspath(model_dir)}
-    if args.finetune_steps or args.finetune_minutes:
-        train_utts = load_utterances(args.data)
-        dev_utts = load_utterances(args.dev, 100) if args.dev else []
-        frozen = args.freeze_layers
-        if frozen is None:  # as the model was trained (train records it)
-            frozen = int(read_config(model_dir).get("training", {}).get("freeze_layers", 0))
-        summary = finetune(compressed, tokenizer, train_utts, dev_utts, steps=args.finetune_steps or None,
-                           minutes=args.finetune_minutes, lr=args.lr, batch_seconds=args.batch_seconds,
-                           freeze_layers=frozen)
-        info["finetune"] = {"steps": summary["step"], "minutes": round(summary["train_seconds"] / 60, 2),
-                            "data": args.data, "lr": args.lr, "freeze_layers": frozen,
-                            **({"dev_wer": summary["dev_last"]["wer"]} if summary.get("dev_last") else {})}
+    stats = calibration_stats(args, base, [recipe])
+    calib_seconds = time.perf_counter() - start
+    compressed = apply_recipe(base, recipe, progress=True, stats=stats, sequential=args.sequential)
+    info = {"compress_seconds": round(time.perf_counter() - start - calib_seconds, 2),
+            "source_model": os.path.abspath(model_dir)}
+    if stats is not None:
+        info["calibration"] = {"source": stats.calibration.source, "utterances": len(stats.calibration),
+                               "seconds": round(calib_seconds, 2)}
+    if tuning:
+        info["finetune"] = _finetune(args, base, compressed, tokenizer, model_dir)
     print(format_report(layer_report(base, compressed)))
     save_artifact(compressed, args.out, tokenizer, recipe.to_json(), extra=info)
     before, after = folder_bytes(model_dir), folder_bytes(args.out)
     base_fp32 = 4 * sum(p.numel() for p in base.parameters())
     print(f"\n{recipe.describe()}: {after / 1e6:.2f} MB on disk; {base_fp32 / after:.2f}x smaller than fp32 "
           f"({base_fp32 / 1e6:.2f} MB), {before / after:.2f}x smaller than {model_dir} ({before / 1e6:.2f} MB); "
-          f"compressed in {info['compress_seconds']} s -> {args.out}")
+          f"calibration {calib_seconds:.1f} s, compression {info['compress_seconds']} s -> {args.out}")
     return 0
+
+
+def _finetune(args, base, compressed, tokenizer, model_dir) -> dict:
+    """Recovery fine-tuning of ``compressed`` (CTC on --data, or distillation from ``base``); its summary."""
+    from asr_core.checkpoint import read_config
+    from asr_core.data import load_utterances, read_audio_files
+
+    from .calibration import BUNDLED
+    from .compress import finetune
+
+    source = args.data or args.calib or str(BUNDLED)
+    train_utts = read_audio_files(source) if args.distill else load_utterances(source)
+    dev_utts = load_utterances(args.dev, 100) if args.dev else []
+    frozen = args.freeze_layers
+    if frozen is None and not args.distill:  # as the model was trained (train records it)
+        frozen = int(read_config(model_dir).get("training", {}).get("freeze_layers", 0))
+    frozen = frozen or 0  # distillation trains every block: the teacher, not 28 speakers, sets the targets
+    summary = finetune(compressed, tokenizer, train_utts, dev_utts, steps=args.finetune_steps or None,
+                       minutes=args.finetune_minutes, lr=args.lr, batch_seconds=args.batch_seconds,
+                       freeze_layers=frozen, teacher=base if args.distill else None, distill=args.distill,
+                       ctc_weight=args.ctc_weight)
+    return {"steps": summary["step"], "minutes": round(summary["train_seconds"] / 60, 2), "data": source,
+            "lr": args.lr, "freeze_layers": frozen, "distill": bool(args.distill),
+            **({"dev_wer": summary["dev_last"]["wer"]} if summary.get("dev_last") else {})}
 
 
 def cmd_benchmark(args) -> int:
@@ -108,6 +161,7 @@ def cmd_benchmark(args) -> int:
     from asr_core.data import load_utterances
 
     from .benchmark import DEFAULT_RECIPES, markdown_table, run_benchmark
+    from .calibration import load_calibration
     from .recipe import parse_recipe
 
     recipes = args.recipes or DEFAULT_RECIPES
@@ -115,8 +169,9 @@ def cmd_benchmark(args) -> int:
         if not os.path.isdir(r):
             parse_recipe(r)
     utterances = load_utterances(args.data, args.limit)
+    calib = load_calibration(args.calib, args.calib_utterances) if args.calib or args.calib_utterances else None
     table = run_benchmark(args.model or default_model_dir(), utterances, recipes, args.out, threads=args.threads,
-                          decoding=args.decoding)
+                          decoding=args.decoding, calibration=calib)
     print(markdown_table(table))
     print(f"\n{len(utterances)} utterances, {args.threads} threads, {args.decoding} decoding -> "
           f"{args.out}/results.md, results.csv, results.json, charts.html")
@@ -127,11 +182,14 @@ def cmd_sensitivity(args) -> int:
     from asr_core.checkpoint import load_model
     from asr_core.data import load_utterances
 
+    from .recipe import parse_recipe
     from .sensitivity import sensitivity
 
+    recipe = parse_recipe(args.method)
     model, tokenizer = load_model(args.model)
+    stats = calibration_stats(args, model, [recipe])
     rows = sensitivity(model, tokenizer, load_utterances(args.data, args.limit), args.method, by=args.by,
-                       threads=args.threads)
+                       threads=args.threads, stats=stats)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

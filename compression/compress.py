@@ -12,39 +12,112 @@ from asr_core.errors import SettingsError
 from asr_core.model import ConformerCTC
 
 from .artifact import encode_model, to_runtime
-from .methods import LowRankLinear, apply_method
+from .calibration import (CalibrationStats, accumulate, block_inputs, bundled_stats, calibrated_layers,
+                          collect_stats)
+from .methods import LowRankLinear, apply_method, is_calibrated, target_linears
 from .recipe import Recipe
 
 
-def apply_recipe(model: ConformerCTC, recipe: Recipe, progress: bool = False) -> ConformerCTC:
-    """A trainable compressed copy of ``model`` (the original is left untouched)."""
+RESHAPING = ("structured", "svd")  # methods after which the old statistics no longer fit the layers
+
+
+def apply_recipe(model: ConformerCTC, recipe: Recipe, progress: bool = False, stats: CalibrationStats | None = None,
+                 sequential: bool = False) -> ConformerCTC:
+    """A trainable compressed copy of ``model`` (the original is left untouched).
+
+    ``stats``: the model's calibration statistics (:func:`compression.calibration.collect_stats`), reused across
+    recipes; when a calibrated step needs them and none are given, they are collected on the bundled set. A step
+    after one that reshaped layers (structured, svd) is calibrated on the output of the steps before it
+    (statistics re-collected on the partly compressed model). ``sequential``: GPTQ's "true sequential" mode --
+    every block is calibrated on what the blocks before it, already compressed, give it, and every step of a
+    chain on the output of the steps before it (slower: about one calibration pass per step).
+    """
     if any(type(m).__module__.startswith("torch.ao") for m in model.modules()):
         raise SettingsError("this model is already a compressed artifact with int8 layers; compress the trained "
                             "checkpoint instead")
+    if stats is None and any(is_calibrated(s) for _, s in recipe.steps):
+        stats = bundled_stats(model)
     model = copy.deepcopy(model).float()
+    stale = False
     for method, settings in tqdm(recipe.steps, desc="compressing", disable=not progress):
         start = time.perf_counter()
-        apply_method(model, method, settings, recipe.skip, recipe.only)
+        if is_calibrated(settings) and stale:
+            stats = collect_stats(model, stats.calibration)
+            stale = False
+        if sequential and is_calibrated(settings) and method != "structured" and recipe.only is None:
+            apply_block_by_block(model, method, settings, recipe.skip, stats)
+            stale = True
+        else:
+            apply_method(model, method, settings, recipe.skip, recipe.only, stats=stats)
+        stale = stale or method in RESHAPING
         if progress:
-            tqdm.write(f"  {method}: {time.perf_counter() - start:.2f} s")
+            tqdm.write(f"  {method} ({getattr(settings, 'algo', '')}): {time.perf_counter() - start:.2f} s")
     return model
+
+
+def apply_block_by_block(model: ConformerCTC, method: str, settings, skip, stats: CalibrationStats) -> None:
+    """One calibrated method, block after block, each block's statistics taken on the outputs of the blocks
+    before it as compressed; layers outside the blocks (the stem) first, with ``stats``."""
+    names = [n for n, _ in target_linears(model, skip)]
+    outside = tuple(n for n in names if not n.startswith("blocks."))
+    if outside:
+        apply_method(model, method, settings, skip, outside, stats=stats)
+    inputs = block_inputs(model, stats.calibration)
+    for b, block in enumerate(model.blocks):
+        prefix = f"blocks.{b}."
+        if any(n.startswith(prefix) for n in names):
+            runs = [(lambda x=x, m=m: block(x, m)) for x, m in inputs]
+            layers = [(prefix + n, m) for n, m in calibrated_layers(block)]
+            seen = CalibrationStats(accumulate(block, layers, runs), stats.calibration, 0.0)
+            apply_method(model, method, settings, skip, (prefix + "*",), stats=seen)
+        with torch.no_grad():
+            inputs = [(block(x, m), m) for x, m in inputs]
 
 
 def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int | None = None,
              minutes: float | None = None, lr: float = 1e-4, batch_seconds: float = 90.0, device: str = "auto",
-             freeze_layers: int = 0, progress: bool = True) -> dict:
+             freeze_layers: int = 0, progress: bool = True, teacher: nn.Module | None = None, distill: bool = False,
+             ctc_weight: float | None = None, temperature: float = 1.0, on_step=None,
+             precision: str = "fp32") -> dict:
     """Recovery fine-tuning through the one training loop of asr_core. Constraints (masks, codebooks,
     straight-through quantizers) are parametrizations, so every step honours them. ``freeze_layers``: keep the stem
     and the first K blocks fixed and dropout-free, as the model was trained (a frozen pretrained encoder never saw
-    dropout; training it here wrecks its features)."""
+    dropout; training it here wrecks its features).
+
+    ``distill=True``: learn the posteriors of ``teacher``, the uncompressed model the compressed one was made from
+    (the caller passes it; it is frozen while the loop runs, then given back on the CPU, trainable as it was).
+    The loss is then KL at ``temperature`` alone, so transcripts are optional (audio from ``read_audio_files``);
+    ``ctc_weight`` > 0 adds CTC on the transcripts, which every utterance then needs. Without ``distill`` the
+    loss is CTC alone, as before (``teacher`` is not used).
+    """
     from asr_core.training import TrainConfig, train
 
+    weights = _loss_weights(train_utts, teacher, distill, ctc_weight)
     cfg = TrainConfig(lr=lr, warmup_steps=min(50, max(1, (steps or 100) // 10)), max_steps=steps,
                       max_minutes=minutes, batch_seconds=batch_seconds, eval_every=10 ** 9, dev_limit=None,
-                      device=device, final_lr_ratio=0.1, precision="fp32", freeze_layers=freeze_layers)
-    summary = train(model, tokenizer, train_utts, dev_utts, cfg, out_dir=None, progress=progress)
+                      device=device, final_lr_ratio=0.1, precision=precision, freeze_layers=freeze_layers,
+                      distill_temperature=temperature, **weights)
+    summary = train(model, tokenizer, train_utts, dev_utts, cfg, out_dir=None, progress=progress,
+                    teacher=teacher if distill else None, on_step=on_step)
     model.cpu().eval()
+    if distill:
+        teacher.cpu()
     return summary
+
+
+def _loss_weights(train_utts, teacher: nn.Module | None, distill: bool, ctc_weight: float | None) -> dict:
+    """TrainConfig's ctc_weight and distill_weight for :func:`finetune`; refuses CTC on data without transcripts."""
+    if ctc_weight is not None and not distill:
+        raise SettingsError("ctc_weight applies to distillation only (without it the loss is CTC alone)")
+    if distill and teacher is None:
+        raise SettingsError("distillation needs a teacher: the uncompressed model")
+    weights = {"ctc_weight": (ctc_weight or 0.0) if distill else 1.0, "distill_weight": 1.0 if distill else 0.0}
+    untranscribed = sum(1 for u in train_utts if not u.text.strip())
+    if weights["ctc_weight"] > 0 and untranscribed:
+        raise SettingsError(f"{untranscribed} of {len(train_utts)} training utterances have no transcript, so "
+                            "the data has no transcripts for CTC; use distillation from the uncompressed model "
+                            "(with ctc_weight 0)")
+    return weights
 
 
 def _dense(module: nn.Module) -> torch.Tensor:

@@ -20,6 +20,8 @@ from torch.nn.utils import parametrize
 from asr_core.errors import SettingsError
 from asr_core.model import ConformerCTC
 
+from . import calibrated
+from .obs import row_mask
 from .quantize import FakeQuant
 
 # Layers left in higher precision (fp16) unless the recipe says otherwise: the first layer (it sees raw
@@ -30,39 +32,91 @@ COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 # ----------------------------------------------------------------------------------------------- settings
+# Every method has a calibrated algorithm (the default) and keeps its data-free one by name, so the two can be
+# shown side by side: ``algo=`` in a recipe (``int4:group=64,algo=rtn``).
+NAIVE = {"int8": "rtn", "int4": "rtn", "ternary": "rtn", "prune": "magnitude", "structured": "norm",
+         "svd": "weight", "kmeans": "lloyd"}
+
+
+def _check_algo(method: str, algo: str, choices: tuple[str, ...]) -> None:
+    if algo not in choices:
+        raise SettingsError(f"{method} algo must be one of {', '.join(choices)}, got {algo!r}")
+
+
 @dataclass
 class Int8Settings:
-    """INT8 weights per output channel, run on torch's int8 kernels (dynamic activation quantization)."""
+    """INT8 weights per output channel, run on torch's int8 kernels (dynamic activation quantization).
+    ``algo=rtn``: round to nearest, 7-bit activations (torch's default); ``gptq``: GPTQ with clipped per-channel
+    scales, and ``activations=full``: 8-bit activations where the CPU makes it safe (see
+    :func:`compression.quantize.full_range_int8_is_safe`)."""
+
+    algo: str = "gptq"
+    activations: str | None = None  # full (8-bit where safe) | reduced (torch's 7-bit); default: full for gptq only
+
+    @property
+    def full_range(self) -> bool:
+        return self.activations == "full" or (self.activations is None and self.algo == "gptq")
 
     def validate(self):
-        pass
+        _check_algo("int8", self.algo, ("gptq", "rtn"))
+        if self.activations not in (None, "full", "reduced"):
+            raise SettingsError(f"int8 activations must be 'full' or 'reduced', got {self.activations!r}")
+
 
 
 @dataclass
 class Int4Settings:
     group: int = 64  # input weights sharing one scale
+    algo: str = "gptq"  # gptq (clipped scales + error feedback) | rtn (round to nearest, max|w| / 7)
+    act_order: bool = True  # gptq: columns with the largest input energy first
 
     def validate(self):
         if not 4 <= self.group <= 4096:
             raise SettingsError(f"int4 group must be between 4 and 4096, got {self.group}")
+        _check_algo("int4", self.algo, ("gptq", "rtn"))
 
 
 @dataclass
 class TernarySettings:
+    algo: str = "gptq"  # gptq (searched alpha + error feedback) | rtn (TWN: threshold 0.7·mean|w|)
+    group: int | None = None  # inputs sharing one alpha; None: one per output channel
+
     def validate(self):
-        pass
+        _check_algo("ternary", self.algo, ("gptq", "rtn"))
+        if self.group is not None and not 4 <= self.group <= 4096:
+            raise SettingsError(f"ternary group must be between 4 and 4096, got {self.group}")
 
 
 @dataclass
 class PruneSettings:
     sparsity: float = 0.5
-    scope: str = "global"  # "global": one magnitude threshold over all layers; "layer": each layer alike
+    scope: str = "global"  # magnitude only: "global" one threshold over all layers; "layer": each layer alike
+    algo: str = "sparsegpt"  # sparsegpt | wanda | magnitude (calibrated ones: exactly `sparsity` in every row)
+    pattern: str | None = None  # "N:M": N of every M consecutive weights of a row are zero (2:4); sets sparsity
 
     def validate(self):
         if not 0.0 <= self.sparsity < 1.0:
             raise SettingsError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.scope not in ("global", "layer"):
             raise SettingsError(f"prune scope must be 'global' or 'layer', got {self.scope!r}")
+        _check_algo("prune", self.algo, ("sparsegpt", "wanda", "magnitude"))
+        if self.pattern is not None:
+            n, m = self.n_m
+            self.sparsity = n / m
+
+    @property
+    def n_m(self) -> tuple[int, int]:
+        """(N, M) of the pattern, (0, 0) without one."""
+        if self.pattern is None:
+            return 0, 0
+        n, _, m = str(self.pattern).partition(":")
+        try:
+            n, m = int(n), int(m)
+        except ValueError:
+            raise SettingsError(f"prune pattern must look like N:M (e.g. 2:4), got {self.pattern!r}") from None
+        if not 0 < n < m <= 64:
+            raise SettingsError(f"prune pattern N:M needs 0 < N < M <= 64, got {self.pattern!r}")
+        return n, m
 
 
 @dataclass
@@ -70,16 +124,19 @@ class StructuredSettings:
     fraction: float = 0.3  # share of FFN hidden units and of attention heads removed in every block
     heads: bool = True
     ffn: bool = True
+    algo: str = "reconstruct"  # reconstruct (FLAP importance + least-squares refit) | norm (weight norms only)
 
     def validate(self):
         if not 0.0 <= self.fraction < 1.0:
             raise SettingsError(f"structured fraction must be in [0, 1), got {self.fraction}")
+        _check_algo("structured", self.algo, ("reconstruct", "norm"))
 
 
 @dataclass
 class SVDSettings:
     rank: int | None = None  # fixed rank for every layer, or
     energy: float | None = None  # keep the smallest rank retaining this share of sum(sigma^2) per layer
+    algo: str = "activation"  # activation (SVD-LLM: sigma of W·S, S² the input covariance) | weight (sigma of W)
 
     def validate(self):
         if (self.rank is None) == (self.energy is None):
@@ -88,18 +145,25 @@ class SVDSettings:
             raise SettingsError(f"svd rank must be at least 1, got {self.rank}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise SettingsError(f"svd energy must be in (0, 1], got {self.energy}")
+        _check_algo("svd", self.algo, ("activation", "weight"))
 
 
 @dataclass
 class KMeansSettings:
     clusters: int = 16
     iterations: int = 30
+    algo: str = "weighted"  # weighted (by the Hessian diagonal, then GPTQ error feedback) | lloyd (plain)
 
     def validate(self):
         if not 2 <= self.clusters <= 256:
             raise SettingsError(f"kmeans clusters must be between 2 and 256, got {self.clusters}")
         if self.iterations < 1:
             raise SettingsError(f"kmeans iterations must be at least 1, got {self.iterations}")
+        _check_algo("kmeans", self.algo, ("weighted", "lloyd"))
+
+
+def is_calibrated(settings) -> bool:
+    return getattr(settings, "algo", None) not in (None, *NAIVE.values())
 
 
 SETTINGS = {"int8": Int8Settings, "int4": Int4Settings, "ternary": TernarySettings, "prune": PruneSettings,
@@ -193,14 +257,31 @@ def _effective(linear: nn.Linear) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- methods
-def apply_quant(model: nn.Module, kind: str, settings, layers) -> nn.Module:
+def apply_quant(model: nn.Module, kind: str, settings, layers, stats=None) -> nn.Module:
+    full_range = kind == "int8" and settings.full_range
+    if settings.algo == "gptq":
+        # int8 over a grid already chosen (k-means, int4, ternary) only re-encodes those few values: round them
+        gridded = [(n, m) for n, m in layers if any(isinstance(p, (Clustered, FakeQuant)) for p in constraints(m))]
+        calibrated.gptq([x for x in layers if x not in gridded], stats, kind, getattr(settings, "group", 64),
+                        getattr(settings, "act_order", True), full_range=full_range)
+        layers = gridded
     for _, linear in layers:
-        parametrize.register_parametrization(linear, "weight", FakeQuant(kind, getattr(settings, "group", 64)))
+        parametrize.register_parametrization(linear, "weight", FakeQuant(kind, getattr(settings, "group", 64),
+                                                                         full_range=full_range))
     return model
 
 
-def apply_prune(model: nn.Module, s: PruneSettings, layers) -> nn.Module:
+def apply_prune(model: nn.Module, s: PruneSettings, layers, stats=None) -> nn.Module:
+    n, m = s.n_m
+    if s.algo != "magnitude":
+        calibrated.prune(layers, stats, s.algo, s.sparsity, n, m)
+        return model
     weights = [_effective(lin).abs() for _, lin in layers]
+    if n:  # N:M by magnitude, row by row
+        for (_, linear), w in zip(layers, weights):
+            keep = row_mask(w.reshape(w.shape[0], -1), s.sparsity, n, m)
+            parametrize.register_parametrization(linear, "weight", Mask(keep.reshape(w.shape)))
+        return model
     if s.scope == "global":
         flat = torch.cat([w.reshape(-1) for w in weights])
         k = int(round(s.sparsity * flat.numel()))
@@ -216,8 +297,12 @@ def apply_prune(model: nn.Module, s: PruneSettings, layers) -> nn.Module:
     return model
 
 
-def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30,
+              weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact Lloyd's k-means in one dimension: (n,) -> centroids (k,) sorted, indices (n,).
+
+    ``weights`` (n,), optional: each value counts that much in its centroid's mean (SqueezeLLM's
+    sensitivity-weighted k-means: a weight whose input carries more energy pulls its centroid harder).
 
     Written out rather than sklearn.cluster.KMeans because 1-D allows an exact shortcut: after one sort,
     every cluster is a contiguous run of the sorted values, so an iteration is a binary search of the k-1
@@ -225,15 +310,18 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30) -> tuple[torch
     Linear initialisation over [min, max], which Han et al. (Deep Compression) found best for accuracy.
     """
     values = values.detach().float().reshape(-1)
-    ordered = values.sort().values.double()
-    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), ordered.cumsum(0)])
+    ordered, perm = values.sort()
+    ordered = ordered.double()
+    mass = torch.ones_like(ordered) if weights is None else weights.detach().reshape(-1)[perm].double().clamp_min(0)
+    prefix_w = torch.cat([torch.zeros(1, dtype=torch.float64), mass.cumsum(0)])
+    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), (mass * ordered).cumsum(0)])
     centroids = torch.linspace(float(ordered[0]), float(ordered[-1]), k, dtype=torch.float64)
     for _ in range(iterations):
         bounds = torch.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2)
         starts = torch.cat([torch.zeros(1, dtype=torch.long), bounds])
         ends = torch.cat([bounds, torch.tensor([ordered.numel()])])
-        counts = (ends - starts).double()
-        new = torch.where(counts > 0, (prefix[ends] - prefix[starts]) / counts.clamp_min(1), centroids)
+        counts = prefix_w[ends] - prefix_w[starts]
+        new = torch.where(counts > 0, (prefix[ends] - prefix[starts]) / counts.clamp_min(1e-30), centroids)
         converged = torch.equal(new, centroids)
         centroids = new
         if converged:
@@ -242,7 +330,10 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30) -> tuple[torch
     return centroids, torch.bucketize(values, (centroids[1:] + centroids[:-1]) / 2)
 
 
-def apply_kmeans(model: nn.Module, s: KMeansSettings, layers) -> nn.Module:
+def apply_kmeans(model: nn.Module, s: KMeansSettings, layers, stats=None) -> nn.Module:
+    if s.algo == "weighted":
+        calibrated.weighted_kmeans(layers, stats, s.clusters, s.iterations)
+        return model
     for _, linear in layers:
         w = _effective(linear)
         mask = current_mask(linear)
@@ -274,7 +365,7 @@ def svd_rank(weight: torch.Tensor, s: SVDSettings) -> tuple[int, torch.Tensor, t
     return min(rank, sigma.numel()), u, sigma, vh
 
 
-def apply_svd(model: nn.Module, s: SVDSettings, layers) -> nn.Module:
+def apply_svd(model: nn.Module, s: SVDSettings, layers, stats=None) -> nn.Module:
     layers = [(name, m) for name, m in layers if isinstance(m, nn.Linear)]
     if s.rank is not None:
         for name, linear in layers:
@@ -283,31 +374,57 @@ def apply_svd(model: nn.Module, s: SVDSettings, layers) -> nn.Module:
                                     f"({tuple(linear.weight.shape)})")
     for name, linear in layers:
         out_f, in_f = linear.weight.shape
-        rank, u, sigma, vh = svd_rank(_effective(linear), s)
-        if rank * (in_f + out_f) >= in_f * out_f:
+        if s.algo == "activation":
+            factors = calibrated.activation_svd(linear, calibrated.layer_stats(stats, name, linear), s.energy, s.rank)
+        else:
+            factors = _weight_svd(linear, s)
+        if factors is None:
             continue  # factorising would not save parameters: keep the layer whole
-        root = sigma[:rank].sqrt()
+        rank, up, down, bias = factors
         low = LowRankLinear(in_f, rank, out_f, bias=linear.bias is not None)
         with torch.no_grad():
-            low.down.weight.copy_(root[:, None] * vh[:rank])
-            low.up.weight.copy_(u[:, :rank] * root[None, :])
+            low.down.weight.copy_(down)
+            low.up.weight.copy_(up)
             if linear.bias is not None:
-                low.up.bias.copy_(linear.bias)
+                low.up.bias.copy_(bias)
         _set_child(model, name, low)
     return model
 
 
-def apply_structured(model: ConformerCTC, s: StructuredSettings, layers) -> ConformerCTC:
+def _weight_svd(linear: nn.Linear, s: SVDSettings):
+    """Truncated SVD of the weight alone: (rank, up, down, bias) or None when it would not save parameters."""
+    out_f, in_f = linear.weight.shape
+    rank, u, sigma, vh = svd_rank(_effective(linear), s)
+    if rank * (in_f + out_f) >= in_f * out_f:
+        return None
+    root = sigma[:rank].sqrt()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    return rank, u[:, :rank] * root[None, :], root[:, None] * vh[:rank], bias
+
+
+def apply_structured(model: ConformerCTC, s: StructuredSettings, stats=None) -> ConformerCTC:
     """Remove the same share of FFN hidden units and attention heads from every block.
 
-    Criterion: a unit's importance is ||row of linear1|| x ||column of linear2|| (its input and output
-    weights' L2 norms); a head's is ||its q,k,v rows|| x ||its out_proj columns||. The lowest go. The model
-    keeps one width per kind, so the result is a plain, smaller ConformerCTC with a smaller config.
+    ``algo=norm``: a unit's importance is ||row of linear1|| x ||column of linear2|| (its input and output
+    weights' L2 norms); a head's is ||its q,k,v rows|| x ||its out_proj columns||. ``algo=reconstruct``: FLAP's
+    activation fluctuation, then a least-squares refit of the layer after the removed units (see
+    :mod:`compression.calibrated`). The lowest go. The model keeps one width per kind, so the result is a
+    plain, smaller ConformerCTC with a smaller config.
     """
     cfg = model.cfg
     keep_units = max(1, round(cfg.ffn_dim * (1 - s.fraction))) if s.ffn else cfg.ffn_dim
     keep_heads = max(1, round(cfg.n_heads * (1 - s.fraction))) if s.heads else cfg.n_heads
     head_dim = cfg.inner_attn_dim // cfg.n_heads
+    if s.algo == "reconstruct":
+        calibrated.structured_reconstruct(model, keep_units, keep_heads, stats, s.ffn, s.heads)
+    else:
+        _structured_by_norm(model, keep_units, keep_heads, head_dim, s)
+    model.cfg = dataclasses.replace(cfg, ffn_dim=keep_units, n_heads=keep_heads, attn_dim=keep_heads * head_dim)
+    return model
+
+
+def _structured_by_norm(model: ConformerCTC, keep_units: int, keep_heads: int, head_dim: int, s) -> None:
+    cfg = model.cfg
     with torch.no_grad():
         for block in model.blocks:
             for ffn in (f for f in (block.ffn1, block.ffn2) if f is not None):  # plain blocks have no ffn1
@@ -325,8 +442,6 @@ def apply_structured(model: ConformerCTC, s: StructuredSettings, layers) -> Conf
             a.q_proj, a.k_proj, a.v_proj = (_rows(p, keep) for p in (a.q_proj, a.k_proj, a.v_proj))
             a.out_proj = _cols(a.out_proj, keep)
             a.n_heads = keep_heads
-    model.cfg = dataclasses.replace(cfg, ffn_dim=keep_units, n_heads=keep_heads, attn_dim=keep_heads * head_dim)
-    return model
 
 
 def _rows(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
@@ -345,17 +460,18 @@ def _cols(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
     return new
 
 
-def apply_method(model: nn.Module, method: str, settings, skip=DEFAULT_SKIP, only=None) -> nn.Module:
+def apply_method(model: nn.Module, method: str, settings, skip=DEFAULT_SKIP, only=None, stats=None) -> nn.Module:
     """Apply one method to the layers outside ``skip`` (and inside ``only``, when given: name patterns);
-    structured pruning works block-wise on every block."""
+    structured pruning works block-wise on every block. ``stats``: the model's CalibrationStats, needed by the
+    calibrated algorithms (:func:`is_calibrated`)."""
     if method == "structured":
         if any(isinstance(m, LowRankLinear) for m in model.modules()) or \
                 any(constraints(lin) for _, lin in target_linears(model, ())):
             raise SettingsError("structured pruning must come first in a recipe")
-        return apply_structured(model, settings, None)
+        return apply_structured(model, settings, stats)
     layers = target_linears(model, skip, only)
     if not layers:
         raise SettingsError(f"{method}: no layer matches (skip={list(skip)}, only={only})")
     if method in ("int8", "int4", "ternary"):
-        return apply_quant(model, method, settings, layers)
-    return {"prune": apply_prune, "kmeans": apply_kmeans, "svd": apply_svd}[method](model, settings, layers)
+        return apply_quant(model, method, settings, layers, stats)
+    return {"prune": apply_prune, "kmeans": apply_kmeans, "svd": apply_svd}[method](model, settings, layers, stats)

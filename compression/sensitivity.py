@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+from asr_core.errors import SettingsError
 from asr_core.evaluation import evaluate
 from asr_core.transcribe import Transcriber
 
@@ -25,16 +26,16 @@ def layer_groups(model, skip, by: str) -> dict[str, tuple[str, ...]]:
 
 
 def sensitivity(model, tokenizer, utterances, method: str, *, by: str = "type", threads: int = 2,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, stats=None) -> list[dict]:
     """Rows of {group, wer, delta_wer} for ``method`` (one inline method) applied to one group at a time."""
     base_recipe = parse_recipe(method)
     if len(base_recipe.steps) != 1:
-        raise ValueError("sensitivity takes one method, e.g. 'int4:group=64' or 'prune:sparsity=0.7'")
+        raise SettingsError("sensitivity takes one method, e.g. 'int4:group=64' or 'prune:sparsity=0.7'")
     baseline = evaluate(Transcriber(model, tokenizer), utterances, threads=threads, progress=False)["wer"]
     rows = [{"group": "(none: baseline)", "wer": baseline, "delta_wer": 0.0}]
     for label, patterns in layer_groups(model, base_recipe.skip, by).items():
         recipe = Recipe(base_recipe.steps, base_recipe.skip, only=patterns)
-        compressed = to_runtime(apply_recipe(model, recipe))
+        compressed = to_runtime(apply_recipe(model, recipe, stats=stats))
         wer = evaluate(Transcriber(compressed, tokenizer), utterances, threads=threads, progress=False)["wer"]
         rows.append({"group": label, "wer": wer, "delta_wer": wer - baseline})
         if progress:

@@ -19,7 +19,8 @@ def main():
     args = parser.parse_args()
     start = time.perf_counter()
     studio = app.Studio(args.model, threads=args.threads)
-    print(f"start-up (load baseline): {time.perf_counter() - start:.1f} s")
+    print(f"start-up (load baseline, calibration statistics {studio.calibration_seconds:.1f} s of it): "
+          f"{time.perf_counter() - start:.1f} s")
     samples = studio.load_clip(args.clip)
     print(f"clip: {len(samples) / SAMPLE_RATE:.1f} s, {args.threads} threads")
     for label, cold in (("run all variants, cold cache (compress + measure)", True),
@@ -29,10 +30,12 @@ def main():
             if spec.enabled:
                 studio.measure(spec.recipe(spec.default), samples, None)
         print(f"{label}: {time.perf_counter() - start:.1f} s")
-    for key, value in (("prune", 0.7), ("kmeans", 64), ("int4", 128), ("structured", 0.5), ("svd", 0.8)):
-        start = time.perf_counter()
-        studio.measure(app.SPECS[key].recipe(value), samples, None)
-        print(f"knob change {key}={value}: {time.perf_counter() - start:.1f} s")
+    for key, value in (("prune", 0.7), ("kmeans", 64), ("int4", 128), ("structured", 0.5), ("svd", 0.8),
+                       ("combined", 0.6)):
+        for algorithm in app.ALGORITHMS:
+            start = time.perf_counter()
+            studio.measure(app.SPECS[key].recipe(value, algorithm), samples, None)
+            print(f"knob change {key}={value} ({algorithm}): {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def test_every_variant_measures(studio, wav_file):
         assert 0 <= r["wer"] and r["rtf"] > 0
     rows = app.table_rows(results, "hello world")
     assert all(row[0].startswith(s.label) for row, s in zip(rows, app.VARIANTS)) and len(rows) == len(app.VARIANTS)
-    assert rows[0][7] == "1.0x" and float(rows[1][7].rstrip("x")) > 2  # int8 is smaller than fp32
+    assert rows[0][8] == "1.0x" and float(rows[1][8].rstrip("x")) > 2  # int8 is smaller than fp32
+    assert rows[0][1] == "—" and rows[1][1] == "gptq"  # the algorithm that built each row
     assert app.figure(results) is not None
     path = app.write_csv(results, studio.workdir)
     assert len(open(path).read().splitlines()) == len(app.VARIANTS) + 1
@@ -33,7 +34,7 @@ def test_every_variant_measures(studio, wav_file):
 def test_no_reference_shows_dash(studio, wav_file):
     results = {"fp32": studio.measure("", studio.load_clip(wav_file), None)}
     row = app.table_rows(results, None)[0]
-    assert row[2] == "—" and row[3] == "—"
+    assert row[3] == "—" and row[4] == "—"
 
 
 def test_cache_returns_the_same_variant(studio):
@@ -97,3 +98,17 @@ def test_word_lm_decodes_every_variant_when_the_model_ships_one(tiny_model_dir, 
     assert with_lm.measure("int8", samples, "hello world", use_lm=False)["decoding"] == "greedy"
     plain = app.Studio(tiny_model_dir, threads=1, max_seconds=20, timed_runs=1, cache_size=1)
     assert plain.lm_decoder is None and plain.measure("", samples, None)["decoding"] == "greedy"
+
+
+def test_each_variant_can_be_naive_or_calibrated(studio, wav_file):
+    spec = app.SPECS["prune"]
+    assert spec.recipe(0.5, "naive") == "prune:sparsity=0.5,algo=magnitude"
+    assert spec.recipe(0.5) == "prune:sparsity=0.5"
+    samples = studio.load_clip(wav_file)
+    naive, calibrated = (studio.measure(spec.recipe(0.5, a), samples, None) for a in app.ALGORITHMS[::-1])
+    assert naive["algorithm"] == "magnitude" and calibrated["algorithm"] == "sparsegpt"
+    assert app.SPECS["combined"].recipe(0.5, "naive") == \
+        "prune:sparsity=0.5,algo=magnitude+kmeans:clusters=16,algo=lloyd+int8:algo=rtn"
+    with pytest.raises(SettingsError, match="algorithm"):
+        spec.recipe(0.5, "magic")
+    assert studio.stats.layers and studio.calibration_seconds > 0

@@ -5,6 +5,7 @@ import os
 from asr_core.checkpoint import load_model
 from asr_core.data import load_utterances
 from compression.benchmark import pareto_front, run_benchmark
+from compression.recipe import parse_recipe
 from compression.sensitivity import sensitivity
 
 
@@ -13,6 +14,7 @@ def test_benchmark_writes_every_output(tiny_model_dir, dev_dir, tmp_path):
     table = run_benchmark(tiny_model_dir, utts, ["int8", "prune:sparsity=0.5+kmeans:clusters=16+int8"],
                           str(tmp_path), threads=1, progress=False)
     assert list(table["variant"])[0] == "FP32 (baseline)" and len(table) == 3
+    assert list(table["algorithm"]) == ["", "gptq", "sparsegpt+weighted+gptq"]  # which algorithm made each row
     assert table["compression"].iloc[0] == 1.0 and (table["compression"].iloc[1:] > 2).all()
     for name in ("results.md", "results.csv", "results.json", "charts.html"):
         assert os.path.getsize(tmp_path / name) > 0
@@ -31,3 +33,13 @@ def test_sensitivity_rows(tiny_model_dir, dev_dir):
     groups = [r["group"] for r in rows]
     assert groups[0].startswith("(none") and "blocks.*.ffn1.linear1" in groups and "head" not in groups
     assert all(r["wer"] >= 0 for r in rows)
+
+
+def test_long_recipes_get_distinct_folders():
+    from compression.benchmark import naive_twin, slug
+
+    a = "structured:fraction=0.3+prune:sparsity=0.5+kmeans:clusters=8+int8"
+    b = "structured:fraction=0.3+prune:sparsity=0.5+kmeans:clusters=16+int8"
+    long_a, long_b = (parse_recipe(r).describe() for r in (a, b))
+    assert slug(long_a) != slug(long_b) and len(slug(long_a)) <= 80
+    assert naive_twin("prune:sparsity=0.5+int8") == "prune:sparsity=0.5,algo=magnitude+int8:algo=rtn"

@@ -214,3 +214,31 @@ def test_train_int8_frozen_stores_the_frozen_part_as_int8_and_average_keeps_it(t
     assert bad.returncode == 2 and "--int8-layers" in bad.stderr
     bad = run("average", str(tmp_path / "ab"), "--int8-layers", "9", "--out", str(tmp_path / "nine"))
     assert bad.returncode == 2 and "int8_stored_layers" in bad.stderr and not (tmp_path / "nine").exists()
+
+
+def test_compress_calibrates_on_any_audio_and_distills(tiny_model_dir, tmp_path):
+    from conftest import speechlike
+
+    audio = tmp_path / "calib"
+    audio.mkdir()
+    for i in range(5):
+        sf.write(audio / f"clip{i}.wav", speechlike(1.5, seed=i), 16000)
+    (audio / "broken.wav").write_text("not audio")  # skipped, not fatal
+    out = tmp_path / "int4"
+    result = run("compress", "--model", tiny_model_dir, "--recipe", "int4:group=32", "--calib", str(audio),
+                 "--out", str(out), "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "calibration: 5 utterances" in result.stdout
+    manifest = json.loads((out / "compression.json").read_text())
+    assert manifest["calibration"]["utterances"] == 5 and manifest["recipe"]["steps"][0]["algo"] == "gptq"
+    out = tmp_path / "structured"
+    result = run("compress", "--model", tiny_model_dir, "--recipe", "structured:fraction=0.25", "--calib", str(audio),
+                 "--finetune-steps", "2", "--distill", "--batch-seconds", "10", "--out", str(out), "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    tuned = json.loads((out / "compression.json").read_text())["finetune"]
+    assert tuned["distill"] and tuned["steps"] == 2 and tuned["data"] == str(audio)
+    for flags, message in ((["--calib", str(tmp_path / "int4")], "No readable audio"),
+                           (["--calib", str(audio), "--calib-utterances", "2"], "at least 4"),
+                           (["--calib", str(tmp_path / "missing")], "not found")):
+        bad = run("compress", "--model", tiny_model_dir, "--recipe", "int4", "--out", str(tmp_path / "x"), *flags)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

@@ -71,7 +71,7 @@ def test_save_load_identical_smaller_and_decodes(tmp_path, model, features, reci
 
 
 def test_unstructured_pruning_is_exact_and_sparse_on_disk(tmp_path, model):
-    compressed = apply_recipe(model, parse_recipe("prune:sparsity=0.7"))
+    compressed = apply_recipe(model, parse_recipe("prune:sparsity=0.7,algo=magnitude"))
     weights = compressed_weights(compressed)
     total = sum(w.numel() for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())
@@ -84,7 +84,7 @@ def test_unstructured_pruning_is_exact_and_sparse_on_disk(tmp_path, model):
 
 
 def test_per_layer_pruning_hits_each_layer(model):
-    weights = compressed_weights(apply_recipe(model, parse_recipe("prune:sparsity=0.6,scope=layer")))
+    weights = compressed_weights(apply_recipe(model, parse_recipe("prune:sparsity=0.6,scope=layer,algo=magnitude")))
     for w in weights.values():
         assert abs(float((w == 0).float().mean()) - 0.6) < 0.01
 

@@ -1,0 +1,268 @@
+"""The calibrated algorithm of each method: the same encodings as the data-free ones, chosen on real inputs.
+
+Each function takes the layers to transform, the :class:`~compression.calibration.CalibrationStats` of the
+model they belong to, and the method's settings; it registers the same parametrizations as its data-free twin
+in :mod:`compression.methods` (a ``Mask``, a ``Clustered`` codebook, a ``FakeQuant`` with the scales it chose),
+so the artifact format, the loader and recovery fine-tuning need nothing new.
+
+- int4 / int8 / ternary, ``algo=gptq``: scales with a clipping search, then GPTQ's column sweep.
+- kmeans, ``algo=weighted``: k-means weighted by the Hessian diagonal (SqueezeLLM), then GPTQ's sweep to the
+  nearest centroid (error feedback).
+- prune, ``algo=wanda`` (|W|·‖X_j‖ per row) and ``algo=sparsegpt`` (OBS mask and update), N:M patterns too.
+- svd, ``algo=activation``: SVD-LLM's whitening by the Cholesky factor of the input covariance.
+- every algorithm then corrects the bias for the shift of the output mean: b -= (Ŵ − W)·E[x] (Nagel et al.).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from asr_core.errors import SettingsError
+
+from .calibration import CalibrationStats, LayerStats, cholesky_dampened, dampened
+from .obs import codebook_rounder, grid_rounder, row_mask, sparsegpt_mask_chooser, sweep, sweep_order
+from .quantize import GRID, FakeQuant, element_scales
+
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # shares of max|w| tried as the clipping range (int4, int8)
+TERNARY_GRID = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.6)  # multiples of mean|w| tried as alpha
+
+
+def layer_stats(stats: CalibrationStats | None, name: str, module: nn.Module) -> LayerStats:
+    """The statistics of layer ``name``, checked against its current width."""
+    if stats is None:
+        raise SettingsError(f"{name}: a calibrated algorithm needs calibration statistics (give --calib, or "
+                            "algo=the data-free one)")
+    s = stats.get(name)
+    width = module.weight.reshape(module.weight.shape[0], -1).shape[1]
+    if s is None or s.gram.shape[0] != width:
+        raise SettingsError(f"{name}: no calibration statistics for this layer as it is now (width {width}); "
+                            "re-collect them on the model after the earlier steps")
+    return s
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the layer computes with now (after earlier constraints), as (out, in x kernel)."""
+    return module.weight.detach().float().reshape(module.weight.shape[0], -1)
+
+
+def current_keep(module: nn.Module) -> torch.Tensor | None:
+    from .methods import current_mask
+
+    mask = current_mask(module)
+    return None if mask is None else mask.reshape(mask.shape[0], -1)
+
+
+def set_weight(module: nn.Module, value: torch.Tensor) -> None:
+    """Write ``value`` (out, in x kernel) as the latent weight under any existing parametrizations (they keep
+    it: a mask multiplies zeros that are already zero)."""
+    target = module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") \
+        else module.weight
+    with torch.no_grad():
+        target.copy_(value.reshape(target.shape))
+
+
+def correct_bias(module: nn.Module, before: torch.Tensor, after: torch.Tensor, s: LayerStats) -> None:
+    """b -= (Ŵ − W)·E[x]: the output mean on calibration data stays what it was (no bias, nothing to do)."""
+    if getattr(module, "bias", None) is None:
+        return
+    with torch.no_grad():
+        module.bias -= ((after - before) @ s.mean).to(module.bias.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- quantization
+def _grid_error(w: torch.Tensor, scales_full: torch.Tensor, kind: str, hdiag: torch.Tensor) -> torch.Tensor:
+    low, high = GRID[kind]
+    q = torch.round(w / scales_full).clamp(low, high) * scales_full
+    return (w - q) ** 2 * hdiag[None, :]
+
+
+def search_scales(w: torch.Tensor, hdiag: torch.Tensor, kind: str, group: int) -> torch.Tensor:
+    """Stored scales -- (out, groups) for int4, (out,) for int8/ternary -- minimising Σ h_jj (w − q(w))², the
+    output error as the diagonal of H sees it, over a grid of clipping ranges."""
+    out, width = w.shape
+    grouped = lambda t: torch.nn.functional.pad(t, (0, (-width) % group)).reshape(out, -1, group)  # noqa: E731
+    if kind == "ternary" and group:
+        base, grid = grouped(w.abs()).sum(2) / grouped(torch.ones_like(w)).sum(2), TERNARY_GRID
+    elif kind == "ternary":
+        base, grid = w.abs().mean(dim=1), TERNARY_GRID
+    elif kind == "int4":
+        base, grid = grouped(w.abs()).amax(2) / 7, CLIP_GRID
+    else:
+        base, grid = w.abs().amax(dim=1) / 127, CLIP_GRID
+    best, best_err = None, None
+    for share in grid:
+        scales = (base * share).clamp_min(1e-6).half().float()
+        err = _grid_error(w, element_scales(scales, kind, group, width), kind, hdiag)
+        err = _per_scale(err, kind, group)
+        if best is None:
+            best, best_err = scales, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, scales, best), torch.minimum(err, best_err)
+    return best
+
+
+def _per_scale(err: torch.Tensor, kind: str, group: int | None) -> torch.Tensor:
+    if kind == "int8" or not group:
+        return err.sum(1)
+    pad = (-err.shape[1]) % group
+    return torch.nn.functional.pad(err, (0, pad)).reshape(err.shape[0], -1, group).sum(2)
+
+
+def gptq(layers, stats: CalibrationStats, kind: str, group: int = 64, act_order: bool = True,
+         full_range: bool = False) -> None:
+    """GPTQ to ``kind``'s grid with searched scales (static groups, so act-order keeps contiguous groups),
+    keeping an earlier pruning mask's zeros, then bias correction; registers FakeQuant(kind, scales)."""
+    for name, module in layers:
+        s = layer_stats(stats, name, module)
+        w = effective_weight(module)
+        keep = current_keep(module)
+        h = s.hessian
+        scales = search_scales(w, h.diagonal(), kind, group)
+        order = sweep_order(h, act_order)
+        rounder = grid_rounder(element_scales(scales, kind, group, w.shape[1]), *GRID[kind], order, keep)
+        q, _ = sweep(w, h, rounder, order)
+        correct_bias(module, w, q, s)
+        set_weight(module, q)
+        parametrize.register_parametrization(module, "weight", FakeQuant(kind, group, scales, full_range))
+
+
+# ----------------------------------------------------------------------------------------------- k-means
+def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: int, feedback: bool = True) -> None:
+    """Per layer: k-means of the weights, each weighted by its input's energy H_jj; then (``feedback``) GPTQ's
+    sweep rounding each column to the nearest centroid; then bias correction. Registers Clustered."""
+    from .methods import Clustered, kmeans_1d
+
+    for name, module in layers:
+        s = layer_stats(stats, name, module)
+        w = effective_weight(module)
+        keep = current_keep(module)
+        h = s.hessian
+        importance = h.diagonal()[None, :].expand_as(w)
+        chosen = (lambda t: t[keep]) if keep is not None else (lambda t: t.reshape(-1))
+        if chosen(w).numel() == 0:
+            continue
+        centroids, _ = kmeans_1d(chosen(w), clusters, iterations, weights=chosen(importance))
+        mids = (centroids[1:] + centroids[:-1]) / 2
+        if feedback:
+            order = sweep_order(h, True)
+            q, _ = sweep(w, h, codebook_rounder(centroids, order, keep), order)
+        else:
+            q = centroids[torch.bucketize(w, mids)] * (1.0 if keep is None else keep)
+        correct_bias(module, w, q, s)
+        indices = torch.bucketize(q.contiguous(), mids)
+        mask = keep if keep is not None else None
+        set_weight(module, q)
+        parametrize.register_parametrization(
+            module, "weight", Clustered(centroids, indices.reshape(module.weight.shape),
+                                        None if mask is None else mask.reshape(module.weight.shape)), unsafe=True)
+
+
+# ----------------------------------------------------------------------------------------------- pruning
+def prune(layers, stats: CalibrationStats, algo: str, sparsity: float, n: int = 0, m: int = 0) -> None:
+    """Wanda or SparseGPT per layer, exactly ``sparsity`` per row (or n of every m), then bias correction."""
+    from .methods import Mask
+
+    for name, module in layers:
+        s = layer_stats(stats, name, module)
+        w = effective_weight(module)
+        if algo == "wanda":
+            keep = row_mask(w.abs() * s.channel_norms[None, :], sparsity, n, m)
+            q = w * keep
+        else:
+            h = s.hessian
+            q, pruned = sweep(w, h, lambda row, k: row.clone(), sweep_order(h, False),
+                              choose_mask=sparsegpt_mask_chooser(sparsity, n, m))
+            keep = ~pruned
+            q = q * keep
+        correct_bias(module, w, q, s)
+        set_weight(module, q)
+        parametrize.register_parametrization(module, "weight", Mask(keep.reshape(module.weight.shape)))
+
+
+# ----------------------------------------------------------------------------------------------- low rank
+def activation_svd(module: nn.Linear, s: LayerStats, energy: float | None, rank: int | None):
+    """SVD-LLM: with C = S Sᵀ the input covariance, truncate the SVD of W S, so the kept directions are those
+    that carry the most *output* variance on real inputs, and compensate the bias for the mean. ``energy``
+    picks the rank as the weight's own spectrum would (so ``algo=weight`` and ``algo=activation`` are the same
+    size, and differ only in which directions they keep: the whitened spectrum is so concentrated that its
+    own 90% would keep far too few). Returns (rank, up (out, r), down (r, in), new bias) or None when the
+    factorisation would not save parameters."""
+    w = module.weight.detach().float()
+    out_f, in_f = w.shape
+    lower = cholesky_dampened(s.covariance).float()
+    u, sigma, vh = torch.linalg.svd(w @ lower, full_matrices=False)  # float32: float64 costs 3x, changes no rank
+    if rank is None:  # the rank the weight's own spectrum keeps at this energy: the data-free twin's size
+        weight_sigma = torch.linalg.svdvals(w)
+        share = torch.cumsum(weight_sigma ** 2, 0) / (weight_sigma ** 2).sum().clamp_min(1e-30)
+        rank = int((share < energy - 1e-7).sum().item()) + 1
+    rank = min(rank, sigma.numel())
+    if rank * (in_f + out_f) >= in_f * out_f:
+        return None
+    root = sigma[:rank].sqrt()
+    up = u[:, :rank] * root[None, :]
+    down = torch.linalg.solve_triangular(lower, root[:, None] * vh[:rank], upper=False, left=False)  # (Σ½Vᵀ) S⁻¹
+    approx = (up @ down).float()
+    bias = module.bias.detach().float() if module.bias is not None else None
+    if bias is not None:
+        bias = bias + (w - approx) @ s.mean
+    return rank, up.float(), down.float(), bias
+
+
+# ----------------------------------------------------------------------------------------------- structured
+def refit_after_removal(linear: nn.Linear, s: LayerStats, keep: torch.Tensor, damp: float = 1e-3):
+    """The layer after removed inputs, refitted on the kept ones by least squares (SlimGPT / ZipLM):
+    W' = W·C[:, K]·(C[K, K] + λI)⁻¹ with C the centred input covariance, and b' = b + W·μ − W'·μ_K, which also
+    compensates the removed inputs' mean (FLAP's bias compensation). Returns (W' (out, |K|), b' (out,))."""
+    w = linear.weight.detach().double()
+    cov = s.covariance.double()
+    mean = s.mean.double()
+    sub, _ = dampened(cov[keep][:, keep].float(), damp)
+    w_new = torch.linalg.solve(sub.double(), (w @ cov[:, keep]).T).T
+    bias = linear.bias.detach().double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    b_new = bias + w @ mean - w_new @ mean[keep]
+    return w_new.float(), b_new.float()
+
+
+def fluctuation(linear: nn.Linear, s: LayerStats) -> torch.Tensor:
+    """FLAP's importance of each input channel of ``linear``: its variance on calibration data x the squared
+    norm of the weight column it feeds, i.e. how much output variance removing it would leave unexplained."""
+    return s.covariance.diagonal().clamp_min(0) * linear.weight.detach().float().pow(2).sum(0)
+
+
+def structured_reconstruct(model, keep_units: int, keep_heads: int, stats: CalibrationStats, ffn: bool,
+                           heads: bool) -> None:
+    """Remove the least important FFN units and heads of every block (FLAP's fluctuation metric), then refit the
+    FFN's second linear and the attention output projection on what is kept. Shapes change in place."""
+    from .methods import _cols, _rows
+
+    for bi, block in enumerate(model.blocks):
+        for part in ("ffn1", "ffn2"):
+            f = getattr(block, part)
+            if f is None or not ffn:
+                continue
+            s = layer_stats(stats, f"blocks.{bi}.{part}.linear2", f.linear2)
+            keep = fluctuation(f.linear2, s).topk(keep_units).indices.sort().values
+            w, b = refit_after_removal(f.linear2, s, keep)
+            f.linear1, f.linear2 = _rows(f.linear1, keep), _cols(f.linear2, keep)
+            with torch.no_grad():
+                f.linear2.weight.copy_(w)
+                if f.linear2.bias is not None:
+                    f.linear2.bias.copy_(b)
+        if not heads:
+            continue
+        a = block.attn
+        s = layer_stats(stats, f"blocks.{bi}.attn.out_proj", a.out_proj)
+        head_dim = a.out_proj.in_features // a.n_heads
+        score = fluctuation(a.out_proj, s).reshape(a.n_heads, head_dim).sum(1)
+        chosen = score.topk(keep_heads).indices.sort().values
+        keep = (chosen[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+        w, b = refit_after_removal(a.out_proj, s, keep)
+        a.q_proj, a.k_proj, a.v_proj = (_rows(p, keep) for p in (a.q_proj, a.k_proj, a.v_proj))
+        a.out_proj = _cols(a.out_proj, keep)
+        with torch.no_grad():
+            a.out_proj.weight.copy_(w)
+            if a.out_proj.bias is not None:
+                a.out_proj.bias.copy_(b)
+        a.n_heads = keep_heads

@@ -1,0 +1,236 @@
+"""Calibration statistics and the calibrated algorithms: each beats its data-free twin where it promises to."""
+import os
+
+import pytest
+import soundfile as sf
+import torch
+from torch import nn
+
+from asr_core.config import preset
+from asr_core.errors import SettingsError
+from asr_core.features import log_mel
+from asr_core.model import ConformerCTC
+from compression.artifact import to_runtime
+from compression.calibration import (BUNDLED, CalibrationSet, collect_stats, dampened, layer_inputs,
+                                     load_calibration)
+from compression.compress import apply_recipe
+from compression.methods import LowRankLinear, target_linears
+from compression.obs import grid_rounder, inverse_cholesky, row_mask, sparsegpt_mask_chooser, sweep, sweep_order
+from compression.quantize import fake_quantize
+from compression.recipe import parse_recipe
+
+from conftest import speechlike
+
+SKIP = ("subsampling.conv1", "head")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ConformerCTC(preset("tiny", d_model=96, ffn_dim=256, n_heads=4, dropout=0.0, transformer_layers=1)).eval()
+
+
+@pytest.fixture(scope="module")
+def calibration(model):
+    feats = [log_mel(speechlike(2.0 + 0.3 * i, seed=i), model.cfg.features) for i in range(8)]
+    return CalibrationSet(feats, "synthetic", sum(f.shape[0] for f in feats) / 100, model.cfg.features)
+
+
+@pytest.fixture(scope="module")
+def stats(model, calibration):
+    return collect_stats(model, calibration)
+
+
+def output_error(original: nn.Module, compressed: nn.Module, stats) -> float:
+    """Σ over target layers of tr((W − Ŵ) C (W − Ŵ)ᵀ) / tr(W C Wᵀ): each layer's relative output error on the
+    calibration inputs of the original model (what a layer-wise method minimises), C their covariance (the
+    shift of the mean is what bias correction removes; leaving it out favours the data-free twin)."""
+    runtime = dict(to_runtime(compressed).named_modules())
+    total = 0.0
+    for name, layer in target_linears(original, SKIP):
+        if name not in runtime:
+            continue
+        new = runtime[name]
+        w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        if isinstance(new, LowRankLinear):
+            w_hat = new.up.weight @ new.down.weight
+        else:
+            w_hat = new.weight() if callable(new.weight) else new.weight
+            w_hat = w_hat.dequantize() if w_hat.is_quantized else w_hat
+        diff = w - w_hat.detach().reshape(w.shape)
+        h = stats.get(name).covariance
+        total += float(torch.trace(diff @ h @ diff.T) / torch.trace(w @ h @ w.T))
+    return total
+
+
+def test_bundled_set_loads_without_shared_data():
+    assert BUNDLED.is_dir() and "shared" not in BUNDLED.parts
+    calib = load_calibration(utterances=8)
+    assert len(calib) == 8 and calib.audio_seconds > 30
+    assert all(f.shape[1] == 80 for f in calib.features)
+
+
+def test_statistics_are_the_inputs_each_layer_sees(model, calibration, stats):
+    seen = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, []).append(args[0]))
+               for n, m in model.named_modules() if n in ("blocks.1.ffn1.linear2", "subsampling.conv2")]
+    with torch.no_grad():
+        for f in calibration.features:
+            model(f[None], torch.tensor([f.shape[0]]))
+    for h in handles:
+        h.remove()
+    for name, inputs in seen.items():
+        module = model.get_submodule(name)
+        rows = torch.cat([layer_inputs(module, x) for x in inputs])
+        assert torch.allclose(stats.get(name).gram, rows.T @ rows, rtol=1e-4, atol=1e-3)
+        assert stats.get(name).n == rows.shape[0]
+    # a convolution's unfolded columns times its weight viewed (out, in x kernel) is its output
+    conv = model.subsampling.conv2
+    x = torch.randn(1, conv.in_channels, 12, 20)
+    rows = layer_inputs(conv, x)
+    out = torch.nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+    assert torch.allclose(rows @ conv.weight.reshape(conv.out_channels, -1).T,
+                          out.permute(0, 2, 3, 1).reshape(-1, conv.out_channels), atol=1e-4)
+    # q, k and v read one tensor: one accumulator
+    assert stats.get("blocks.0.attn.q_proj") is stats.get("blocks.0.attn.v_proj")
+
+
+def _correlated_inputs(n=2000, width=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=g) * torch.logspace(0, -2, width)[None, :]
+    x = torch.randn(n, width, generator=g) @ mix.T
+    x[:, :4] *= 20  # a few outlier channels, as real activations have
+    return x
+
+
+def test_gptq_beats_round_to_nearest_on_a_random_layer():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    x = _correlated_inputs()
+    h = x.T @ x / x.shape[0]
+    for kind, group in (("int4", 32), ("ternary", 0)):
+        rtn = fake_quantize(w, kind, group or 64)
+        from compression.calibrated import search_scales
+        from compression.quantize import GRID, element_scales
+
+        scales = search_scales(w, h.diagonal(), kind, group or 64)
+        full = element_scales(scales, kind, group or 64, w.shape[1])
+        low, high = GRID[kind]
+        order = sweep_order(h, True)
+        q, _ = sweep(w, h, grid_rounder(full, low, high, order), order)
+        err = lambda q_: float(((x @ (w - q_).T) ** 2).sum())  # noqa: E731
+        assert err(q) < 0.6 * err(rtn), (kind, err(q), err(rtn))
+        assert torch.equal(torch.round(q / full).clamp(low, high) * full, q)  # every weight on its grid
+
+
+@pytest.mark.parametrize("recipe, twin", [
+    ("int4:group=32", "int4:group=32,algo=rtn"),
+    ("ternary", "ternary:algo=rtn"),
+    ("kmeans:clusters=8", "kmeans:clusters=8,algo=lloyd"),
+    ("prune:sparsity=0.5", "prune:sparsity=0.5,algo=magnitude,scope=layer"),
+    ("prune:sparsity=0.5,algo=wanda", "prune:sparsity=0.5,algo=magnitude,scope=layer"),
+    ("prune:pattern=2:4", "prune:pattern=2:4,algo=magnitude"),
+    ("svd:rank=24", "svd:rank=24,algo=weight"),
+    ("prune:sparsity=0.5+int4:group=32", "prune:sparsity=0.5,algo=magnitude,scope=layer+int4:group=32,algo=rtn"),
+])
+def test_calibrated_algorithm_beats_its_data_free_twin(model, stats, recipe, twin):
+    calibrated = apply_recipe(model, parse_recipe(recipe), stats=stats)
+    naive = apply_recipe(model, parse_recipe(twin), stats=stats)
+    assert output_error(model, calibrated, stats) < 0.9 * output_error(model, naive, stats)
+
+
+def test_pruning_gives_exactly_the_asked_sparsity_and_pattern(model, stats):
+    for recipe in ("prune:sparsity=0.5", "prune:sparsity=0.3,algo=wanda", "prune:pattern=2:4",
+                   "prune:pattern=1:4,algo=wanda"):
+        parsed = parse_recipe(recipe)
+        pruned = to_runtime(apply_recipe(model, parsed, stats=stats))
+        n, m = parsed.steps[0][1].n_m
+        for name, layer in target_linears(pruned, SKIP):
+            w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+            zeros = (w == 0).sum(1)
+            if n:
+                groups = (w[:, : w.shape[1] // m * m] == 0).reshape(w.shape[0], -1, m).sum(2)
+                assert bool((groups >= n).all()), (recipe, name)
+            else:
+                assert bool((zeros >= round(parsed.steps[0][1].sparsity * w.shape[1])).all()), (recipe, name)
+
+
+def test_sparsegpt_mask_and_row_mask_counts():
+    torch.manual_seed(0)
+    w = torch.randn(16, 200)
+    x = _correlated_inputs(width=200)
+    h = x.T @ x / x.shape[0]
+    q, pruned = sweep(w, h, lambda row, k: row.clone(), sweep_order(h, False), choose_mask=sparsegpt_mask_chooser(0.3))
+    assert bool((pruned.sum(1) == round(0.3 * 200)).all()) and bool((q[pruned] == 0).all())
+    keep = row_mask(torch.rand(16, 10), 0.0, 2, 4)
+    assert bool(((~keep[:, :8]).reshape(16, 2, 4).sum(2) == 2).all()) and int((~keep[:, 8:]).sum(1)[0]) == 1
+
+
+def test_structured_refit_lowers_the_next_layers_output_error(model, calibration, stats):
+    def block_outputs(m):
+        outs = []
+        hook = m.blocks[1].register_forward_hook(lambda mod, args, out: outs.append(out))
+        with torch.no_grad():
+            for f in calibration.features:
+                m(f[None], torch.tensor([f.shape[0]]))
+        hook.remove()
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
+
+    reference = block_outputs(model)
+    errors = {}
+    for algo in ("reconstruct", "norm"):
+        pruned = apply_recipe(model, parse_recipe(f"structured:fraction=0.5,algo={algo}"), stats=stats)
+        errors[algo] = float((block_outputs(pruned) - reference).norm() / reference.norm())
+    assert errors["reconstruct"] < 0.8 * errors["norm"], errors
+
+
+def test_chains_recollect_after_reshaping_steps(model, stats):
+    chained = apply_recipe(model, parse_recipe("structured:fraction=0.25+int4:group=32"), stats=stats)
+    runtime = to_runtime(chained)
+    x = torch.randn(1, 120, 80)
+    assert torch.isfinite(runtime(x, torch.tensor([120]))[0]).all()
+
+
+def test_gptq_artifact_reloads_exactly(model, stats, tmp_path):
+    from asr_core.text import CharTokenizer
+    from compression.artifact import load_artifact, save_artifact
+
+    compressed = apply_recipe(model, parse_recipe("prune:sparsity=0.5+int4:group=32"), stats=stats)
+    save_artifact(compressed, str(tmp_path / "a"), CharTokenizer(), {})
+    loaded, live = dict(load_artifact(str(tmp_path / "a")).named_modules()), dict(to_runtime(compressed).named_modules())
+    for name, layer in target_linears(model, SKIP):
+        assert torch.equal(loaded[name].weight, live[name].weight), name
+        assert torch.equal(live[name].weight, compressed.get_submodule(name).weight.detach()), name
+
+
+def test_bad_calibration_inputs_give_clear_errors(tmp_path, model, calibration):
+    (tmp_path / "notes.txt").write_text("not audio")
+    with pytest.raises(SettingsError, match="No readable audio"):
+        load_calibration(str(tmp_path))
+    (tmp_path / "bad.wav").write_bytes(b"RIFF0000WAVEjunk")
+    with pytest.raises(SettingsError, match="No readable audio"):
+        load_calibration(str(tmp_path))
+    for i in range(2):
+        sf.write(tmp_path / f"ok{i}.wav", speechlike(1.0, seed=i), 16000)
+    with pytest.raises(SettingsError, match="at least 4 readable"):
+        load_calibration(str(tmp_path))
+    with pytest.raises(SettingsError, match="at least 4"):
+        load_calibration(str(tmp_path), utterances=2)
+    with pytest.raises(SettingsError, match="NaN"):
+        dampened(torch.full((4, 4), float("nan")))
+    # a singular (rank-deficient) Hessian with dead inputs is dampened, not refused
+    x = torch.randn(10, 6)
+    x[:, 2] = 0
+    upper, dead = inverse_cholesky(x.T @ x)
+    assert torch.isfinite(upper).all() and dead.tolist() == [False, False, True, False, False, False]
+    with pytest.raises(SettingsError, match="calibration"):
+        apply_recipe(model, parse_recipe("int4"), stats=collect_stats(model, CalibrationSet(
+            calibration.features[:1], "one", 1.0, model.cfg.features)).__class__({}, calibration, 0.0))
+
+
+def test_unknown_algo_is_refused():
+    with pytest.raises(SettingsError, match="algo must be one of"):
+        parse_recipe("int4:algo=awq")
+    with pytest.raises(SettingsError, match="N:M"):
+        parse_recipe("prune:pattern=4:2")
+    assert os.path.isdir(BUNDLED)
