@@ -29,14 +29,15 @@ def main(argv=None) -> int:
     p.add_argument("--dev-limit", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-seconds", type=float, default=90.0)
-    p.add_argument("--freeze-layers", type=int, default=0)
+    p.add_argument("--freeze-layers", type=int, default=None,
+                   help="blocks kept fixed (default: as the model was trained, from its config.json)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="bf16 autocast (default: as the baseline was trained; ~1.7x faster on avx512_bf16 CPUs)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    from asr_core.checkpoint import default_model_dir, load_model
+    from asr_core.checkpoint import default_model_dir, load_model, read_config
     from asr_core.data import load_utterances, read_audio_files
     from asr_core.evaluation import evaluate
     from compression.artifact import save_artifact
@@ -46,7 +47,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     recipe = parse_recipe(args.recipe)
     marks = sorted(args.minutes)
-    base, tokenizer = load_model(args.model or default_model_dir())
+    model_dir = args.model or default_model_dir()
+    base, tokenizer = load_model(model_dir)
+    frozen = args.freeze_layers
+    if frozen is None:
+        frozen = int(read_config(model_dir).get("training", {}).get("freeze_layers", 0))
     student = apply_recipe(base, recipe, progress=True)
     os.makedirs(args.out, exist_ok=True)
     save_artifact(student, os.path.join(args.out, "after_0min"), tokenizer, recipe.to_json())
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     summary = finetune(student, tokenizer, read_audio_files(args.data), [], minutes=marks[-1], lr=args.lr,
-                       batch_seconds=args.batch_seconds, freeze_layers=args.freeze_layers, teacher=base,
+                       batch_seconds=args.batch_seconds, freeze_layers=frozen, teacher=base,
                        distill=True, on_step=on_step, precision=args.precision)
     if pending:  # the budget ran out between the last step and the mark
         on_step({**summary, "train_seconds": 60 * pending[-1]})
@@ -79,6 +84,7 @@ def main(argv=None) -> int:
         print(f"{mark:5g} min  WER {result['wer']:.2%}  CER {result['cer']:.2%}", flush=True)
     with open(os.path.join(args.out, "curve.json"), "w") as f:
         json.dump({"recipe": recipe.describe(), "data": args.data, "dev": args.dev, "lr": args.lr,
+                   "freeze_layers": frozen,
                    "steps": summary["step"], "rows": rows}, f, indent=2)
     return 0
 

@@ -164,7 +164,8 @@ def test_gradio_client_endpoints(server, tmp_path):
 
     client = Client(server, verbose=False)
     one = client.predict(handle_file(str(CLIP)), "int8", api_name="/transcribe")
-    assert isinstance(one["transcript"], str) and one["size_mb"] > 0 and one["recipe"] == "int8"
+    assert isinstance(one["transcript"], str) and one["size_mb"] > 0 and one["recipe"] == "int8:algo=gptq"
+    assert one["algorithm"] == "gptq"  # the calibrated algorithm is the default
     table = client.predict(handle_file(str(CLIP)), REFERENCE, api_name="/compare")
     assert table[0]["variant"].startswith("FP32") and all("wer" in r for r in table)
     assert table[0]["compression_ratio"] == 1.0 and table[1]["compression_ratio"] > 2
