@@ -37,10 +37,9 @@ from asr_core.data import load_utterances
 from asr_core.text import normalize_text
 from asr_core.transcribe import Transcriber, make_decoder
 from compression.artifact import load_artifact, save_artifact
-from compression.benchmark import algorithms, naive_twin
-from compression.calibration import collect_stats, load_calibration
+from compression.calibration import stats_for
 from compression.compress import apply_recipe
-from compression.recipe import parse_recipe
+from compression.recipe import algorithms, naive_twin, parse_recipe
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MAX_SECONDS = float(os.environ.get("EDGE_ASR_MAX_SECONDS", 120))  # longer uploads are refused with a message
@@ -127,7 +126,7 @@ class Studio:
         self.lm_decoder = make_decoder(self.tokenizer, self.model_dir, "lm") if has_lm(self.model_dir) else None
         # calibration statistics, once: every calibrated variant and knob change reuses them
         start = time.perf_counter()
-        self.stats = collect_stats(self.base, load_calibration(calib, features=self.base.cfg.features))
+        self.stats = stats_for(self.base, calib)
         self.calibration_seconds = time.perf_counter() - start
 
     def variant(self, recipe: str) -> Variant:

@@ -20,10 +20,10 @@ from asr_core.evaluation import evaluate
 from asr_core.transcribe import Transcriber, make_decoder
 
 from .artifact import read_manifest, save_artifact
-from .calibration import collect_stats, load_calibration
+from .calibration import stats_for
 from .compress import apply_recipe
 from .methods import is_calibrated
-from .recipe import parse_recipe
+from .recipe import algorithms, naive_twin, parse_recipe, recipe_from_json
 
 # The goals of the calibrated-compression work, each recipe with its data-free twin beside it (algo=...).
 CALIBRATED_RECIPES = ["int8", "int4:group=64", "ternary", "prune:sparsity=0.5", "prune:pattern=2:4",
@@ -31,24 +31,7 @@ CALIBRATED_RECIPES = ["int8", "int4:group=64", "ternary", "prune:sparsity=0.5", 
                       "prune:sparsity=0.5+kmeans:clusters=16+int8"]
 
 
-def naive_twin(recipe: str) -> str:
-    """The same recipe with every step's data-free algorithm (compression.methods.NAIVE)."""
-    from .methods import NAIVE
-
-    parts = []
-    for part in recipe.split("+"):
-        method, _, args = part.partition(":")
-        method = method.strip()
-        parts.append(f"{method}:{args + ',' if args else ''}algo={NAIVE[method]}")
-    return "+".join(parts)
-
-
 DEFAULT_RECIPES = [r for recipe in CALIBRATED_RECIPES for r in (naive_twin(recipe), recipe)]
-
-
-def algorithms(recipe) -> str:
-    """'gptq', 'sparsegpt+weighted+gptq', ...: which algorithm made each step of a parsed recipe."""
-    return "+".join(str(getattr(s, "algo", "-")) for _, s in recipe.steps)
 
 
 def slug(text: str) -> str:
@@ -64,9 +47,9 @@ def build_variant(entry: str, out_root: str, base_model=None, tokenizer=None,
     """A recipe string/file -> artifact folder under out_root; an existing model folder is used as is.
     Returns (label, algorithms, folder)."""
     if os.path.isdir(entry) and os.path.exists(os.path.join(entry, "config.json")):
-        steps = read_manifest(entry).get("recipe", {}).get("steps", []) \
-            if os.path.exists(os.path.join(entry, MANIFEST)) else []
-        return os.path.basename(os.path.normpath(entry)), "+".join(str(s.get("algo", "-")) for s in steps), entry
+        made_by = algorithms(recipe_from_json(read_manifest(entry)["recipe"])) \
+            if os.path.exists(os.path.join(entry, MANIFEST)) else ""
+        return os.path.basename(os.path.normpath(entry)), made_by, entry
     recipe = parse_recipe(entry)
     folder = os.path.join(out_root, slug(recipe.describe()))
     compressed = apply_recipe(base_model, recipe, stats=stats)
@@ -75,10 +58,11 @@ def build_variant(entry: str, out_root: str, base_model=None, tokenizer=None,
 
 
 def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, *, threads: int = 2,
-                  progress: bool = True, decoding: str = "greedy", calibration=None) -> pd.DataFrame:
+                  progress: bool = True, decoding: str = "greedy", calib: str | None = None,
+                  calib_utterances: int | None = None) -> pd.DataFrame:
     """``decoding``: "greedy" (the model alone) or "lm" (every row decoded with the baseline folder's word LM,
-    so rows still differ only in the acoustic model). ``calibration``: a CalibrationSet (default: the bundled
-    one), whose statistics are collected once and serve every calibrated recipe."""
+    so rows still differ only in the acoustic model). ``calib`` / ``calib_utterances``: calibration audio (default:
+    the bundled set), whose statistics are collected once and serve every calibrated recipe."""
     torch.set_num_threads(threads)
     os.makedirs(out_dir, exist_ok=True)
     artifacts = os.path.join(out_dir, "artifacts")
@@ -95,7 +79,7 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
 
     stats = None
     if any(not os.path.isdir(e) and any(is_calibrated(s) for _, s in parse_recipe(e).steps) for e in recipes):
-        stats = collect_stats(base_model, calibration or load_calibration(features=base_model.cfg.features))
+        stats = stats_for(base_model, calib, calib_utterances)
         if progress:
             print(f"calibration: {stats.describe()}", flush=True)
     variants = [("FP32 (baseline)", "", fp32_dir, 0.0)]

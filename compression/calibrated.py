@@ -22,7 +22,7 @@ from asr_core.errors import SettingsError
 
 from .calibration import CalibrationStats, LayerStats, cholesky_dampened, dampened
 from .obs import codebook_rounder, grid_rounder, row_mask, sparsegpt_mask_chooser, sweep, sweep_order
-from .quantize import GRID, FakeQuant, element_scales
+from .quantize import GRID, FakeQuant, grouped, element_scales
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # shares of max|w| tried as the clipping range (int4, int8)
 TERNARY_GRID = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.6)  # multiples of mean|w| tried as alpha
@@ -80,14 +80,13 @@ def _grid_error(w: torch.Tensor, scales_full: torch.Tensor, kind: str, hdiag: to
 def search_scales(w: torch.Tensor, hdiag: torch.Tensor, kind: str, group: int) -> torch.Tensor:
     """Stored scales -- (out, groups) for int4, (out,) for int8/ternary -- minimising Σ h_jj (w − q(w))², the
     output error as the diagonal of H sees it, over a grid of clipping ranges."""
-    out, width = w.shape
-    grouped = lambda t: torch.nn.functional.pad(t, (0, (-width) % group)).reshape(out, -1, group)  # noqa: E731
+    width = w.shape[1]
     if kind == "ternary" and group:
-        base, grid = grouped(w.abs()).sum(2) / grouped(torch.ones_like(w)).sum(2), TERNARY_GRID
+        base, grid = grouped(w.abs(), group).sum(2) / grouped(torch.ones_like(w), group).sum(2), TERNARY_GRID
     elif kind == "ternary":
         base, grid = w.abs().mean(dim=1), TERNARY_GRID
     elif kind == "int4":
-        base, grid = grouped(w.abs()).amax(2) / 7, CLIP_GRID
+        base, grid = grouped(w.abs(), group).amax(2) / 7, CLIP_GRID
     else:
         base, grid = w.abs().amax(dim=1) / 127, CLIP_GRID
     best, best_err = None, None
@@ -104,10 +103,8 @@ def search_scales(w: torch.Tensor, hdiag: torch.Tensor, kind: str, group: int) -
 
 
 def _per_scale(err: torch.Tensor, kind: str, group: int | None) -> torch.Tensor:
-    if kind == "int8" or not group:
-        return err.sum(1)
-    pad = (-err.shape[1]) % group
-    return torch.nn.functional.pad(err, (0, pad)).reshape(err.shape[0], -1, group).sum(2)
+    """Per-weight errors (out, in) summed per stored scale: per row, or per group of inputs."""
+    return err.sum(1) if kind == "int8" or not group else grouped(err, group).sum(2)
 
 
 def gptq(layers, stats: CalibrationStats, kind: str, group: int = 64, act_order: bool = True,
@@ -129,9 +126,9 @@ def gptq(layers, stats: CalibrationStats, kind: str, group: int = 64, act_order:
 
 
 # ----------------------------------------------------------------------------------------------- k-means
-def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: int, feedback: bool = True) -> None:
-    """Per layer: k-means of the weights, each weighted by its input's energy H_jj; then (``feedback``) GPTQ's
-    sweep rounding each column to the nearest centroid; then bias correction. Registers Clustered."""
+def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: int) -> None:
+    """Per layer: k-means of the weights, each weighted by its input's energy H_jj; then GPTQ's sweep rounding
+    each column to the nearest centroid; then bias correction. Registers Clustered."""
     from .methods import Clustered, kmeans_1d
 
     for name, module in layers:
@@ -144,19 +141,14 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
         if chosen(w).numel() == 0:
             continue
         centroids, _ = kmeans_1d(chosen(w), clusters, iterations, weights=chosen(importance))
-        mids = (centroids[1:] + centroids[:-1]) / 2
-        if feedback:
-            order = sweep_order(h, True)
-            q, _ = sweep(w, h, codebook_rounder(centroids, order, keep), order)
-        else:
-            q = centroids[torch.bucketize(w, mids)] * (1.0 if keep is None else keep)
+        order = sweep_order(h, True)
+        q, _ = sweep(w, h, codebook_rounder(centroids, order, keep), order)
         correct_bias(module, w, q, s)
-        indices = torch.bucketize(q.contiguous(), mids)
-        mask = keep if keep is not None else None
+        indices = torch.bucketize(q, (centroids[1:] + centroids[:-1]) / 2)  # q holds centroid values exactly
         set_weight(module, q)
         parametrize.register_parametrization(
             module, "weight", Clustered(centroids, indices.reshape(module.weight.shape),
-                                        None if mask is None else mask.reshape(module.weight.shape)), unsafe=True)
+                                        None if keep is None else keep.reshape(module.weight.shape)), unsafe=True)
 
 
 # ----------------------------------------------------------------------------------------------- pruning
@@ -203,11 +195,10 @@ def activation_svd(module: nn.Linear, s: LayerStats, energy: float | None, rank:
     root = sigma[:rank].sqrt()
     up = u[:, :rank] * root[None, :]
     down = torch.linalg.solve_triangular(lower, root[:, None] * vh[:rank], upper=False, left=False)  # (Σ½Vᵀ) S⁻¹
-    approx = (up @ down).float()
     bias = module.bias.detach().float() if module.bias is not None else None
     if bias is not None:
-        bias = bias + (w - approx) @ s.mean
-    return rank, up.float(), down.float(), bias
+        bias = bias + (w - up @ down) @ s.mean
+    return rank, up, down, bias
 
 
 # ----------------------------------------------------------------------------------------------- structured

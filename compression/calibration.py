@@ -6,7 +6,6 @@ For every Linear and (non-depthwise) convolution, forward pre-hooks accumulate o
 - ``gram`` = Σ x xᵀ (in, in): GPTQ's and SparseGPT's Hessian (H = gram / n), SVD-LLM's whitening, the
   least-squares refit of structured pruning; the output covariance W·C·Wᵀ of LiteASR follows from it.
 - ``total`` = Σ x (in,): the input mean, for bias correction and FLAP's bias compensation.
-- ``absmax`` = max |x| (in,): SmoothQuant's per-channel activation range.
 
 Layers fed the same tensor (an attention block's q, k and v projections) share one accumulator. Statistics
 are kept in memory, once per baseline, and reused across recipes and knob changes; the features of the
@@ -18,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,18 +44,16 @@ class CalibrationSet:
     audio_seconds: float
     config: object = None  # the FeatureConfig they were computed with
 
-
     def __len__(self) -> int:
         return len(self.features)
 
 
 @dataclass
 class LayerStats:
-    """Input statistics of one layer over n frames: ``gram`` (in, in), ``total`` and ``absmax`` (in,), float32."""
+    """Input statistics of one layer over n frames: ``gram`` (in, in) and ``total`` (in,), float32."""
 
     gram: torch.Tensor
     total: torch.Tensor
-    absmax: torch.Tensor
     n: int = 0
 
     @property
@@ -88,7 +85,6 @@ class CalibrationStats:
     calibration: CalibrationSet
     seconds: float
     frames: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def get(self, name: str) -> LayerStats | None:
         return self.layers.get(name)
@@ -98,8 +94,7 @@ class CalibrationStats:
                 f"{self.calibration.source}, {self.frames} frames, collected in {self.seconds:.1f} s")
 
 
-def load_calibration(source: str | None = None, utterances: int | None = None, features=None,
-                     seed: int = 0) -> CalibrationSet:
+def load_calibration(source: str | None = None, utterances: int | None = None, features=None) -> CalibrationSet:
     """Audio (a folder of any audio, a LibriSpeech folder or a manifest; no transcripts needed) -> features.
 
     ``source`` None: the set bundled in ``assets/calibration/``. ``utterances``: how many to use (default
@@ -193,7 +188,6 @@ def accumulate(model: nn.Module, layers, runs, progress=None, total: int = 0) ->
             rows = layer_inputs(module, x).float()
             s.gram.addmm_(rows.T, rows)  # float32: a float64 copy of a 2048² Gram costs more than the product
             s.total += rows.sum(0)
-            torch.maximum(s.absmax, rows.abs().amax(0), out=s.absmax)
             s.n += rows.shape[0]
         return pre_hook
 
@@ -243,7 +237,7 @@ def block_inputs(model: nn.Module, calibration: CalibrationSet) -> list[tuple]:
 
 
 def _empty(width: int) -> LayerStats:
-    return LayerStats(torch.zeros(width, width), torch.zeros(width), torch.zeros(width))
+    return LayerStats(torch.zeros(width, width), torch.zeros(width))
 
 
 def dampened(hessian: torch.Tensor, percent: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,6 +262,14 @@ def bundled_stats(model: nn.Module) -> CalibrationStats:
     if model not in _BUNDLED_STATS:
         _BUNDLED_STATS[model] = collect_stats(model, load_calibration(features=model.cfg.features))
     return _BUNDLED_STATS[model]
+
+
+def stats_for(model: nn.Module, source: str | None = None, utterances: int | None = None) -> CalibrationStats:
+    """The model's statistics on ``source`` (``utterances`` of it), or on the bundled set (cached) when neither
+    is given: what ``--calib`` / ``--calib-utterances`` ask for, in the CLI, the benchmark and the app alike."""
+    if source is None and utterances is None:
+        return bundled_stats(model)
+    return collect_stats(model, load_calibration(source, utterances, features=model.cfg.features))
 
 
 def cholesky_dampened(matrix: torch.Tensor, percent: float = 1e-4) -> torch.Tensor:

@@ -20,13 +20,12 @@ def _calib_flags(p):
 
 def calibration_stats(args, model, recipes):
     """The model's calibration statistics when any recipe asks for a calibrated algorithm, else None."""
-    from .calibration import collect_stats, load_calibration
+    from .calibration import stats_for
     from .methods import is_calibrated
 
     if not any(is_calibrated(s) for r in recipes for _, s in r.steps):
         return None
-    calib = load_calibration(args.calib, args.calib_utterances, features=model.cfg.features)
-    stats = collect_stats(model, calib)
+    stats = stats_for(model, args.calib, args.calib_utterances)
     print(f"calibration: {stats.describe()}", flush=True)
     return stats
 
@@ -41,8 +40,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--out", required=True, help="artifact folder to write")
     _calib_flags(p)
     p.add_argument("--sequential", action="store_true",
-                   help="re-collect calibration statistics on the partly compressed model before every calibrated "
-                        "step of a chain (default: only after steps that reshape layers)")
+                   help="GPTQ's true-sequential mode: calibrate every block on the outputs of the blocks before it, "
+                        "already compressed, and every step of a chain on the steps before it (slower; default: "
+                        "statistics of the uncompressed model, re-collected only after steps that reshape layers)")
     p.add_argument("--distill", action="store_true",
                    help="fine-tune against the uncompressed model's frame posteriors (KL); any audio works, "
                         "transcripts not needed (default data: the calibration audio)")
@@ -134,19 +134,16 @@ def cmd_compress(args) -> int:
 
 def _finetune(args, base, compressed, tokenizer, model_dir) -> dict:
     """Recovery fine-tuning of ``compressed`` (CTC on --data, or distillation from ``base``); its summary."""
-    from asr_core.checkpoint import read_config
     from asr_core.data import load_utterances, read_audio_files
 
     from .calibration import BUNDLED
-    from .compress import finetune
+    from .compress import finetune, trained_freeze_layers
 
     source = args.data or args.calib or str(BUNDLED)
     train_utts = read_audio_files(source) if args.distill else load_utterances(source)
     dev_utts = load_utterances(args.dev, 100) if args.dev else []
-    frozen = args.freeze_layers
-    if frozen is None:  # as the model was trained (train records it); distilling every block of the shipped model
-        # with dropout made it worse (docs/RESULTS.md), as training its frozen Whisper blocks always did
-        frozen = int(read_config(model_dir).get("training", {}).get("freeze_layers", 0))
+    # distilling every block of the shipped model made it worse (docs/RESULTS.md): as trained, unless asked
+    frozen = trained_freeze_layers(model_dir) if args.freeze_layers is None else args.freeze_layers
     summary = finetune(compressed, tokenizer, train_utts, dev_utts, steps=args.finetune_steps or None,
                        minutes=args.finetune_minutes, lr=args.lr, batch_seconds=args.batch_seconds,
                        freeze_layers=frozen, teacher=base if args.distill else None, distill=args.distill,
@@ -161,7 +158,6 @@ def cmd_benchmark(args) -> int:
     from asr_core.data import load_utterances
 
     from .benchmark import DEFAULT_RECIPES, markdown_table, run_benchmark
-    from .calibration import load_calibration
     from .recipe import parse_recipe
 
     recipes = args.recipes or DEFAULT_RECIPES
@@ -169,9 +165,8 @@ def cmd_benchmark(args) -> int:
         if not os.path.isdir(r):
             parse_recipe(r)
     utterances = load_utterances(args.data, args.limit)
-    calib = load_calibration(args.calib, args.calib_utterances) if args.calib or args.calib_utterances else None
     table = run_benchmark(args.model or default_model_dir(), utterances, recipes, args.out, threads=args.threads,
-                          decoding=args.decoding, calibration=calib)
+                          decoding=args.decoding, calib=args.calib, calib_utterances=args.calib_utterances)
     print(markdown_table(table))
     print(f"\n{len(utterances)} utterances, {args.threads} threads, {args.decoding} decoding -> "
           f"{args.out}/results.md, results.csv, results.json, charts.html")

@@ -105,6 +105,14 @@ def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int
     return summary
 
 
+def trained_freeze_layers(model_dir: str) -> int:
+    """How many blocks (with the stem) the model was trained with fixed (``train`` records it in config.json):
+    recovery fine-tuning keeps them fixed too, as training them has always hurt the shipped baseline."""
+    from asr_core.checkpoint import read_config
+
+    return int(read_config(model_dir).get("training", {}).get("freeze_layers", 0))
+
+
 def _loss_weights(train_utts, teacher: nn.Module | None, distill: bool, ctc_weight: float | None) -> dict:
     """TrainConfig's ctc_weight and distill_weight for :func:`finetune`; refuses CTC on data without transcripts."""
     if ctc_weight is not None and not distill:

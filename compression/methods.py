@@ -63,7 +63,6 @@ class Int8Settings:
             raise SettingsError(f"int8 activations must be 'full' or 'reduced', got {self.activations!r}")
 
 
-
 @dataclass
 class Int4Settings:
     group: int = 64  # input weights sharing one scale

@@ -20,7 +20,7 @@ from asr_core.weight_int8 import EPS, int8_dequantize, int8_quantize  # noqa: F4
 from asr_core.weight_int8 import fp16_exact as _fp16_exact
 
 
-def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
     out, inp = w.shape
     pad = (-inp) % group
     if pad:
@@ -30,7 +30,7 @@ def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
 
 def int4_quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) -> int8 codes in [-8, 7] (out, in), fp32 scales (out, ceil(in / group))."""
-    g = _grouped(w, group)
+    g = grouped(w, group)
     scales = _fp16_exact(g.abs().amax(dim=2) / 7.0)
     codes = torch.round(g / scales[..., None]).clamp(-8, 7)
     return codes.reshape(w.shape[0], -1)[:, : w.shape[1]].to(torch.int8), scales
@@ -38,14 +38,14 @@ def int4_quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
 
 def int4_dequantize(codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     out, inp = codes.shape
-    g = _grouped(codes.float(), group) * scales[..., None]
+    g = grouped(codes.float(), group) * scales[..., None]
     return g.reshape(out, -1)[:, :inp]
 
 
 def ternary_quantize(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) -> codes in {-1, 0, 1} (int8), alpha (out,) -- or (out, ceil(in / group)) per group of inputs."""
-    g = _grouped(w, group) if group else w[:, None, :]  # (out, groups, size); padding zeros do not count
-    counted = torch.ones_like(g, dtype=torch.bool) if not group else _grouped(torch.ones_like(w), group).bool()
+    g = grouped(w, group) if group else w[:, None, :]  # (out, groups, size); padding zeros do not count
+    counted = torch.ones_like(g, dtype=torch.bool) if not group else grouped(torch.ones_like(w), group).bool()
     delta = 0.7 * (g.abs() * counted).sum(2, keepdim=True) / counted.sum(2, keepdim=True).clamp_min(1)
     keep = (g.abs() > delta) & counted
     alpha = (g.abs() * keep).sum(2) / keep.sum(2).clamp_min(1)
@@ -145,7 +145,7 @@ def quantized_int8_linear(linear: nn.Linear, codes: torch.Tensor | None = None,
     :func:`int8_quantize`, so the weights are exactly those the artifact stores. ``full_range``: 8-bit
     activations where :func:`full_range_int8_is_safe` (else torch's 7-bit default).
 
-    Why torch.ao's dynamic Linear and not torchao: on this 2-core CPU it measured faster (README, Results).
+    Why torch.ao's dynamic Linear and not torchao: on this 2-core CPU it measured faster (docs/HISTORY.md).
     """
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from asr_core.errors import SettingsError
 
-from .methods import DEFAULT_SKIP, SETTINGS, STAGE, make_settings
+from .methods import DEFAULT_SKIP, NAIVE, SETTINGS, STAGE, make_settings
 
 
 @dataclass
@@ -82,6 +82,32 @@ def validate_order(methods: list[str]) -> None:
         seen.add(method)
 
 
+def recipe_from_json(data: dict, skip: tuple[str, ...] | None = None) -> Recipe:
+    """A recipe as :meth:`Recipe.to_json` (or a recipe file) writes it -> Recipe (steps validated one by one)."""
+    steps = []
+    for step in data.get("steps", []):
+        step = dict(step)
+        method = step.pop("method", None)
+        steps.append((method, make_settings(method, **step)))
+    return Recipe(steps, tuple(data.get("skip", skip or DEFAULT_SKIP)), data.get("name", ""),
+                  tuple(data["only"]) if data.get("only") else None)
+
+
+def algorithms(recipe: Recipe) -> str:
+    """'gptq', 'sparsegpt+weighted+gptq', ...: which algorithm made each step."""
+    return "+".join(str(getattr(s, "algo", "-")) for _, s in recipe.steps)
+
+
+def naive_twin(text: str) -> str:
+    """An inline recipe with every step's data-free algorithm (``methods.NAIVE``), its settings as written."""
+    parts = []
+    for part in text.split("+"):
+        method, _, args = part.partition(":")
+        method = method.strip()
+        parts.append(f"{method}:{args + ',' if args else ''}algo={NAIVE[method]}")
+    return "+".join(parts)
+
+
 def parse_recipe(text: str, skip: tuple[str, ...] | None = None) -> Recipe:
     """An inline recipe string or the path of a JSON recipe file -> validated Recipe."""
     text = text.strip()
@@ -93,13 +119,7 @@ def parse_recipe(text: str, skip: tuple[str, ...] | None = None) -> Recipe:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
             raise SettingsError(f"cannot read recipe file {text}: {err}") from None
-        steps = []
-        for step in data.get("steps", []):
-            step = dict(step)
-            method = step.pop("method", None)
-            steps.append((method, make_settings(method, **step)))
-        recipe = Recipe(steps, tuple(data.get("skip", skip or DEFAULT_SKIP)), data.get("name", ""),
-                        tuple(data["only"]) if data.get("only") else None)
+        recipe = recipe_from_json(data, skip)
     else:
         steps = []
         for part in text.split("+"):

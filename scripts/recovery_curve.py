@@ -37,11 +37,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    from asr_core.checkpoint import default_model_dir, load_model, read_config
+    from asr_core.checkpoint import default_model_dir, load_model
     from asr_core.data import load_utterances, read_audio_files
     from asr_core.evaluation import evaluate
     from compression.artifact import save_artifact
-    from compression.compress import apply_recipe, finetune
+    from compression.compress import apply_recipe, finetune, trained_freeze_layers
     from compression.recipe import parse_recipe
 
     torch.set_num_threads(args.threads)
@@ -49,9 +49,7 @@ def main(argv=None) -> int:
     marks = sorted(args.minutes)
     model_dir = args.model or default_model_dir()
     base, tokenizer = load_model(model_dir)
-    frozen = args.freeze_layers
-    if frozen is None:
-        frozen = int(read_config(model_dir).get("training", {}).get("freeze_layers", 0))
+    frozen = trained_freeze_layers(model_dir) if args.freeze_layers is None else args.freeze_layers
     student = apply_recipe(base, recipe, progress=True)
     os.makedirs(args.out, exist_ok=True)
     save_artifact(student, os.path.join(args.out, "after_0min"), tokenizer, recipe.to_json())

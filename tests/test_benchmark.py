@@ -36,7 +36,8 @@ def test_sensitivity_rows(tiny_model_dir, dev_dir):
 
 
 def test_long_recipes_get_distinct_folders():
-    from compression.benchmark import naive_twin, slug
+    from compression.benchmark import slug
+    from compression.recipe import naive_twin
 
     a = "structured:fraction=0.3+prune:sparsity=0.5+kmeans:clusters=8+int8"
     b = "structured:fraction=0.3+prune:sparsity=0.5+kmeans:clusters=16+int8"
