@@ -1,14 +1,18 @@
 """Model folders: ``model.safetensors`` + ``config.json`` (+ ``vocab.json``). Loading never unpickles.
 
-One loader for everything that can be a model: :func:`load_model` also opens compressed artifacts (folders
-with a ``compression.json`` manifest) by handing them to the ``compression`` package, so evaluation,
-transcription, the app and the benchmark need no special case.
+One loader for everything that can be a model: :func:`load_model` dispatches on the folder's format
+(:func:`folder_format`). Formats other than the plain checkpoint (compressed artifacts, ONNX folders) register
+their loader under the ``edge_asr.model_formats`` entry-point group (see pyproject.toml), so ``asr_core`` never
+imports the packages above it and still opens every folder they write.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
@@ -18,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import ConformerCTC
+from .provenance import Provenance, file_sha256, read_provenance
 from .text import CharTokenizer
 from .weight_int8 import int8_dequantize, int8_quantize
 
@@ -69,8 +74,9 @@ def round_to_int8_storage(model: ConformerCTC, layers: int | None = None) -> int
 
 
 def save_model(folder: str, model: ConformerCTC, tokenizer: CharTokenizer, *, half: bool = False,
-               int8: bool = True, extra: dict | None = None) -> None:
-    """Write weights (fp16 when ``half``), config and vocabulary; ``extra`` goes into config.json as is.
+               int8: bool = True, extra: dict | None = None, provenance: Provenance | None = None) -> None:
+    """Write weights (fp16 when ``half``), config and vocabulary; ``extra`` goes into config.json as is, and
+    ``provenance`` under "provenance" (see :mod:`asr_core.provenance`).
 
     The matrices ``cfg.int8_stored_layers`` names are stored as int8 codes under their own name plus fp16 scales
     under ``NAME + INT8_SCALE`` (``int8=False``: as the rest, e.g. to measure full-precision bytes)."""
@@ -86,13 +92,21 @@ def save_model(folder: str, model: ConformerCTC, tokenizer: CharTokenizer, *, ha
     save_file(state, tmp)
     os.replace(tmp, os.path.join(folder, WEIGHTS))  # never leave a half-written checkpoint behind
     config = {"format": FORMAT, "version": 1, "model": model.cfg.to_dict(), **(extra or {})}
-    with open(os.path.join(folder, CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    if provenance is not None:
+        signed = dataclasses.replace(provenance, weights_sha256=file_sha256(os.path.join(folder, WEIGHTS)))
+        config["provenance"] = signed.to_dict()
+    write_config(folder, config)
     with open(os.path.join(folder, VOCAB), "w") as f:
         f.write(tokenizer.to_json())
 
 
+def write_config(folder: str, config: dict) -> None:
+    with open(os.path.join(folder, CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def read_config(folder: str) -> dict:
+    """A model folder's config.json; its provenance record, when it has one, is validated."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"Model folder not found: {folder}")
     path = os.path.join(folder, CONFIG)
@@ -100,9 +114,16 @@ def read_config(folder: str) -> dict:
         raise CheckpointError(f"{folder} is not a model folder: it has no {CONFIG}")
     try:
         with open(path) as f:
-            return json.load(f)
+            config = json.load(f)
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    try:
+        read_provenance(config)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return config
 
 
 def read_tokenizer(folder: str) -> CharTokenizer:
@@ -157,15 +178,58 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> ConformerCT
     return model.eval()
 
 
-def load_model(folder: str | None = None) -> tuple[torch.nn.Module, CharTokenizer]:
-    """Open any model folder: a trained checkpoint or a compressed artifact. Returns (model in eval mode, tokenizer)."""
-    folder = folder or default_model_dir()
-    config = read_config(folder)
-    tokenizer = read_tokenizer(folder)
-    if os.path.exists(os.path.join(folder, MANIFEST)):
-        from compression.artifact import load_artifact  # the compression package rebuilds its own layers
+ARTIFACT, ONNX, CHECKPOINT = "artifact", "onnx", "checkpoint"
+ONNX_FILE = "model.onnx"
 
-        return load_artifact(folder), tokenizer
+
+def folder_format(folder: str) -> str:
+    """"artifact" (a ``compression.json`` manifest), "onnx" (a ``model.onnx``) or "checkpoint". The one test of
+    what a model folder holds; raises CheckpointError when it is not a model folder at all."""
+    read_config(folder)
+    if is_artifact(folder):
+        return ARTIFACT
+    if os.path.exists(os.path.join(folder, ONNX_FILE)):
+        return ONNX
+    return CHECKPOINT
+
+
+def provenance_matches_weights(folder: str) -> bool | None:
+    """Whether the folder's provenance was written for the model.safetensors beside it (None: no record, or a
+    record without a digest)."""
+    record = read_provenance(read_config(folder))
+    if record is None or not record.weights_sha256:
+        return None
+    return record.weights_sha256 == file_sha256(os.path.join(folder, WEIGHTS))
+
+
+def is_artifact(folder: str) -> bool:
+    """Whether ``folder`` is a compressed artifact (False for anything else, including a missing folder)."""
+    return os.path.isdir(folder) and os.path.exists(os.path.join(folder, MANIFEST))
+
+
+@functools.cache
+def format_loaders() -> dict[str, Callable]:
+    """Loaders registered by installed packages: format name -> ``load(folder, **options) -> model``."""
+    return {ep.name: ep for ep in entry_points(group="edge_asr.model_formats")}
+
+
+def _load_registered(kind: str, folder: str, **options) -> torch.nn.Module:
+    entry = format_loaders().get(kind)
+    if entry is None:
+        raise CheckpointError(f"{folder} is an {kind} folder, but no installed package opens that format "
+                              f"(reinstall with `pip install -e .`)")
+    return entry.load()(folder, **options)
+
+
+def load_model(folder: str | None = None, **options) -> tuple[torch.nn.Module, CharTokenizer]:
+    """Open any model folder: a trained checkpoint, a compressed artifact or an ONNX export. Returns (model in eval
+    mode, tokenizer). ``options`` go to the format's loader (e.g. ``threads`` for an ONNX Runtime session)."""
+    folder = folder or default_model_dir()
+    kind = folder_format(folder)
+    tokenizer = read_tokenizer(folder)
+    if kind != CHECKPOINT:
+        return _load_registered(kind, folder, **options), tokenizer
+    config = read_config(folder)
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{folder}/config.json has format {config.get('format')!r}, expected {FORMAT!r}")
     return build_model(model_config(config), read_state(folder)), tokenizer

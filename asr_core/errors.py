@@ -18,4 +18,11 @@ class CheckpointError(EdgeASRError):
 
 
 class SettingsError(EdgeASRError, ValueError):
-    """A setting (CLI flag, compression knob, recipe) is out of range or unknown."""
+    """A setting (compression knob, recipe, training option) is out of range or unknown.
+
+    ``setting``: the library's name of it (e.g. "freeze_layers"), so a front end can name its own control
+    (the CLI: ``--freeze-layers``) without the library knowing about flags."""
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting

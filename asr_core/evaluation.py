@@ -55,14 +55,23 @@ def decode_batches(model: torch.nn.Module, decoder: GreedyDecoder, loader, devic
     return out
 
 
-def evaluate(transcriber: Transcriber, utterances: list[Utterance], *, threads: int = 2, warmup: int = 2,
+def timed_decode(transcriber: Transcriber, samples: np.ndarray) -> tuple[str, torch.Tensor, float]:
+    """The latency this project reports everywhere (evaluate, benchmark, the app's tabs): wall seconds from 16 kHz
+    samples in memory to text, features + model + decoder, on a warm model. Audio decoding and resampling are
+    left out (they depend on the file, not the model). Returns (text, log-probs, seconds)."""
+    start = time.perf_counter()
+    log_probs = transcriber.log_probs(samples)
+    text = transcriber.decoder(log_probs)
+    return text, log_probs, time.perf_counter() - start
+
+
+def evaluate(transcriber: Transcriber, utterances: list[Utterance], *, warmup: int = 2,
              model_dir: str | None = None, progress: bool = True) -> dict:
     """One utterance at a time, as a device would see them: hypotheses, corpus WER/CER, latency, RTF.
 
-    Latency is wall time from 16 kHz samples in memory to text (features + model + decoding), measured after
-    ``warmup`` untimed utterances, with ``torch.set_num_threads(threads)``.
+    Latency per utterance is :func:`timed_decode`, measured after ``warmup`` untimed utterances, with the
+    process's torch threads (set once by the entry point) or the ONNX session's own.
     """
-    torch.set_num_threads(threads)
     audio = [load_audio(u.audio_path, allow_silence=True) for u in tqdm(utterances, desc="loading audio",
                                                                         disable=not progress)]
     for samples in audio[:warmup]:
@@ -70,30 +79,40 @@ def evaluate(transcriber: Transcriber, utterances: list[Utterance], *, threads: 
     hypotheses, greedy_hypotheses, latencies = [], [], []
     with_lm = not isinstance(transcriber.decoder, GreedyDecoder)
     for samples in tqdm(audio, desc="decoding", disable=not progress):
-        start = time.perf_counter()
-        log_probs = transcriber.log_probs(samples)
-        hypotheses.append(transcriber.decoder(log_probs))
-        latencies.append(time.perf_counter() - start)
+        text, log_probs, seconds = timed_decode(transcriber, samples)
+        hypotheses.append(text)
+        latencies.append(seconds)
         if with_lm:  # greedy from the same log-probs, outside the timing: reported apart
             greedy_hypotheses.append(transcriber.greedy(log_probs))
-    audio_seconds = sum(len(a) for a in audio) / SAMPLE_RATE
-    wall = sum(latencies)
     result = error_rates([u.text for u in utterances], hypotheses)
     result["decoding"] = "beam search + LM" if with_lm else "greedy"
     if with_lm:
         greedy = error_rates([u.text for u in utterances], greedy_hypotheses)
         result["greedy"] = {"wer": greedy["wer"], "cer": greedy["cer"]}
+    result.update(_timing(audio, latencies, transcriber.model))
     result.update({
         "n_utterances": len(utterances),
-        "audio_seconds": round(audio_seconds, 3),
-        "wall_seconds": round(wall, 3),
-        "rtf": wall / audio_seconds,
-        "latency_ms_median": 1000 * statistics.median(latencies),
-        "latency_ms_p90": 1000 * float(np.percentile(latencies, 90)),
-        "threads": threads,
-        "params": count_parameters(transcriber.model),
         "bytes_on_disk": folder_bytes(model_dir) if model_dir and os.path.isdir(model_dir) else None,
         "utterances": [{"id": u.id, "reference": normalize_text(u.text), "hypothesis": h}
                        for u, h in zip(utterances, hypotheses)],
     })
     return result
+
+
+def _timing(audio: list[np.ndarray], latencies: list[float], model) -> dict:
+    audio_seconds = sum(len(a) for a in audio) / SAMPLE_RATE
+    wall = sum(latencies)
+    return {"audio_seconds": round(audio_seconds, 3), "wall_seconds": round(wall, 3),
+            "rtf": wall / audio_seconds if audio_seconds else float("nan"),
+            "latency_ms_median": 1000 * statistics.median(latencies) if latencies else float("nan"),
+            "latency_ms_p90": 1000 * float(np.percentile(latencies, 90)) if latencies else float("nan"),
+            "threads": getattr(model, "threads", None) or torch.get_num_threads(),
+            "params": count_parameters(model)}
+
+
+def summary_line(result: dict) -> str:
+    """One line of an evaluation's figures, for the terminal."""
+    greedy = f"  (greedy WER {result['greedy']['wer']:.2%} CER {result['greedy']['cer']:.2%})" \
+        if "greedy" in result else ""
+    return (f"{result['decoding']}: WER {result['wer']:.2%}  CER {result['cer']:.2%}{greedy}  RTF {result['rtf']:.3f}  "
+            f"latency median {result['latency_ms_median']:.0f} ms")

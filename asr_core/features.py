@@ -58,10 +58,6 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0
     return torch.from_numpy(weights.astype(np.float32))
 
 
-def n_frames(n_samples: int, cfg: FeatureConfig) -> int:
-    return n_samples // cfg.hop_length
-
-
 def log_mel(samples: torch.Tensor | np.ndarray, cfg: FeatureConfig) -> torch.Tensor:
     """(n_samples,) float samples -> (n_samples // hop, n_mels) normalised log-mel features."""
     samples = torch.as_tensor(samples, dtype=torch.float32)

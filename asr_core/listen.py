@@ -61,13 +61,22 @@ class LiveTranscriber:
         return self.transcriber.transcribe(self.buffer)
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 600 seconds, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-asr listen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model folder (default: the shipped baseline)")
     parser.add_argument("--device", default=None, help="input device name or index (default: the system's)")
-    parser.add_argument("--window", type=float, default=10.0, help="seconds per committed line (default 10)")
-    parser.add_argument("--step", type=float, default=1.0, help="seconds between updates (default 1)")
+    parser.add_argument("--window", type=_seconds, default=10.0, help="seconds per committed line (default 10)")
+    parser.add_argument("--step", type=_seconds, default=1.0, help="seconds between updates (default 1)")
     args = parser.parse_args(argv)
+    if args.step > args.window:
+        parser.error(f"--step ({args.step:g} s) must not exceed --window ({args.window:g} s)")
     try:
         import sounddevice as sd
     except (ImportError, OSError) as err:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import math
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
@@ -88,11 +89,6 @@ class NGramLM:
             total += self.log10_prob(history, w)
             history = self.next_history(history, w)
         return total
-
-    def perplexity(self, sentences: list[list[str]]) -> float:
-        total = sum(self.sentence_log10(s) for s in sentences)
-        n = sum(len(s) + 1 for s in sentences)
-        return 10 ** (-total / max(1, n))
 
     # ----- ARPA -----
     def write_arpa(self, path: str) -> None:
@@ -251,3 +247,42 @@ def _backoff_prob(gram: tuple, interp: list[dict[tuple, float]], bows: dict[tupl
         weight *= bows.get(gram[:-1], 1.0)
         gram = gram[1:]
     return weight * p1.get(gram[-1], 10 ** unk_log10) if gram else 0.0
+
+
+def build_from_sources(data: list[str], text_files: list[str], *, order: int = 3, min_count: int = 2,
+                       wordfreq_words: int = 0, prior_weight: float = 0.3) -> tuple[NGramLM, int]:
+    """A Kneser-Ney LM from the transcripts of data sets (folders or manifests) and plain text files, with the
+    ``wordfreq_words`` most frequent English words of the `wordfreq` package as a unigram prior when asked.
+    Returns (LM, words of text)."""
+    from .data import load_utterances
+    from .text import normalize_text
+
+    if not data and not text_files:
+        raise SettingsError("give at least one transcript set or text file to build the LM from", setting="data")
+    if not 0 <= prior_weight < 1:
+        raise SettingsError(f"prior_weight must be in [0, 1), got {prior_weight}", setting="prior_weight")
+    sentences = []
+    for source in data:
+        sentences += [normalize_text(u.text).split() for u in load_utterances(source)]
+    for path in text_files:
+        if not os.path.exists(path):
+            raise SettingsError(f"text file not found: {path}", setting="text")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            sentences += [normalize_text(line).split() for line in f]
+    sentences = [s for s in sentences if s]
+    prior = _wordfreq_prior(wordfreq_words) if wordfreq_words else None
+    lm = build_kneser_ney(sentences, order, min_count=min_count, unigram_prior=prior,
+                          prior_weight=prior_weight if prior else 0.0)
+    return lm, sum(len(s) for s in sentences)
+
+
+def _wordfreq_prior(n: int) -> dict[str, float]:
+    try:
+        import wordfreq
+    except ImportError:
+        raise SettingsError("a wordfreq prior needs `pip install wordfreq` (the `train` extra)",
+                            setting="wordfreq") from None
+    from .text import normalize_text
+
+    words = [normalize_text(w) for w in wordfreq.top_n_list("en", n)]
+    return {w: wordfreq.word_frequency(w, "en") for w in words if w and " " not in w}

@@ -6,6 +6,7 @@ values, quantisation grids) are parametrizations of the weights, so the loop nee
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -28,6 +29,7 @@ from .decoding import GreedyDecoder
 from .errors import SettingsError
 from .evaluation import decode_batches, error_rates
 from .model import ConformerCTC, valid_mask
+from .provenance import Provenance, current_command
 from .text import CharTokenizer
 
 STATE_FILE = "train_state.pt"  # optimizer + progress; written by us, read with weights_only=True
@@ -170,12 +172,12 @@ def _resolve_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def frozen_modules(model: ConformerCTC, n_blocks: int, flag: str = "--freeze-layers") -> list[torch.nn.Module]:
-    """The conv stem, the dropout after it and the first ``n_blocks`` blocks (none when 0). ``flag`` names the
-    option in the message when ``n_blocks`` is out of range."""
+def frozen_modules(model: ConformerCTC, n_blocks: int, name: str = "freeze_layers") -> list[torch.nn.Module]:
+    """The conv stem, the dropout after it and the first ``n_blocks`` blocks (none when 0). ``name`` is the
+    setting named in the message when ``n_blocks`` is out of range."""
     if not 0 <= n_blocks <= model.cfg.n_layers:
-        raise SettingsError(f"{flag} must be between 0 and the model's {model.cfg.n_layers} blocks, "
-                            f"got {n_blocks}")
+        raise SettingsError(f"{name} must be between 0 and the model's {model.cfg.n_layers} blocks, got {n_blocks}",
+                            setting=name)
     if n_blocks == 0:
         return []
     return [model.subsampling, model.dropout, *model.blocks[:n_blocks]]
@@ -194,15 +196,259 @@ def average_states(states: list[dict[str, torch.Tensor]],
             for k in states[0]}
 
 
+@dataclass
+class Optimization:
+    """What :func:`build_optimizer` sets up: the optimizer, the parameters the encoder warm-up switches off
+    (``body``) and the modules frozen for the whole run (kept in eval mode: no dropout where nothing learns)."""
+
+    optimizer: torch.optim.Optimizer
+    body: list[torch.nn.Parameter]
+    frozen: list[torch.nn.Module]
+
+
+def build_optimizer(model: ConformerCTC, cfg: TrainConfig) -> Optimization:
+    """AdamW with up to three groups: the body at ``lr``, the CTC head at ``head_lr``, the ``slow_layers`` part at
+    ``lr * slow_lr_scale``; the ``freeze_layers`` part gets no gradients at all."""
+    frozen = frozen_modules(model, cfg.freeze_layers)
+    for module in frozen:
+        module.requires_grad_(False)
+    if not cfg.slow_lr_scale > 0:
+        raise SettingsError(f"slow_lr_scale must be above 0 (freeze the layers instead), got {cfg.slow_lr_scale}",
+                            setting="slow_lr_scale")
+    slow_ids = {id(p) for module in frozen_modules(model, cfg.slow_layers, "slow_layers")
+                for p in module.parameters()}
+    head = [p for n, p in model.named_parameters() if n.startswith("head.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("head.") and p.requires_grad]
+    groups = [{"params": [p for p in body if id(p) not in slow_ids], "lr": cfg.lr},
+              {"params": head, "lr": cfg.head_lr or cfg.lr}]
+    slow = [p for p in body if id(p) in slow_ids]
+    if slow:
+        groups.append({"params": slow, "lr": cfg.lr * cfg.slow_lr_scale})
+    for g in groups:
+        g["peak_lr"] = g["lr"]
+    return Optimization(torch.optim.AdamW(groups, weight_decay=cfg.weight_decay), body, frozen)
+
+
+@dataclass
+class TrainState:
+    """Progress that a resumed run continues from (saved in ``train_state.pt``)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_wer: float = float("inf")
+    audio_seconds: float = 0.0
+    train_seconds: float = 0.0
+    data_wait_seconds: float = 0.0
+
+    def summary(self, reason: str) -> dict:
+        return {"reason": reason, "step": self.step, "epoch": self.epoch, "audio_seconds": self.audio_seconds,
+                "train_seconds": self.train_seconds,
+                "audio_sec_per_sec": self.audio_seconds / max(1e-9, self.train_seconds),
+                "data_wait_fraction": self.data_wait_seconds / max(1e-9, self.train_seconds)}
+
+
+def make_loaders(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Utterance],
+                 dev_utts: list[Utterance], cfg: TrainConfig):
+    """(sampler, train loader, dev loader or None, dev utterances kept)."""
+    dataset = SpeechDataset(train_utts, model.cfg.features, tokenizer, speed_factors=tuple(cfg.speed_factors))
+    if cfg.workers > 0:
+        dataset.preload(cfg.workers)  # one shared cache for all workers (see SpeechDataset.preload)
+    sampler = BucketBatchSampler([u.duration for u in train_utts], cfg.batch_seconds, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
+                        persistent_workers=cfg.workers > 0)
+    dev_utts = dev_utts[: cfg.dev_limit] if cfg.dev_limit else dev_utts
+    if not dev_utts:
+        return sampler, loader, None, []
+    dev_set = SpeechDataset(dev_utts, model.cfg.features, tokenizer)
+    dev_sampler = BucketBatchSampler([u.duration for u in dev_utts], cfg.batch_seconds, shuffle=False)
+    return sampler, loader, DataLoader(dev_set, batch_sampler=dev_sampler, collate_fn=collate), dev_utts
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int | None:
+    """The step count the schedule runs over: the smaller of max_steps and epochs' worth (None: neither)."""
+    total = cfg.max_steps
+    if cfg.epochs is not None:
+        by_epochs = math.ceil(cfg.epochs * batches_per_epoch)
+        total = by_epochs if total is None else min(total, by_epochs)
+    return total
+
+
+class Checkpointer:
+    """Everything a run writes under ``out_dir`` (nothing when None): ``last/`` + ``train_state.pt`` (resumable),
+    ``best/`` (lowest dev WER), ``snapshots/`` of the last ``average_last`` validations, ``averaged/`` from them,
+    and ``log.csv``. Each folder's provenance says what it holds and what was measured on it."""
+
+    def __init__(self, out_dir: str | None, model: ConformerCTC, tokenizer: CharTokenizer, cfg: TrainConfig,
+                 optimizer: torch.optim.Optimizer):
+        self.out_dir, self.model, self.tokenizer, self.cfg, self.optimizer = out_dir, model, tokenizer, cfg, optimizer
+        self.snapshots: list[str] = []
+        self._log_file = None
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+
+    def resume(self, state: TrainState, device: str) -> bool:
+        """Load last/ and train_state.pt into the model, optimizer, state and RNGs; False when nothing to resume."""
+        path = os.path.join(self.out_dir or "", STATE_FILE)
+        if not self.out_dir or not os.path.exists(path):
+            return False
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        last = read_state(os.path.join(self.out_dir, "last"))
+        self.model.load_state_dict({k: v.to(device) for k, v in last.items()})
+        self.optimizer.load_state_dict(saved["optimizer"])
+        for key, value in saved["progress"].items():
+            setattr(state, key, value)
+        self.snapshots = list(saved["snapshots"])
+        random.setstate(saved["python_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        return True
+
+    def _provenance(self, state: TrainState, metrics: dict | None = None, **details) -> Provenance:
+        cfg = self.cfg
+        extra = dict(cfg.extra)
+        command = extra.pop("command", "") or current_command()
+        parents = extra.pop("parents", [])
+        training = {"step": state.step, "epoch": state.epoch,
+                    "audio_hours_seen": round(state.audio_seconds / 3600, 3),
+                    "train_minutes": round(state.train_seconds / 60, 2),
+                    # recovery fine-tuning (compress) must keep these blocks frozen too
+                    **({"freeze_layers": cfg.freeze_layers} if cfg.freeze_layers else {}),
+                    **({"slow_layers": cfg.slow_layers, "slow_lr_scale": cfg.slow_lr_scale}
+                       if cfg.slow_layers and cfg.slow_lr_scale != 1 else {}), **extra, **details}
+        return Provenance("train", command, parents, metrics or {}, {"training": training})
+
+    def _save(self, name: str, model: ConformerCTC, provenance: Provenance, half: bool) -> None:
+        save_model(os.path.join(self.out_dir, name), model, self.tokenizer, half=half, provenance=provenance)
+
+    def save_resumable(self, state: TrainState) -> None:
+        if not self.out_dir:
+            return
+        self._save("last", self.model, self._provenance(state), half=False)
+        tmp = os.path.join(self.out_dir, STATE_FILE + ".tmp")
+        torch.save({"optimizer": self.optimizer.state_dict(), "progress": dataclasses.asdict(state),
+                    "snapshots": self.snapshots, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                    "train_config": dataclasses.asdict(self.cfg)}, tmp)
+        os.replace(tmp, os.path.join(self.out_dir, STATE_FILE))
+
+    def after_validation(self, state: TrainState, rates: dict, snapshot: bool = True) -> None:
+        """Keep a snapshot for averaging; a new best dev WER writes best/ (its dev metrics measured on it)."""
+        if not self.out_dir:
+            return
+        if snapshot:
+            _keep_snapshot(self.model, self.out_dir, state.step, self.snapshots, self.cfg.average_last)
+        if rates and rates["wer"] < state.best_wer:
+            state.best_wer = rates["wer"]
+            metrics = {"dev": {"wer": rates["wer"], "cer": rates["cer"], "step": state.step,
+                               "utterances": rates.get("utterances")}}
+            self._save("best", self.model, self._provenance(state, metrics), half=self.cfg.half_checkpoints)
+
+    def save_averaged(self, state: TrainState) -> None:
+        if not self.out_dir or len(self.snapshots) < 2:
+            return
+        averaged = ConformerCTC(self.model.cfg)
+        averaged.load_state_dict(average_states([load_file(p) for p in self.snapshots]))
+        names = [os.path.basename(p) for p in self.snapshots]
+        self._save("averaged", averaged, self._provenance(state, averaged_snapshots=names),
+                   half=self.cfg.half_checkpoints)
+
+    def log(self, state: TrainState, loss: float, lr: float, rates: dict) -> None:
+        if not self.out_dir or not (state.step % self.cfg.log_every == 0 or rates):
+            return
+        if self._log_file is None:
+            path = os.path.join(self.out_dir, "log.csv")
+            self._log_file = open(path, "a", newline="")
+            if os.path.getsize(path) == 0:
+                csv.writer(self._log_file).writerow(["step", "epoch", "loss", "lr", "audio_sec_per_sec",
+                                                     "dev_wer", "dev_cer"])
+        speed = state.audio_seconds / max(1e-9, state.train_seconds)
+        csv.writer(self._log_file).writerow([state.step, state.epoch, f"{loss:.4f}", f"{lr:.3e}", f"{speed:.2f}",
+                                             f"{rates.get('wer', '')}", f"{rates.get('cer', '')}"])
+        self._log_file.flush()
+
+    def close(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
 class _StopRequested(Exception):
     pass
+
+
+class StopSignals:
+    """Ctrl-C / SIGTERM set a flag the loop checks after each step (so the run stops cleanly and resumes), while
+    the ``with`` block lasts; elsewhere the process's handlers stay as they were."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        if _in_main_thread():
+            self._old = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _request(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+class TrainStep:
+    """One optimizer step: SpecAugment, the schedule's learning rate, forward (bf16 autocast when asked), the
+    loss (CTC and/or distillation), clipping, AdamW. Returns (loss, audio seconds in the batch)."""
+
+    def __init__(self, model, teacher, opt: Optimization, cfg: TrainConfig, device: str, total: int | None):
+        self.model, self.teacher, self.opt, self.cfg, self.device, self.total = model, teacher, opt, cfg, device, total
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda")
+        # bf16 autocast: ~1.7x faster on CPUs with avx512_bf16 too; the CTC loss itself stays in fp32
+        self.autocast = (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)) if use_bf16 \
+            else contextlib.nullcontext
+
+    def __call__(self, batch: dict, step: int, time_fraction: float | None) -> tuple[float, float]:
+        cfg, device = self.cfg, self.device
+        feats, lengths = batch["features"].to(device, non_blocking=True), batch["lengths"].to(device)
+        if cfg.spec_augment:  # on the training device: vectorised, a few kernels per batch
+            feats = spec_augment(feats, lengths, freq_masks=cfg.freq_masks, time_masks=cfg.time_masks)
+        encoder_frozen = step < cfg.freeze_encoder_steps
+        for p in self.opt.body:
+            p.requires_grad_(not encoder_frozen)
+        scale = lr_at(step, self.total, cfg, time_fraction)
+        for g in self.opt.optimizer.param_groups:
+            g["lr"] = g["peak_lr"] * scale
+        with self.autocast():
+            log_probs, out_lengths = self.model(feats, lengths)
+            with torch.no_grad():
+                teacher_log_probs = self.teacher(feats, lengths)[0] if self.teacher is not None else None
+        loss = _loss(cfg, log_probs, out_lengths, batch, device, teacher_log_probs)
+        self.opt.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.optimizer.step()
+        features = self.model.cfg.features
+        return loss.item(), float(lengths.sum()) * features.hop_length / features.sample_rate
+
+
+def _batches(loader, sampler, state: TrainState, cfg: TrainConfig):
+    """Batches from where ``state`` stands until the epoch budget ends; a resumed epoch skips what it saw (the
+    sampler repeats the same order for the same epoch)."""
+    while cfg.epochs is None or state.epoch < cfg.epochs:
+        sampler.set_epoch(state.epoch)
+        for i, batch in enumerate(loader):
+            if i >= state.batch_in_epoch:
+                yield i, batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
 
 
 def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Utterance], dev_utts: list[Utterance],
           cfg: TrainConfig, out_dir: str | None, *, resume: bool = False,
           progress: bool = True, teacher: torch.nn.Module | None = None, on_step=None) -> dict:
     """Train ``model`` in place. Writes to ``out_dir`` (when given): ``last/``, ``best/``, ``averaged/`` model
-    folders, ``snapshots/``, ``log.csv`` and ``train_state.pt``. Returns a summary dict.
+    folders, ``snapshots/``, ``log.csv`` and ``train_state.pt`` (see :class:`Checkpointer`). Returns a summary.
 
     Stops at the first of ``max_steps``, ``epochs`` and ``max_minutes``; Ctrl-C or SIGTERM also stop it
     cleanly after the current step, saving everything needed for ``resume=True``.
@@ -218,216 +464,98 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model.to(device)
+    sampler, loader, dev_loader, dev_utts = make_loaders(model, tokenizer, train_utts, dev_utts, cfg)
+    opt = build_optimizer(model, cfg)
+    total = total_steps(cfg, len(sampler))
+    state, ckpt = TrainState(), Checkpointer(out_dir, model, tokenizer, cfg, opt.optimizer)
+    if resume and ckpt.resume(state, device):
+        tqdm.write(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    validate = _validator(model, dev_loader, dev_utts, tokenizer, device, opt.frozen)
+    step = TrainStep(model, teacher, opt, cfg, device, total)
+    start_time, seconds_before, reason = time.time(), state.train_seconds, "finished"
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    _train_mode(model, opt.frozen)
+    release_teacher = _freeze_teacher(teacher, device)
+    try:
+        with StopSignals() as signals:
+            t_prev = time.time()
+            for i, batch in _batches(loader, sampler, state, cfg):
+                minutes_spent = (time.time() - start_time + seconds_before) / 60
+                _check_stop(state, total, cfg, minutes_spent, signals)
+                state.data_wait_seconds += time.time() - t_prev  # waiting for the loader: the data bottleneck
+                loss, seconds = step(batch, state.step, minutes_spent / cfg.max_minutes if cfg.max_minutes else None)
+                state.step, state.batch_in_epoch = state.step + 1, i + 1
+                state.audio_seconds += seconds
+                state.train_seconds += time.time() - t_prev  # data loading included: the speed a user waits for
+                lr = opt.optimizer.param_groups[0]["lr"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", epoch=state.epoch,
+                                audio_s_per_s=f"{state.audio_seconds / max(1e-9, state.train_seconds):.1f}")
+                rates = validate() if state.step % cfg.eval_every == 0 else {}
+                if state.step % cfg.eval_every == 0:
+                    if rates:
+                        tqdm.write(f"step {state.step}: dev WER {rates['wer']:.2%} CER {rates['cer']:.2%}")
+                    ckpt.after_validation(state, rates)
+                ckpt.log(state, loss, lr, rates)
+                if state.step % cfg.save_every == 0:
+                    ckpt.save_resumable(state)
+                if on_step is not None:
+                    on_step(dataclasses.asdict(state))
+                t_prev = time.time()  # validation and saving are not training speed
+    except _StopRequested as why:
+        reason = str(why)
+    finally:
+        bar.close()
+        release_teacher()
+    return _finish(model, ckpt, state, reason, validate, dev_loader is not None)
 
-    dataset = SpeechDataset(train_utts, model.cfg.features, tokenizer, speed_factors=tuple(cfg.speed_factors))
-    if cfg.workers > 0:
-        dataset.preload(cfg.workers)  # one shared cache for all workers (see SpeechDataset.preload)
-    sampler = BucketBatchSampler([u.duration for u in train_utts], cfg.batch_seconds, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
-                        persistent_workers=cfg.workers > 0)
-    dev_utts = dev_utts[: cfg.dev_limit] if cfg.dev_limit else dev_utts
-    dev_loader = None
-    if dev_utts:
-        dev_set = SpeechDataset(dev_utts, model.cfg.features, tokenizer)
-        dev_loader = DataLoader(dev_set, batch_sampler=BucketBatchSampler([u.duration for u in dev_utts],
-                                                                          cfg.batch_seconds, shuffle=False),
-                                collate_fn=collate)
+
+def _check_stop(state: TrainState, total: int | None, cfg: TrainConfig, minutes_spent: float,
+                signals: StopSignals) -> None:
+    if total is not None and state.step >= total:
+        raise _StopRequested("max steps")
+    if cfg.max_minutes is not None and minutes_spent >= cfg.max_minutes:
+        raise _StopRequested("max minutes")
+    if signals.requested:
+        raise _StopRequested("interrupted")
+
+
+def _train_mode(model: torch.nn.Module, frozen: list[torch.nn.Module]) -> None:
+    model.train()
+    for module in frozen:
+        module.eval()  # no dropout where nothing learns
+
+
+def _validator(model, dev_loader, dev_utts, tokenizer, device, frozen):
+    """A function giving dev WER/CER of the model as it stands ({} without dev data), back in training mode."""
     decoder = GreedyDecoder(tokenizer)
-
-    fixed = frozen_modules(model, cfg.freeze_layers)
-    for module in fixed:
-        module.requires_grad_(False)
-    if not cfg.slow_lr_scale > 0:
-        raise SettingsError(f"--slow-lr-scale must be above 0 (use --freeze-layers to freeze), got {cfg.slow_lr_scale}")
-    slow_ids = {id(p) for module in frozen_modules(model, cfg.slow_layers, "--slow-layers")
-                for p in module.parameters()}
-    head = [p for n, p in model.named_parameters() if n.startswith("head.")]
-    body = [p for n, p in model.named_parameters() if not n.startswith("head.") and p.requires_grad]
-    groups = [{"params": [p for p in body if id(p) not in slow_ids], "lr": cfg.lr},
-              {"params": head, "lr": cfg.head_lr or cfg.lr}]
-    slow = [p for p in body if id(p) in slow_ids]
-    if slow:
-        groups.append({"params": slow, "lr": cfg.lr * cfg.slow_lr_scale})
-    for g in groups:
-        g["peak_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-    batches_per_epoch = len(sampler)
-    total = cfg.max_steps
-    if cfg.epochs is not None:
-        by_epochs = math.ceil(cfg.epochs * batches_per_epoch)
-        total = by_epochs if total is None else min(total, by_epochs)
-
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_wer": float("inf"), "audio_seconds": 0.0,
-             "train_seconds": 0.0, "data_wait_seconds": 0.0}
-    snapshots: list[str] = []
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    if resume and out_dir and os.path.exists(os.path.join(out_dir, STATE_FILE)):
-        saved = torch.load(os.path.join(out_dir, STATE_FILE), map_location="cpu", weights_only=True)
-        model.load_state_dict({k: v.to(device) for k, v in read_state(os.path.join(out_dir, "last")).items()})
-        optimizer.load_state_dict(saved["optimizer"])
-        state.update(saved["progress"])
-        snapshots = list(saved["snapshots"])
-        random.setstate(saved["python_rng"])
-        torch.set_rng_state(saved["torch_rng"])
-        tqdm.write(f"resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-
-    def save_resumable():
-        if not out_dir:
-            return
-        save_model(os.path.join(out_dir, "last"), model, tokenizer, half=False, extra=_extra())
-        torch.save({"optimizer": optimizer.state_dict(), "progress": dict(state), "snapshots": snapshots,
-                    "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-                    "train_config": dataclasses.asdict(cfg)}, os.path.join(out_dir, STATE_FILE + ".tmp"))
-        os.replace(os.path.join(out_dir, STATE_FILE + ".tmp"), os.path.join(out_dir, STATE_FILE))
-
-    def _extra() -> dict:
-        return {"training": {"step": state["step"], "epoch": state["epoch"],
-                             "audio_hours_seen": round(state["audio_seconds"] / 3600, 3),
-                             "train_minutes": round(state["train_seconds"] / 60, 2),
-                             # recovery fine-tuning (compress) must keep these blocks frozen too
-                             **({"freeze_layers": cfg.freeze_layers} if cfg.freeze_layers else {}),
-                             **({"slow_layers": cfg.slow_layers, "slow_lr_scale": cfg.slow_lr_scale}
-                                if cfg.slow_layers and cfg.slow_lr_scale != 1 else {}), **cfg.extra}}
 
     def validate() -> dict:
         if dev_loader is None:
             return {}
         hyps = decode_batches(model, decoder, dev_loader, device)
         rates = error_rates([u.text for u in dev_utts], [hyps[u.id] for u in dev_utts])
-        train_mode()
-        return rates
+        _train_mode(model, frozen)
+        return {**rates, "utterances": len(dev_utts)}
+    return validate
 
-    def train_mode():
-        model.train()
-        for module in fixed:
-            module.eval()  # no dropout where nothing learns
 
-    log_path = os.path.join(out_dir, "log.csv") if out_dir else None
-    log_file = open(log_path, "a", newline="") if log_path else None
-    log = csv.writer(log_file) if log_file else None
-    if log and os.path.getsize(log_path) == 0:
-        log.writerow(["step", "epoch", "loss", "lr", "audio_sec_per_sec", "dev_wer", "dev_cer"])
-
-    stop = {"flag": False}
-
-    def request_stop(*_):
-        stop["flag"] = True
-
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if _in_main_thread() else {}
-    start_time = time.time()
-    seconds_before = state["train_seconds"]
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda")
-    # bf16 autocast: ~1.7x faster on CPUs with avx512_bf16 too; the CTC loss itself stays in fp32
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if use_bf16 else _null()
-    train_mode()
-    release_teacher = _freeze_teacher(teacher, device)
-    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    last_rates: dict = {}
-    reason = "finished"
-    try:
-        while True:
-            if cfg.epochs is not None and state["epoch"] >= cfg.epochs:
-                break
-            sampler.set_epoch(state["epoch"])
-            t_prev = time.time()
-            for i, batch in enumerate(loader):
-                if i < state["batch_in_epoch"]:
-                    continue  # resuming inside an epoch: the sampler repeats the same order for the same epoch
-                if total is not None and state["step"] >= total:
-                    raise _StopRequested("max steps")
-                minutes_spent = (time.time() - start_time + seconds_before) / 60
-                if cfg.max_minutes is not None and minutes_spent >= cfg.max_minutes:
-                    raise _StopRequested("max minutes")
-                if stop["flag"]:
-                    raise _StopRequested("interrupted")
-                state["data_wait_seconds"] += time.time() - t_prev  # waiting for the loader: the data bottleneck
-                feats, lengths = batch["features"].to(device, non_blocking=True), batch["lengths"].to(device)
-                if cfg.spec_augment:  # on the training device: vectorised, a few kernels per batch
-                    feats = spec_augment(feats, lengths, freq_masks=cfg.freq_masks, time_masks=cfg.time_masks)
-                frozen = state["step"] < cfg.freeze_encoder_steps
-                for p in body:
-                    p.requires_grad_(not frozen)
-                scale = lr_at(state["step"], total, cfg,
-                              minutes_spent / cfg.max_minutes if cfg.max_minutes else None)
-                for g in optimizer.param_groups:
-                    g["lr"] = g["peak_lr"] * scale
-                with autocast:
-                    log_probs, out_lengths = model(feats, lengths)
-                    with torch.no_grad():
-                        teacher_log_probs = teacher(feats, lengths)[0] if teacher is not None else None
-                loss = _loss(cfg, log_probs, out_lengths, batch, device, teacher_log_probs)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                seconds = float(lengths.sum()) * model.cfg.features.hop_length / model.cfg.features.sample_rate
-                dt = time.time() - t_prev  # data loading included: this is the speed a user waits for
-                state["step"] += 1
-                state["batch_in_epoch"] = i + 1
-                state["audio_seconds"] += seconds
-                state["train_seconds"] += dt
-                speed = state["audio_seconds"] / max(1e-9, state["train_seconds"])
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                audio_s_per_s=f"{speed:.1f}", epoch=state["epoch"])
-                row_rates = {}
-                if state["step"] % cfg.eval_every == 0:
-                    row_rates = last_rates = validate()
-                    if row_rates:
-                        tqdm.write(f"step {state['step']}: dev WER {row_rates['wer']:.2%} CER {row_rates['cer']:.2%}")
-                    if out_dir:
-                        _keep_snapshot(model, out_dir, state["step"], snapshots, cfg.average_last)
-                        if row_rates and row_rates["wer"] < state["best_wer"]:
-                            state["best_wer"] = row_rates["wer"]
-                            save_model(os.path.join(out_dir, "best"), model, tokenizer, half=cfg.half_checkpoints,
-                                       extra={**_extra(), "dev": {"wer": row_rates["wer"], "cer": row_rates["cer"]}})
-                if log and (state["step"] % cfg.log_every == 0 or row_rates):
-                    log.writerow([state["step"], state["epoch"], f"{loss.item():.4f}",
-                                  f"{optimizer.param_groups[0]['lr']:.3e}", f"{speed:.2f}",
-                                  f"{row_rates.get('wer', '')}", f"{row_rates.get('cer', '')}"])
-                    log_file.flush()
-                if state["step"] % cfg.save_every == 0:
-                    save_resumable()
-                if on_step is not None:
-                    on_step(dict(state))
-                t_prev = time.time()  # validation and saving are not training speed
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    except _StopRequested as why:
-        reason = str(why)
-    finally:
-        bar.close()
-        release_teacher()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    model.eval()
-    summary = {"reason": reason, **{k: state[k] for k in ("step", "epoch", "audio_seconds", "train_seconds")},
-               "audio_sec_per_sec": state["audio_seconds"] / max(1e-9, state["train_seconds"]),
-               "data_wait_fraction": state["data_wait_seconds"] / max(1e-9, state["train_seconds"])}
-    if out_dir:
-        save_resumable()
+def _finish(model, ckpt: Checkpointer, state: TrainState, reason: str, validate, has_dev: bool) -> dict:
+    """Final saves (an interrupted run skips the final validation, so it stops at once) and the summary."""
+    summary = state.summary(reason)
+    if ckpt.out_dir:
+        ckpt.save_resumable(state)
         if reason != "interrupted":
-            final = validate() if dev_loader is not None else {}
+            final = validate() if has_dev else {}
             if final:
                 summary["dev_last"] = final
-                if final["wer"] < state["best_wer"]:
-                    state["best_wer"] = final["wer"]
-                    save_model(os.path.join(out_dir, "best"), model, tokenizer, half=cfg.half_checkpoints,
-                               extra={**_extra(), "dev": {"wer": final["wer"], "cer": final["cer"]}})
-            if len(snapshots) > 1:
-                averaged = average_states([load_file(p) for p in snapshots])
-                avg_model = ConformerCTC(model.cfg)
-                avg_model.load_state_dict(averaged)
-                save_model(os.path.join(out_dir, "averaged"), avg_model, tokenizer, half=cfg.half_checkpoints,
-                           extra={**_extra(), "averaged_snapshots": [os.path.basename(p) for p in snapshots]})
-        save_resumable()
-        log_file.close()
-    elif dev_loader is not None:
+                ckpt.after_validation(state, final, snapshot=False)
+            ckpt.save_averaged(state)
+        ckpt.save_resumable(state)
+        ckpt.close()
+    elif has_dev:
         summary["dev_last"] = validate()
-    summary["best_wer"] = state["best_wer"]
+    summary["best_wer"] = state.best_wer
     model.eval()
     return summary
 
@@ -448,11 +576,3 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

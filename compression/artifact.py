@@ -20,6 +20,7 @@ in-memory compressed model and the loaded artifact compute the same numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,9 +32,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from asr_core.checkpoint import CONFIG, MANIFEST, VOCAB, WEIGHTS, model_config, read_config, read_weights
+from asr_core.checkpoint import MANIFEST, VOCAB, WEIGHTS, model_config, read_config, read_weights, write_config
 from asr_core.errors import CheckpointError
 from asr_core.model import ConformerCTC
+from asr_core.provenance import Provenance, file_sha256
 from asr_core.text import CharTokenizer
 
 from .methods import Clustered, LowRankLinear, Mask, _set_child, constraints
@@ -187,16 +189,19 @@ def to_runtime(model: ConformerCTC) -> ConformerCTC:
 
 
 def save_artifact(model: ConformerCTC, folder: str, tokenizer: CharTokenizer, recipe_json: dict,
-                  extra: dict | None = None) -> dict:
-    """Write the artifact folder; returns the manifest."""
+                  extra: dict | None = None, provenance: Provenance | None = None) -> dict:
+    """Write the artifact folder; returns the manifest. ``provenance`` goes into config.json."""
     os.makedirs(folder, exist_ok=True)
     tensors, manifest = encode_model(model)
     manifest = {"format": FORMAT, "version": 1, "recipe": recipe_json, **manifest, **(extra or {})}
     tmp = os.path.join(folder, WEIGHTS + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, os.path.join(folder, WEIGHTS))
-    with open(os.path.join(folder, CONFIG), "w") as f:
-        json.dump({"format": FORMAT, "version": 1, "model": model.cfg.to_dict()}, f, indent=2)
+    config = {"format": FORMAT, "version": 1, "model": model.cfg.to_dict()}
+    if provenance is not None:
+        signed = dataclasses.replace(provenance, weights_sha256=file_sha256(os.path.join(folder, WEIGHTS)))
+        config["provenance"] = signed.to_dict()
+    write_config(folder, config)
     with open(os.path.join(folder, VOCAB), "w") as f:
         f.write(tokenizer.to_json())
     with open(os.path.join(folder, MANIFEST), "w") as f:
@@ -212,7 +217,9 @@ def read_manifest(folder: str) -> dict:
         raise CheckpointError(f"{folder}/{MANIFEST} is unreadable ({err})") from None
 
 
-def load_artifact(folder: str) -> ConformerCTC:
+def load_artifact(folder: str, **_options) -> ConformerCTC:
+    """The runtime model of an artifact folder (asr_core's loader calls this through its format registry;
+    runtime options such as ``threads`` do not apply to torch modules)."""
     manifest = read_manifest(folder)
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{folder}/{MANIFEST} is not an {FORMAT} manifest")

@@ -15,23 +15,20 @@ import time
 import pandas as pd
 import torch
 
-from asr_core.checkpoint import MANIFEST, folder_bytes, load_model, read_tokenizer, save_model
+from asr_core.checkpoint import folder_bytes, is_artifact, load_model, read_tokenizer, save_model
+from asr_core.errors import SettingsError
 from asr_core.evaluation import evaluate
 from asr_core.transcribe import Transcriber, make_decoder
 
 from .artifact import read_manifest, save_artifact
 from .calibration import stats_for
+from .charts import tradeoff_figure
 from .compress import apply_recipe
 from .methods import is_calibrated
-from .recipe import algorithms, naive_twin, parse_recipe, recipe_from_json
+from .recipe import STANDARD_RECIPES, algorithms, naive_twin, parse_recipe, recipe_from_json
 
-# The goals of the calibrated-compression work, each recipe with its data-free twin beside it (algo=...).
-CALIBRATED_RECIPES = ["int8", "int4:group=64", "ternary", "prune:sparsity=0.5", "prune:pattern=2:4",
-                      "structured:fraction=0.3", "svd:energy=0.9", "kmeans:clusters=16",
-                      "prune:sparsity=0.5+kmeans:clusters=16+int8"]
-
-
-DEFAULT_RECIPES = [r for recipe in CALIBRATED_RECIPES for r in (naive_twin(recipe), recipe)]
+# every standard recipe with its data-free twin beside it (algo=...)
+DEFAULT_RECIPES = [r for recipe in STANDARD_RECIPES for r in (naive_twin(recipe), recipe)]
 
 
 def slug(text: str) -> str:
@@ -48,7 +45,7 @@ def build_variant(entry: str, out_root: str, base_model=None, tokenizer=None,
     Returns (label, algorithms, folder)."""
     if os.path.isdir(entry) and os.path.exists(os.path.join(entry, "config.json")):
         made_by = algorithms(recipe_from_json(read_manifest(entry)["recipe"])) \
-            if os.path.exists(os.path.join(entry, MANIFEST)) else ""
+            if is_artifact(entry) else ""
         return os.path.basename(os.path.normpath(entry)), made_by, entry
     recipe = parse_recipe(entry)
     folder = os.path.join(out_root, slug(recipe.describe()))
@@ -57,18 +54,20 @@ def build_variant(entry: str, out_root: str, base_model=None, tokenizer=None,
     return recipe.describe(), algorithms(recipe), folder
 
 
-def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, *, threads: int = 2,
+def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, *,
                   progress: bool = True, decoding: str = "greedy", calib: str | None = None,
                   calib_utterances: int | None = None) -> pd.DataFrame:
     """``decoding``: "greedy" (the model alone) or "lm" (every row decoded with the baseline folder's word LM,
     so rows still differ only in the acoustic model). ``calib`` / ``calib_utterances``: calibration audio (default:
-    the bundled set), whose statistics are collected once and serve every calibrated recipe."""
-    torch.set_num_threads(threads)
+    the bundled set), whose statistics are collected once and serve every calibrated recipe. Every variant runs
+    with the process's torch threads (the entry point sets them once)."""
+    threads = torch.get_num_threads()
     os.makedirs(out_dir, exist_ok=True)
     artifacts = os.path.join(out_dir, "artifacts")
     base_model, tokenizer = load_model(model_dir)
-    if os.path.exists(os.path.join(model_dir, MANIFEST)):
-        raise ValueError("benchmark needs a trained checkpoint as its baseline, not a compressed artifact")
+    if is_artifact(model_dir):
+        raise SettingsError("benchmark needs a trained checkpoint as its baseline, not a compressed artifact",
+                            setting="model")
     fp32_dir = os.path.join(artifacts, "fp32")
     save_model(fp32_dir, base_model, read_tokenizer(model_dir), int8=False)  # the FP32 row: full-precision bytes
     decoder = make_decoder(tokenizer, model_dir, decoding)
@@ -91,12 +90,12 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
             print(f"built {label} in {variants[-1][3]:.1f} s -> {folder}", flush=True)
     # one untimed pass first: the process's first model runs pay for allocator and kernel warm-up, which would
     # otherwise be charged to whichever variant is measured first (the baseline)
-    evaluate(transcriber(fp32_dir), utterances[:10], threads=threads, warmup=0, progress=False)
+    evaluate(transcriber(fp32_dir), utterances[:10], warmup=0, progress=False)
     rows = []
     for label, algo, folder, build_seconds in variants:
         if progress:
             print(f"evaluating {label}", flush=True)
-        result = evaluate(transcriber(folder), utterances, threads=threads, model_dir=folder,
+        result = evaluate(transcriber(folder), utterances, model_dir=folder,
                           progress=progress)
         rows.append({"variant": label, "algorithm": algo, "build_seconds": round(build_seconds, 2),
                      "size_mb": folder_bytes(folder) / 1e6, "wer": result["wer"],
@@ -132,46 +131,10 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def charts(table: pd.DataFrame):
-    """Plotly figure: size vs WER and latency vs WER, baseline marked, Pareto front (size, WER) drawn."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Size on disk vs WER", "Median latency vs WER"))
-    wer = table["wer"] * 100
-    for col, x, title in ((1, table["size_mb"], "size (MB)"), (2, table["latency_ms_median"], "latency (ms)")):
-        fig.add_trace(go.Scatter(x=x, y=wer, mode="markers+text", text=table["variant"], textposition="top center",
-                                 marker=dict(size=10, color=[row_color(a) for a in table.get("algorithm", [""] *
-                                                                                              len(table))]),
-                                 showlegend=False, hovertemplate="%{text}<br>%{x:.2f}<br>WER %{y:.1f}%"),
-                      row=1, col=col)
-        fig.update_xaxes(title_text=title, row=1, col=col)
-        fig.update_yaxes(title_text="WER (%)", row=1, col=col)
-    front = pareto_front(table["size_mb"].tolist(), table["wer"].tolist())
-    fig.add_trace(go.Scatter(x=table["size_mb"].iloc[front], y=wer.iloc[front], mode="lines",
-                             line=dict(dash="dot", color="gray"), name="Pareto front"), row=1, col=1)
-    fig.update_layout(height=480, width=1100,
-                      title="Baseline (red), data-free algorithms (grey), calibrated algorithms (blue)")
-    return fig
-
-
-def row_color(algorithm: str) -> str:
-    """Baseline red, a variant made only by data-free algorithms grey, one with a calibrated step blue."""
-    from .methods import NAIVE
-
-    if not algorithm:
-        return "crimson"
-    return "gray" if all(a in NAIVE.values() for a in algorithm.split("+")) else "steelblue"
-
-
-def pareto_front(sizes: list[float], wers: list[float]) -> list[int]:
-    """Indices of variants no other variant beats on both size and WER, sorted by size."""
-    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], wers[i]))
-    front, best = [], float("inf")
-    for i in order:
-        if wers[i] < best:
-            front.append(i)
-            best = wers[i]
-    return front
+    """The benchmark's figure (see :func:`compression.charts.tradeoff_figure`)."""
+    return tradeoff_figure(table["variant"].tolist(), table["size_mb"].tolist(), table["latency_ms_median"].tolist(),
+                           table["wer"].tolist(), table.get("algorithm", pd.Series([""] * len(table))).tolist(),
+                           width=1100)
 
 
 def write_outputs(table: pd.DataFrame, out_dir: str) -> None:

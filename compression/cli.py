@@ -88,27 +88,31 @@ def add_subcommands(sub) -> None:
     p.set_defaults(handler=cmd_sensitivity)
 
 
-def cmd_compress(args) -> int:
-    import torch
-
-    from asr_core.checkpoint import MANIFEST, default_model_dir, folder_bytes, load_model
+def _check_compress_args(args) -> bool:
+    """Validate before any work; whether recovery fine-tuning was asked for."""
     from asr_core.errors import SettingsError
 
-    from .artifact import save_artifact
-    from .compress import apply_recipe, format_report, layer_report
-    from .recipe import parse_recipe
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    skip = tuple(s.strip() for s in args.skip.split(",")) if args.skip is not None else None
-    recipe = parse_recipe(args.recipe, skip)  # validated before any work
     tuning = bool(args.finetune_steps or args.finetune_minutes)
     if tuning and not (args.data or args.distill):
         raise SettingsError("--finetune-steps/--finetune-minutes need --data (or --distill, which can use any audio)")
     if args.finetune_steps < 0:
         raise SettingsError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
+    return tuning
+
+
+def cmd_compress(args) -> int:
+    from asr_core.checkpoint import default_model_dir, is_artifact, load_model, read_config
+    from asr_core.errors import SettingsError
+    from asr_core.provenance import Provenance, current_command, parent
+
+    from .artifact import save_artifact
+    from .compress import apply_recipe, format_report, layer_report
+    from .recipe import parse_recipe
+
+    recipe = parse_recipe(args.recipe, _skip_patterns(args.skip))  # validated before any work
+    tuning = _check_compress_args(args)
     model_dir = args.model or default_model_dir()
-    if os.path.exists(os.path.join(model_dir, MANIFEST)):
+    if is_artifact(model_dir):
         raise SettingsError(f"{model_dir} is already a compressed artifact; compress the trained checkpoint")
     base, tokenizer = load_model(model_dir)
     start = time.perf_counter()
@@ -123,13 +127,25 @@ def cmd_compress(args) -> int:
     if tuning:
         info["finetune"] = _finetune(args, base, compressed, tokenizer, model_dir)
     print(format_report(layer_report(base, compressed)))
-    save_artifact(compressed, args.out, tokenizer, recipe.to_json(), extra=info)
-    before, after = folder_bytes(model_dir), folder_bytes(args.out)
+    record = Provenance("compress", current_command(), [parent(model_dir, read_config(model_dir))], {},
+                        {"recipe": recipe.describe(), **info})
+    save_artifact(compressed, args.out, tokenizer, recipe.to_json(), extra=info, provenance=record)
+    _print_sizes(recipe, base, model_dir, args.out, calib_seconds, info["compress_seconds"])
+    return 0
+
+
+def _skip_patterns(text: str | None):
+    return tuple(s.strip() for s in text.split(",")) if text is not None else None
+
+
+def _print_sizes(recipe, base, model_dir: str, out: str, calib_seconds: float, compress_seconds: float) -> None:
+    from asr_core.checkpoint import folder_bytes
+
+    before, after = folder_bytes(model_dir), folder_bytes(out)
     base_fp32 = 4 * sum(p.numel() for p in base.parameters())
     print(f"\n{recipe.describe()}: {after / 1e6:.2f} MB on disk; {base_fp32 / after:.2f}x smaller than fp32 "
           f"({base_fp32 / 1e6:.2f} MB), {before / after:.2f}x smaller than {model_dir} ({before / 1e6:.2f} MB); "
-          f"calibration {calib_seconds:.1f} s, compression {info['compress_seconds']} s -> {args.out}")
-    return 0
+          f"calibration {calib_seconds:.1f} s, compression {compress_seconds} s -> {out}")
 
 
 def _finetune(args, base, compressed, tokenizer, model_dir) -> dict:
@@ -165,7 +181,7 @@ def cmd_benchmark(args) -> int:
         if not os.path.isdir(r):
             parse_recipe(r)
     utterances = load_utterances(args.data, args.limit)
-    table = run_benchmark(args.model or default_model_dir(), utterances, recipes, args.out, threads=args.threads,
+    table = run_benchmark(args.model or default_model_dir(), utterances, recipes, args.out,
                           decoding=args.decoding, calib=args.calib, calib_utterances=args.calib_utterances)
     print(markdown_table(table))
     print(f"\n{len(utterances)} utterances, {args.threads} threads, {args.decoding} decoding -> "
@@ -180,11 +196,17 @@ def cmd_sensitivity(args) -> int:
     from .recipe import parse_recipe
     from .sensitivity import sensitivity
 
+    from asr_core.errors import SettingsError
+
     recipe = parse_recipe(args.method)
+    if len(recipe.steps) != 1:  # before the model loads and calibration runs
+        raise SettingsError("sensitivity takes one method, e.g. 'int4:group=64' or 'prune:sparsity=0.7', "
+                            f"not the chain {args.method!r}")
+    utterances = load_utterances(args.data, args.limit)
     model, tokenizer = load_model(args.model)
     stats = calibration_stats(args, model, [recipe])
-    rows = sensitivity(model, tokenizer, load_utterances(args.data, args.limit), args.method, by=args.by,
-                       threads=args.threads, stats=stats)
+    rows = sensitivity(model, tokenizer, utterances, args.method, by=args.by,
+                       stats=stats)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

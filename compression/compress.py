@@ -14,7 +14,7 @@ from asr_core.model import ConformerCTC
 from .artifact import encode_model, to_runtime
 from .calibration import (CalibrationStats, accumulate, block_inputs, bundled_stats, calibrated_layers,
                           collect_stats)
-from .methods import LowRankLinear, apply_method, is_calibrated, target_linears
+from .methods import LowRankLinear, apply_method, is_calibrated, target_layers
 from .recipe import Recipe
 
 
@@ -58,7 +58,7 @@ def apply_recipe(model: ConformerCTC, recipe: Recipe, progress: bool = False, st
 def apply_block_by_block(model: ConformerCTC, method: str, settings, skip, stats: CalibrationStats) -> None:
     """One calibrated method, block after block, each block's statistics taken on the outputs of the blocks
     before it as compressed; layers outside the blocks (the stem) first, with ``stats``."""
-    names = [n for n, _ in target_linears(model, skip)]
+    names = [n for n, _ in target_layers(model, skip)]
     outside = tuple(n for n in names if not n.startswith("blocks."))
     if outside:
         apply_method(model, method, settings, skip, outside, stats=stats)
@@ -109,8 +109,9 @@ def trained_freeze_layers(model_dir: str) -> int:
     """How many blocks (with the stem) the model was trained with fixed (``train`` records it in config.json):
     recovery fine-tuning keeps them fixed too, as training them has always hurt the shipped baseline."""
     from asr_core.checkpoint import read_config
+    from asr_core.provenance import training_details
 
-    return int(read_config(model_dir).get("training", {}).get("freeze_layers", 0))
+    return int(training_details(read_config(model_dir)).get("freeze_layers", 0))
 
 
 def _loss_weights(train_utts, teacher: nn.Module | None, distill: bool, ctc_weight: float | None) -> dict:

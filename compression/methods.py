@@ -228,7 +228,7 @@ class Clustered(nn.Module):
         return self.codebook[self.indices] * self.mask
 
 
-def target_linears(model: nn.Module, skip=DEFAULT_SKIP, only=None) -> list[tuple[str, nn.Module]]:
+def target_layers(model: nn.Module, skip=DEFAULT_SKIP, only=None) -> list[tuple[str, nn.Module]]:
     """Every Linear and (non-depthwise) convolution outside the ``skip`` name patterns (fnmatch), in module
     order. Convolutions get the same weight encodings, on their weight viewed as (out, in x kernel); they run
     as float convolutions after decoding (torch has no dynamic int8 convolution kernel)."""
@@ -465,10 +465,10 @@ def apply_method(model: nn.Module, method: str, settings, skip=DEFAULT_SKIP, onl
     calibrated algorithms (:func:`is_calibrated`)."""
     if method == "structured":
         if any(isinstance(m, LowRankLinear) for m in model.modules()) or \
-                any(constraints(lin) for _, lin in target_linears(model, ())):
+                any(constraints(lin) for _, lin in target_layers(model, ())):
             raise SettingsError("structured pruning must come first in a recipe")
         return apply_structured(model, settings, stats)
-    layers = target_linears(model, skip, only)
+    layers = target_layers(model, skip, only)
     if not layers:
         raise SettingsError(f"{method}: no layer matches (skip={list(skip)}, only={only})")
     if method in ("int8", "int4", "ternary"):

@@ -20,6 +20,11 @@ from asr_core.errors import SettingsError
 
 from .methods import DEFAULT_SKIP, NAIVE, SETTINGS, STAGE, make_settings
 
+# The standard set: one recipe per method at its headline setting, each built by its calibrated algorithm. The
+# benchmark measures these (each beside its data-free twin) and the studio's rows default to them.
+STANDARD_RECIPES = ["int8", "int4:group=64", "ternary", "prune:sparsity=0.5", "prune:pattern=2:4",
+                    "structured:fraction=0.3", "svd:energy=0.9", "kmeans:clusters=16",
+                    "prune:sparsity=0.5+kmeans:clusters=16+int8"]
 
 @dataclass
 class Recipe:

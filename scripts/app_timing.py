@@ -2,12 +2,14 @@
 
     python scripts/app_timing.py [--clip assets/clips/1272-135031-0000.opus] [--threads 2]
 
-Uses app.Studio, the object behind the page, so the figures are those of the page minus the browser round trip.
+Uses studio.Studio, the object behind the page, so the figures are those of the page minus the browser round trip.
 """
 import argparse
 import time
 
-import app
+import torch
+
+import studio as app
 from asr_core.audio import SAMPLE_RATE
 
 
@@ -17,8 +19,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    studio = app.Studio(args.model, threads=args.threads)
+    studio = app.Studio(args.model)
     print(f"start-up (load baseline, calibration statistics {studio.calibration_seconds:.1f} s of it): "
           f"{time.perf_counter() - start:.1f} s")
     samples = studio.load_clip(args.clip)

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     for mark in [0.0] + marks:
         folder = os.path.join(args.out, f"after_{mark:g}min")
         model, tok = load_model(folder)
-        result = evaluate(Transcriber(model, tok), dev, threads=args.threads, progress=False)
+        result = evaluate(Transcriber(model, tok), dev, progress=False)
         rows.append({"minutes": mark, "wer": result["wer"], "cer": result["cer"], "folder": folder})
         print(f"{mark:5g} min  WER {result['wer']:.2%}  CER {result['cer']:.2%}", flush=True)
     with open(os.path.join(args.out, "curve.json"), "w") as f:

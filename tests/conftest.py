@@ -58,7 +58,7 @@ def tiny_en_finetuned_dir(tmp_path_factory):
     from asr_core.checkpoint import default_model_dir
 
     out = tmp_path_factory.mktemp("tiny_en_finetuned") / "run"
-    trained = subprocess.run([sys.executable, "-m", "asr_core", "train", "--data",
+    trained = subprocess.run([sys.executable, "-m", "edge_asr", "train", "--data",
                               str(REPO / "assets" / "clips" / "manifest.jsonl"), "--out", str(out), "--preset",
                               "whisper-tiny", "--init-from", "whisper-tiny.en", "--max-steps", "2", "--batch-seconds",
                               "20", "--lr", "1e-2", "--warmup-steps", "1", "--threads", "1", "--half"],

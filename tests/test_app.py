@@ -10,7 +10,7 @@ from conftest import speechlike
 
 @pytest.fixture(scope="module")
 def studio(tiny_model_dir):
-    return app.Studio(tiny_model_dir, threads=1, max_seconds=20, timed_runs=1, cache_size=3)
+    return app.Studio(tiny_model_dir, max_seconds=20, timed_runs=1, cache_size=3)
 
 
 def test_every_variant_measures(studio, wav_file):
@@ -29,6 +29,21 @@ def test_every_variant_measures(studio, wav_file):
     path = app.write_csv(results, studio.workdir)
     assert len(open(path).read().splitlines()) == len(app.VARIANTS) + 1
     assert len(studio.cache) <= 3 + 1  # LRU-bounded (+ the baseline, never evicted)
+
+
+def test_the_rows_default_to_the_standard_recipes():
+    """One default recipe list: the studio's rows at their default knobs are the benchmark's standard set."""
+    import studio as studio_module
+    from compression.recipe import STANDARD_RECIPES
+
+    assert studio_module.default_recipes() == STANDARD_RECIPES
+
+
+def test_about_tab_shows_the_short_card_without_its_metadata():
+    from conftest import REPO
+
+    text = app.model_card(str(REPO / "checkpoints" / "conformer-ctc-whisper-base"))
+    assert text.startswith("# conformer-ctc-whisper-base") and "pipeline_tag" not in text and len(text) < 8000
 
 
 def test_no_reference_shows_dash(studio, wav_file):
@@ -91,12 +106,12 @@ def test_word_lm_decodes_every_variant_when_the_model_ships_one(tiny_model_dir, 
     folder = tmp_path / "with_lm"
     shutil.copytree(tiny_model_dir, folder)
     build_kneser_ney([["hello", "world"]], 2).write_arpa(str(folder / LM_FILE))
-    with_lm = app.Studio(str(folder), threads=1, max_seconds=20, timed_runs=1, cache_size=3)
+    with_lm = app.Studio(str(folder), max_seconds=20, timed_runs=1, cache_size=3)
     assert isinstance(with_lm.lm_decoder, BeamSearchDecoder)
     samples = with_lm.load_clip(wav_file)
     assert with_lm.measure("int8", samples, "hello world")["decoding"] == "beam search + word LM"
     assert with_lm.measure("int8", samples, "hello world", use_lm=False)["decoding"] == "greedy"
-    plain = app.Studio(tiny_model_dir, threads=1, max_seconds=20, timed_runs=1, cache_size=1)
+    plain = app.Studio(tiny_model_dir, max_seconds=20, timed_runs=1, cache_size=1)
     assert plain.lm_decoder is None and plain.measure("", samples, None)["decoding"] == "greedy"
 
 

@@ -4,7 +4,8 @@ import os
 
 from asr_core.checkpoint import load_model
 from asr_core.data import load_utterances
-from compression.benchmark import pareto_front, run_benchmark
+from compression.benchmark import run_benchmark
+from compression.charts import pareto_front
 from compression.recipe import parse_recipe
 from compression.sensitivity import sensitivity
 
@@ -12,7 +13,7 @@ from compression.sensitivity import sensitivity
 def test_benchmark_writes_every_output(tiny_model_dir, dev_dir, tmp_path):
     utts = load_utterances(str(dev_dir / "1272"), limit=2)
     table = run_benchmark(tiny_model_dir, utts, ["int8", "prune:sparsity=0.5+kmeans:clusters=16+int8"],
-                          str(tmp_path), threads=1, progress=False)
+                          str(tmp_path), progress=False)
     assert list(table["variant"])[0] == "FP32 (baseline)" and len(table) == 3
     assert list(table["algorithm"]) == ["", "gptq", "sparsegpt+weighted+gptq"]  # which algorithm made each row
     assert table["compression"].iloc[0] == 1.0 and (table["compression"].iloc[1:] > 2).all()
@@ -29,7 +30,7 @@ def test_pareto_front():
 def test_sensitivity_rows(tiny_model_dir, dev_dir):
     model, tokenizer = load_model(tiny_model_dir)
     rows = sensitivity(model, tokenizer, load_utterances(str(dev_dir / "1272"), limit=2), "int4:group=16",
-                       threads=1, progress=False)
+                       progress=False)
     groups = [r["group"] for r in rows]
     assert groups[0].startswith("(none") and "blocks.*.ffn1.linear1" in groups and "head" not in groups
     assert all(r["wer"] >= 0 for r in rows)

@@ -14,7 +14,7 @@ from compression.artifact import to_runtime
 from compression.calibration import (BUNDLED, CalibrationSet, collect_stats, dampened, layer_inputs,
                                      load_calibration)
 from compression.compress import apply_recipe
-from compression.methods import LowRankLinear, target_linears
+from compression.methods import LowRankLinear, target_layers
 from compression.obs import grid_rounder, inverse_cholesky, row_mask, sparsegpt_mask_chooser, sweep, sweep_order
 from compression.quantize import fake_quantize
 from compression.recipe import parse_recipe
@@ -47,7 +47,7 @@ def output_error(original: nn.Module, compressed: nn.Module, stats) -> float:
     shift of the mean is what bias correction removes; leaving it out favours the data-free twin)."""
     runtime = dict(to_runtime(compressed).named_modules())
     total = 0.0
-    for name, layer in target_linears(original, SKIP):
+    for name, layer in target_layers(original, SKIP):
         if name not in runtime:
             continue
         new = runtime[name]
@@ -145,7 +145,7 @@ def test_pruning_gives_exactly_the_asked_sparsity_and_pattern(model, stats):
         parsed = parse_recipe(recipe)
         pruned = to_runtime(apply_recipe(model, parsed, stats=stats))
         n, m = parsed.steps[0][1].n_m
-        for name, layer in target_linears(pruned, SKIP):
+        for name, layer in target_layers(pruned, SKIP):
             w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
             zeros = (w == 0).sum(1)
             if n:
@@ -198,7 +198,7 @@ def test_gptq_artifact_reloads_exactly(model, stats, tmp_path):
     compressed = apply_recipe(model, parse_recipe("prune:sparsity=0.5+int4:group=32"), stats=stats)
     save_artifact(compressed, str(tmp_path / "a"), CharTokenizer(), {})
     loaded, live = dict(load_artifact(str(tmp_path / "a")).named_modules()), dict(to_runtime(compressed).named_modules())
-    for name, layer in target_linears(model, SKIP):
+    for name, layer in target_layers(model, SKIP):
         assert torch.equal(loaded[name].weight, live[name].weight), name
         assert torch.equal(live[name].weight, compressed.get_submodule(name).weight.detach()), name
 

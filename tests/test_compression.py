@@ -15,7 +15,7 @@ from asr_core.model import ConformerCTC
 from asr_core.text import CharTokenizer
 from compression.artifact import load_artifact, save_artifact, to_runtime
 from compression.compress import apply_recipe, format_report, layer_report
-from compression.methods import LowRankLinear, kmeans_1d, target_linears
+from compression.methods import LowRankLinear, kmeans_1d, target_layers
 from compression.packing import pack_bits, packed_nbytes, unpack_bits
 from compression.recipe import parse_recipe
 
@@ -37,7 +37,7 @@ def features():
 def compressed_weights(model):
     runtime = to_runtime(model)
     out = {}
-    for name, m in target_linears(runtime, ("subsampling.conv1", "head")):
+    for name, m in target_layers(runtime, ("subsampling.conv1", "head")):
         out[name] = m.weight.detach()
     return out
 
@@ -96,7 +96,7 @@ def test_kmeans_at_most_k_values_and_bits(tmp_path, model):
     folder = save_load(tmp_path, compressed, "kmeans:clusters=5")
     from safetensors.torch import load_file
     stored = load_file(os.path.join(folder, "model.safetensors"))
-    for name, m in target_linears(model, ("subsampling.conv1", "head")):
+    for name, m in target_layers(model, ("subsampling.conv1", "head")):
         assert stored[f"{name}.weight.indices"].numel() == packed_nbytes(m.weight.numel(), 3)  # ceil(log2 5) bits
 
 
@@ -133,7 +133,7 @@ def test_int4_and_ternary_packing(tmp_path, model):
         compressed = apply_recipe(model, parse_recipe(text))
         folder = save_load(tmp_path, compressed, text)
         stored = load_file(os.path.join(folder, "model.safetensors"))
-        for name, m in target_linears(model, ("subsampling.conv1", "head")):
+        for name, m in target_layers(model, ("subsampling.conv1", "head")):
             n = m.weight.numel()
             assert stored[f"{name}.weight.codes"].numel() == packed_nbytes(n, bits)
             scales = stored[f"{name}.weight.scales"]

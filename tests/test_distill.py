@@ -15,7 +15,7 @@ from asr_core.text import CharTokenizer
 from asr_core.training import TrainConfig, distill_loss, train
 from compression.artifact import to_runtime
 from compression.compress import apply_recipe, finetune
-from compression.methods import Clustered, Mask, constraints, target_linears
+from compression.methods import Clustered, Mask, constraints, target_layers
 from compression.quantize import element_scales, round_with_scales
 from compression.recipe import parse_recipe
 from conftest import speechlike
@@ -48,7 +48,7 @@ def fixed_batch_kl(student, teacher, utts) -> float:
 
 
 def parametrized(model):
-    return [(name, m) for name, m in target_linears(model) if constraints(m)]
+    return [(name, m) for name, m in target_layers(model) if constraints(m)]
 
 
 def test_distill_loss_zero_positive_and_blind_to_padding():

@@ -43,7 +43,7 @@ def test_real_model_through_the_callback(tiny_model_dir, dev_dir):
 
 
 def test_without_an_input_device_it_says_so():
-    result = subprocess.run([sys.executable, "-m", "asr_core", "listen"], cwd=REPO, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "edge_asr", "listen"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode != 0
     assert "edge-asr listen:" in result.stderr and "Traceback" not in result.stderr

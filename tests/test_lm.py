@@ -94,13 +94,10 @@ def test_lm_corpus_script_reads_unpacked_sources(tmp_path):
     """scripts/lm_corpus.py on a fake unpacked-package folder: book text split into sentences, the NLTK Bible
     left out (the KJV is its own source), a source with no files reported instead of failing."""
     import gzip
-    import importlib.util
+    import subprocess
+    import sys
 
     from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("lm_corpus", REPO / "scripts" / "lm_corpus.py")
-    lm_corpus = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lm_corpus)
     books = tmp_path / "src" / "gutenberg" / "package" / "gutenberg"
     books.mkdir(parents=True)
     (books / "austen-emma.txt").write_text("[Emma by Jane Austen 1816]\n\nEmma Woodhouse, handsome,\nclever, "
@@ -115,7 +112,9 @@ def test_lm_corpus_script_reads_unpacked_sources(tmp_path):
     with gzip.open(devil / "devil.dict.dz", "wt") as f:
         f.write("ABSURDITY, n. A statement or belief manifestly inconsistent with one's own opinion.")
     out = tmp_path / "corpus.txt"
-    lm_corpus.main(["--folder", str(tmp_path / "src"), "--out", str(out)])
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "lm_corpus.py"), "--folder", str(tmp_path / "src"),
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
     lines = out.read_text().splitlines()
     assert "[Emma by Jane Austen 1816] Emma Woodhouse, handsome, clever, and rich." in lines
     assert "She was happy;" in lines and "truly." not in lines and "Yes!" not in lines  # one word: no n-gram

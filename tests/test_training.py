@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from asr_core.checkpoint import load_model, read_config
+from asr_core.provenance import training_details
 from asr_core.config import preset
 from asr_core.data import load_utterances
 from asr_core.model import ConformerCTC
@@ -65,12 +66,12 @@ def test_frozen_layers_stay_as_they_started(dev_dir, tmp_path):
     cfg = TrainConfig(lr=3e-3, warmup_steps=1, max_steps=3, batch_seconds=100, eval_every=100, speed_factors=(1.0,),
                       freeze_layers=1, save_every=100)
     train(model, CharTokenizer(), utts, [], cfg, str(tmp_path / "run"), progress=False)
-    assert read_config(str(tmp_path / "run" / "last"))["training"]["freeze_layers"] == 1  # for compress
+    assert training_details(read_config(str(tmp_path / "run" / "last")))["freeze_layers"] == 1  # for compress
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert not any(k.startswith(("subsampling.", "blocks.0.")) for k in changed), sorted(changed)
     assert any(k.startswith("blocks.1.") for k in changed) and "head.weight" in changed
-    with pytest.raises(SettingsError, match="freeze-layers"):
+    with pytest.raises(SettingsError, match="freeze_layers"):
         train(model, CharTokenizer(), utts, [], TrainConfig(max_steps=1, freeze_layers=9), None, progress=False)
 
 
@@ -100,11 +101,11 @@ def test_slow_layers_learn_at_a_fraction_of_the_rate(dev_dir, tmp_path):
     assert 0 < slow < 0.05 * fast, (slow, fast)
     same_slow, same_fast = movement(1.0)
     assert same_slow > 0.3 * same_fast, (same_slow, same_fast)
-    assert read_config(str(tmp_path / "run0.01" / "last"))["training"]["slow_lr_scale"] == 0.01
-    with pytest.raises(SettingsError, match="slow-lr-scale"):
+    assert training_details(read_config(str(tmp_path / "run0.01" / "last")))["slow_lr_scale"] == 0.01
+    with pytest.raises(SettingsError, match="slow_lr_scale"):
         train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, [], TrainConfig(max_steps=1, slow_layers=1,
                                                                                  slow_lr_scale=0), None,
               progress=False)
-    with pytest.raises(SettingsError, match="slow-layers"):
+    with pytest.raises(SettingsError, match="slow_layers"):
         train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, [], TrainConfig(max_steps=1, slow_layers=9), None,
               progress=False)

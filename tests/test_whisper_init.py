@@ -143,8 +143,9 @@ def test_wise_ft_moves_the_whisper_tensors_back_and_nothing_else(whisper_dir):
 
 def test_wise_sweep_script_scores_each_setting(whisper_dir, dev_dir, tiny_en_finetuned_dir, tmp_path):
     """scripts/wise_sweep.py: weight 0 is the model itself, and every setting gets a row."""
-    import importlib.util
     import json
+    import subprocess
+    import sys
 
     from asr_core.audio import load_audio
     from asr_core.data import load_utterances
@@ -152,13 +153,12 @@ def test_wise_sweep_script_scores_each_setting(whisper_dir, dev_dir, tiny_en_fin
     from asr_core.transcribe import Transcriber
     from conftest import REPO
 
-    spec = importlib.util.spec_from_file_location("wise_sweep", REPO / "scripts" / "wise_sweep.py")
-    wise_sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wise_sweep)
     model = str(tiny_en_finetuned_dir)  # its weights have left Whisper's
     out = tmp_path / "sweep.json"
-    wise_sweep.main(["--model", model, "--data", str(dev_dir), "--limit", "2", "--weight", "0", "0.5",
-                     "--out", str(out)])
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "wise_sweep.py"), "--model", model, "--data",
+                          str(dev_dir), "--limit", "2", "--weight", "0", "0.5", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
     grid = json.loads(out.read_text())["grid"]
     assert [(r["weight"], r["lower_weight"]) for r in grid] == [(0.0, 0.0), (0.5, 0.5)]
     utts = load_utterances(str(dev_dir), 2)
@@ -209,30 +209,45 @@ def test_frozen_whisper_blocks_drop_their_identity_modules_exactly(whisper_dir, 
         assert torch.equal(loaded.eval()(mel, lengths)[0], before)
 
 
-def test_init_from_a_plain_block_model_keeps_its_shape(whisper_dir, tmp_path, monkeypatch):
+def test_init_from_a_plain_block_model_keeps_its_shape(whisper_dir, tmp_path):
     """`train --init-from MODEL` of a model with plain Transformer blocks builds the same shape: its blocks must
-    not gain random ffn1/conv modules that the donor lacks."""
+    not gain random ffn1/conv modules that the donor lacks. Its provenance names the donor as a parent."""
     from asr_core.checkpoint import save_model
-    from asr_core.cli import build_parser, cmd_train
+    from asr_core.errors import SettingsError
+    from asr_core.initialization import ModelInit, initial_model
     from asr_core.model import drop_identity_modules
     from asr_core.text import CharTokenizer
-    from asr_core import training
 
     donor = ConformerCTC(preset("whisper-tiny", n_layers=5))
     init_from_whisper(donor, whisper_dir)
     drop_identity_modules(donor, 4)
     save_model(str(tmp_path / "donor"), donor, CharTokenizer())
-    seen = {}
-    monkeypatch.setattr(training, "train", lambda model, *a, **k: seen.setdefault("model", model) and {})
-    args = build_parser().parse_args(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
-                                      "--preset", "whisper-tiny", "--layers", "5", "--init-from",
-                                      str(tmp_path / "donor"), "--max-steps", "1"])
-    monkeypatch.setattr("asr_core.data.load_utterances", lambda *a, **k: [])
-    cmd_train(args)
-    model = seen["model"]
+    model, note, parents = initial_model(ModelInit("whisper-tiny", n_layers=5, init_from=str(tmp_path / "donor")))
     assert model.cfg.transformer_layers == 4 and model.blocks[0].ffn1 is None
     for k, v in donor.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+    assert "missing: 0" in note and parents[0]["folder"] == str(tmp_path / "donor")
+    with pytest.raises(SettingsError, match="5 blocks") as err:  # fewer layers than the donor: refused, named
+        initial_model(ModelInit("whisper-tiny", n_layers=4, init_from=str(tmp_path / "donor")))
+    assert err.value.setting == "layers"
+    with pytest.raises(SettingsError, match="freeze_layers must be given"):
+        initial_model(ModelInit("whisper-tiny", n_layers=5, int8_frozen=True))
+
+
+def test_initial_model_freezes_and_rounds_to_int8(whisper_dir):
+    """freeze_layers K drops the identity modules of the K frozen Whisper blocks; int8_frozen rounds them to the
+    values int8 storage loads as (re-rounding changes nothing)."""
+    from asr_core.checkpoint import int8_stored_names
+    from asr_core.initialization import ModelInit, initial_model
+    from asr_core.weight_int8 import int8_dequantize, int8_quantize
+
+    model, note, parents = initial_model(ModelInit("whisper-tiny", n_layers=5, init_from=whisper_dir,
+                                                   freeze_layers=4, int8_frozen=True))
+    assert "frozen" in note and "int8" in note and parents[0]["folder"] == whisper_dir
+    assert model.cfg.int8_stored_layers == 4 and model.blocks[3].ffn1 is None and model.blocks[4].ffn1 is not None
+    state = model.state_dict()
+    for name in int8_stored_names(model):
+        assert torch.equal(int8_dequantize(*int8_quantize(state[name])), state[name]), name
 
 
 def test_model_bin_split_over_folders_reads_as_one(whisper_dir, tmp_path):

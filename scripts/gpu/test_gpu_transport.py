@@ -1,4 +1,4 @@
-"""The two halves of a GPU call's 64 MiB journeys (scripts/prepare_gpu_bundle.py out, scripts/gpu_pick_export.py
+"""The two halves of a GPU call's 64 MiB journeys (scripts/gpu/prepare_gpu_bundle.py out, scripts/gpu/gpu_pick_export.py
 back): the int8 transport copy keeps the frozen part's codes bit for bit, and an export that leaves out what is
 unchanged since INIT is made whole again, exactly, here."""
 import importlib.util
@@ -14,7 +14,7 @@ from asr_core.config import preset
 from asr_core.model import ConformerCTC
 from asr_core.text import CharTokenizer
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parent  # the scripts this folder holds, beside this test
 
 
 def script(name: str):

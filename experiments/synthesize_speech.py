@@ -19,7 +19,7 @@ exactly as written: 6-30 words of letters and plain punctuation, no digits, hyph
 abbreviations (Mr., St.) or all-capital words (Roman numerals, acronyms), which a voice would expand differently
 from ``normalize_text``. Audio is resampled to 16 kHz and stored as Ogg Opus, like the shared data.
 
-    python scripts/synthesize_speech.py --text runs/lm/corpus.txt --hours 3 --out runs/synth
+    python experiments/synthesize_speech.py --text runs/lm/corpus.txt --hours 3 --out runs/synth
     # -> runs/synth/manifest.jsonl (+ --with DATA writes runs/synth/with_train.jsonl: DATA's utterances, then these)
 """
 from __future__ import annotations

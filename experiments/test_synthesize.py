@@ -1,14 +1,16 @@
-"""scripts/synthesize_speech.py: which sentences a voice may read, and the manifest it writes (a fake voice)."""
+"""experiments/synthesize_speech.py: which sentences a voice may read, and the manifest it writes (a fake voice)."""
 import importlib.util
 import json
 
 import numpy as np
 import soundfile as sf
-from conftest import REPO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 from asr_core.data import load_utterances
 
-spec = importlib.util.spec_from_file_location("synthesize_speech", REPO / "scripts" / "synthesize_speech.py")
+spec = importlib.util.spec_from_file_location("synthesize_speech", REPO / "experiments" / "synthesize_speech.py")
 synthesize_speech = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(synthesize_speech)
 

@@ -2,15 +2,15 @@
 export the best candidate of each of the ``--top`` best runs as an fp16 model folder ``OUT/<run>/``
 (gpu_train.sh tars and splits them for the device's 16 MiB-per-file return limit), with ``summary.json``.
 
-    python scripts/gpu_pick_export.py runs/gpu_* --dev .gpu/dev --out runs/export --top 2
-    python scripts/gpu_pick_export.py --join PARTS --out FOLDER   # older sharded exports: join model.partN
+    python scripts/gpu/gpu_pick_export.py runs/gpu_* --dev .gpu/dev --out runs/export --top 2
+    python scripts/gpu/gpu_pick_export.py --join PARTS --out FOLDER   # older sharded exports: join model.partN
 
 ``--delta-from INIT`` leaves out of each export the tensors that are bit for bit those of the INIT model folder
 the runs started from (the frozen part: 20 MB of int8 for Whisper base), so that two runs' models fit the 64 MiB
 the device sends back; the names left out are listed in the export's config.json under ``delta_from``. Back here
 the same INIT folder fills them in:
 
-    python scripts/gpu_pick_export.py --fill runs/export/RUN --out runs/RUN-full   # [--base INIT] if it moved
+    python scripts/gpu/gpu_pick_export.py --fill runs/export/RUN --out runs/RUN-full   # [--base INIT] if it moved
 """
 from __future__ import annotations
 

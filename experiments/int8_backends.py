@@ -1,7 +1,7 @@
 """Which int8 kernel is faster on this CPU for our model: torch.ao's dynamic quantized Linear or torchao's
 int8 dynamic-activation/int8-weight? (compression/quantize.py uses the winner.)
 
-    python scripts/int8_backends.py [--model DIR] [--threads 2] [--seconds 10]
+    python experiments/int8_backends.py [--model DIR] [--threads 2] [--seconds 10]
 
 Times one forward pass of the whole model on a clip of --seconds of features, median of 20 after warm-up.
 Needs `pip install "torchao>=0.15,<0.19"` for the torchao row (optional; it is not a project dependency).

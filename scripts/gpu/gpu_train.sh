@@ -6,13 +6,13 @@
 #
 # Prepare here first (fits the device's 64 MiB transfer limit together with the checkout, once the shipped
 # weights and LM are left behind: training starts from the int8 transport copy, and needs no LM):
-#   python scripts/prepare_gpu_bundle.py --train ../shared/data/librispeech-mini/train-clean-5 \
+#   python scripts/gpu/prepare_gpu_bundle.py --train ../shared/data/librispeech-mini/train-clean-5 \
 #       --dev ../shared/data/librispeech-mini/dev-clean-2-a --out .gpu --continue-from checkpoints/conformer-ctc-whisper-base
 #   (plus the wheels the device lacks in .whl/: soundfile, cffi, pycparser, soxr, jiwer, rapidfuzz)
-# Then on the device: OUT=... MINUTES=6.5 bash scripts/gpu_train.sh   (carry .gpu and .whl)
+# Then on the device: OUT=... MINUTES=6.5 bash scripts/gpu/gpu_train.sh   (carry .gpu and .whl)
 # Back here: cat OUT/bundle.tar.part* | tar xf - -C runs/; each runs/export/<run>/ holds only the tensors that differ
 # from INIT's (the device returns 64 MiB at most):
-#   python scripts/gpu_pick_export.py --fill runs/export/<run> --out runs/<run>   (a whole model folder)
+#   python scripts/gpu/gpu_pick_export.py --fill runs/export/<run> --out runs/<run>   (a whole model folder)
 # The same command trains on a CPU (DEVICE=cpu), only slower; each run resumes with --resume if rerun.
 set -u
 OUT=${OUT:-runs/gpu_out}
@@ -58,7 +58,7 @@ kill "$monitor" 2>/dev/null
 for run in "${names[@]}"; do echo "== $run"; tr "\r" "\n" < "$run.log" | grep -E "dev WER|audio_sec_per_sec|\"step\"|reason|Error|rror:" | tail -n 14; done
 delta=()
 [ -f "$INIT/model.safetensors" ] && delta=(--delta-from "$INIT")  # a model folder: send back only what changed
-python3 scripts/gpu_pick_export.py "${names[@]}" --dev "$DEV" --out runs/export --top "$TOP" "${delta[@]}" \
+python3 scripts/gpu/gpu_pick_export.py "${names[@]}" --dev "$DEV" --out runs/export --top "$TOP" "${delta[@]}" \
   || echo "pick/export failed"
 for run in "${names[@]}"; do  # this call's runs only (a warm machine may hold older ones)
   cp "$run.log" runs/export/ 2>/dev/null; cp "$run/log.csv" "runs/export/$(basename "$run").csv" 2>/dev/null

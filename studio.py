@@ -1,0 +1,171 @@
+"""The studio's model side: the baseline, a bounded cache of compressed variants built on demand (each saved
+as an artifact and loaded back, so it runs what a device would load), and how one clip is measured on each.
+``app.py`` holds the page; everything here is usable (and tested) without gradio.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from asr_core.audio import SAMPLE_RATE, load_audio
+from asr_core.beam_search import has_lm
+from asr_core.checkpoint import default_model_dir, folder_bytes, load_model, save_model
+from asr_core.errors import SettingsError
+from asr_core.evaluation import error_rates, timed_decode
+from asr_core.text import normalize_text
+from asr_core.transcribe import Transcriber, make_decoder
+from compression.artifact import load_artifact, save_artifact
+from compression.calibration import stats_for
+from compression.compress import apply_recipe
+from compression.recipe import algorithms, naive_twin, parse_recipe
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MAX_SECONDS = float(os.environ.get("EDGE_ASR_MAX_SECONDS", 120))  # longer uploads are refused with a message
+TIMED_RUNS = 3  # latency = median of this many runs, after one warm-up
+# each variant is built by its method's calibrated algorithm (GPTQ, SparseGPT, ...) or its data-free twin
+ALGORITHMS = ("calibrated", "naive")
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One row of the page: a compression method and the knob that sets it."""
+
+    key: str
+    label: str
+    template: str  # recipe with {value} for the knob; "" for the baseline
+    knob: str | None = None  # knob label
+    minimum: float = 0
+    maximum: float = 1
+    step: float = 0.05
+    default: float | None = None
+    enabled: bool = True
+
+    def recipe(self, value, algorithm: str = "calibrated") -> str:
+        """The recipe for this knob value; ``algorithm`` "naive" gives every step its data-free algorithm."""
+        if algorithm not in ALGORITHMS:
+            raise SettingsError(f"{self.label}: algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+        if not self.template:
+            return ""
+        if algorithm == "naive":
+            return naive_twin(self.recipe(value))
+        if self.knob is None:
+            return self.template
+        if value is None or not (self.minimum <= float(value) <= self.maximum):
+            raise SettingsError(f"{self.label}: {self.knob} must be between {self.minimum:g} and {self.maximum:g}, "
+                                f"got {value}")
+        value = int(value) if float(self.step).is_integer() else round(float(value), 4)
+        return self.template.format(value=value)
+
+
+VARIANTS = [
+    VariantSpec("fp32", "FP32 (baseline)", ""),
+    VariantSpec("int8", "INT8", "int8"),
+    VariantSpec("int4", "INT4", "int4:group={value}", "group size", 16, 256, 16, 64),
+    VariantSpec("ternary", "Ternary", "ternary", enabled=False),
+    VariantSpec("prune", "Pruned (unstructured)", "prune:sparsity={value}", "sparsity", 0.0, 0.95, 0.05, 0.5),
+    VariantSpec("nm", "Pruned 2:4 (N:M)", "prune:pattern=2:4", enabled=False),
+    VariantSpec("structured", "Pruned (structured)", "structured:fraction={value}", "fraction removed", 0.0, 0.9,
+                0.05, 0.3),
+    VariantSpec("svd", "Low-rank (SVD)", "svd:energy={value}", "energy kept", 0.3, 1.0, 0.01, 0.9),
+    VariantSpec("kmeans", "K-means clustering", "kmeans:clusters={value}", "clusters", 2, 256, 1, 16),
+    VariantSpec("combined", "Combined", "prune:sparsity={value}+kmeans:clusters=16+int8", "sparsity", 0.0, 0.95,
+                0.05, 0.5),
+]
+SPECS = {v.key: v for v in VARIANTS}
+
+
+@dataclass
+class Variant:
+    recipe: str
+    transcriber: Transcriber
+    bytes_on_disk: int
+    build_seconds: float
+    algorithm: str = ""  # per step: gptq, sparsegpt, rtn, magnitude, ...
+
+
+class Studio:
+    """The baseline, a bounded LRU cache of compressed variants, and the measurements the page shows."""
+
+    def __init__(self, model_dir: str | None = None, *, cache_size: int = 10,
+                 max_seconds: float = MAX_SECONDS, timed_runs: int = TIMED_RUNS, calib: str | None = None):
+        self.model_dir = model_dir or default_model_dir()
+        self.base, self.tokenizer = load_model(self.model_dir)
+        self.threads = torch.get_num_threads()  # the entry point sets them (app.main: --threads)
+        self.max_seconds, self.timed_runs = max_seconds, timed_runs
+        self.cache_size = cache_size
+        self.cache: OrderedDict[str, Variant] = OrderedDict()
+        self.lock = threading.Lock()  # one compression/measurement at a time: timings stay honest
+        self.workdir = tempfile.mkdtemp(prefix="edge-asr-studio-")
+        fp32_dir = os.path.join(self.workdir, "fp32")
+        # the baseline's size is measured in fp32, as a file (int8=False: an int8-stored frozen part too)
+        save_model(fp32_dir, self.base, self.tokenizer, int8=False)
+        self.cache[""] = Variant("", Transcriber(self.base, self.tokenizer), folder_bytes(fp32_dir), 0.0)
+        # one word-LM decoder for every variant (the LM ships with the baseline), so that rows differ only in
+        # the acoustic model; None when the model folder has no lm.arpa.gz
+        self.lm_decoder = make_decoder(self.tokenizer, self.model_dir, "lm") if has_lm(self.model_dir) else None
+        # calibration statistics, once: every calibrated variant and knob change reuses them
+        start = time.perf_counter()
+        self.stats = stats_for(self.base, calib)
+        self.calibration_seconds = time.perf_counter() - start
+
+    def variant(self, recipe: str) -> Variant:
+        """The compressed model for ``recipe`` (validated), built once and kept while recently used."""
+        parsed = parse_recipe(recipe) if recipe else None
+        key = parsed.describe() if parsed else ""
+        with self.lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key]
+            start = time.perf_counter()
+            folder = os.path.join(self.workdir, f"v{len(os.listdir(self.workdir))}")
+            save_artifact(apply_recipe(self.base, parsed, stats=self.stats), folder, self.tokenizer,
+                          parsed.to_json())
+            model = load_artifact(folder)  # run what was saved: what a device would load
+            variant = Variant(key, Transcriber(model, self.tokenizer), folder_bytes(folder),
+                              time.perf_counter() - start, algorithms(parsed))
+            self.cache[key] = variant
+            while len(self.cache) > self.cache_size:
+                old_key = next(k for k in self.cache if k)  # never evict the baseline
+                del self.cache[old_key]
+            return variant
+
+    def load_clip(self, audio) -> "numpy.ndarray":  # noqa: F821
+        return load_audio(audio, max_seconds=self.max_seconds)
+
+    def decoder_for(self, variant: Variant, use_lm: bool):
+        """The shared word-LM decoder when asked for and available, else the variant's greedy decoder."""
+        return self.lm_decoder if use_lm and self.lm_decoder is not None else variant.transcriber.greedy
+
+    def measure(self, recipe: str, samples, reference: str | None, use_lm: bool = True) -> dict:
+        """Transcribe ``samples`` with one variant: text, WER/CER (with a reference), latency, RTF, size.
+
+        Latency is :func:`asr_core.evaluation.timed_decode` (samples in memory -> text: features, model and
+        decoder), as in ``edge-asr evaluate`` and the benchmark; one clip is noisier than a corpus, so it is the
+        median of ``timed_runs`` runs after a warm-up.
+        """
+        variant = self.variant(recipe)
+        decoder = self.decoder_for(variant, use_lm)
+        transcriber = Transcriber(variant.transcriber.model, self.tokenizer, decoder=decoder)
+        with self.lock:
+            text = transcriber.transcribe(samples)  # warm-up
+            times = [timed_decode(transcriber, samples)[2] for _ in range(self.timed_runs)]
+        latency = statistics.median(times)
+        rates = error_rates([reference], [text]) if reference and normalize_text(reference) else None
+        return {"recipe": variant.recipe, "transcript": text, "wer": rates["wer"] if rates else None,
+                "cer": rates["cer"] if rates else None, "latency_ms": 1000 * latency,
+                "rtf": latency / (len(samples) / SAMPLE_RATE), "size_mb": variant.bytes_on_disk / 1e6,
+                "build_seconds": variant.build_seconds, "algorithm": variant.algorithm,
+                "decoding": "greedy" if decoder is variant.transcriber.greedy else "beam search + word LM"}
+
+
+def default_recipes() -> list[str]:
+    """The recipe of every row at its default knob (calibrated): the standard set of compression.recipe."""
+    return [spec.recipe(spec.default) for spec in VARIANTS[1:]]
