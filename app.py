@@ -29,7 +29,7 @@ from asr_core.evaluation import evaluate
 from asr_core.text import normalize_text
 from asr_core.transcribe import Transcriber
 from compression.charts import tradeoff_figure
-from studio import ALGORITHMS, MAX_SECONDS, SPECS, VARIANTS, Studio
+from studio import ALGORITHMS, MAX_SECONDS, SPECS, VARIANTS, LiveSession, Studio
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -79,14 +79,27 @@ def versus_baseline(base: dict | None, row: dict) -> tuple[float | None, float |
     return base["size_mb"] / row["size_mb"], base["latency_ms"] / row["latency_ms"]
 
 
+PEER_PREFIX = "peer:"  # result keys of the peers (not ours), listed after our variants
+
+
+def row_keys(results: dict) -> list[str]:
+    return [v.key for v in VARIANTS if v.key in results] + sorted(k for k in results if k.startswith(PEER_PREFIX))
+
+
+def row_label(key: str, r: dict) -> str:
+    if key.startswith(PEER_PREFIX):
+        return f"{key[len(PEER_PREFIX):]} (peer, not ours)"
+    return SPECS[key].label + (f" ({r['recipe']})" if r["recipe"] and SPECS[key].knob else "")
+
+
 def table_rows(results: dict[str, dict], reference: str | None) -> list[list]:
     """Results keyed by variant -> display rows (ratio and speed-up against the baseline row)."""
     base = results.get("fp32")
     rows = []
-    for key in [v.key for v in VARIANTS if v.key in results]:
+    for key in row_keys(results):
         r = results[key]
         fmt = lambda x, f: "—" if x is None else format(x, f)  # noqa: E731
-        label = SPECS[key].label + (f" ({r['recipe']})" if r["recipe"] and SPECS[key].knob else "")
+        label = row_label(key, r)
         ratio, speedup = versus_baseline(base, r)
         rows.append([label, r.get("algorithm") or "—", diff_html(reference, r["transcript"]), fmt(r["wer"], ".1%"),
                      fmt(r["cer"], ".1%"),
@@ -97,8 +110,8 @@ def table_rows(results: dict[str, dict], reference: str | None) -> list[list]:
 
 def figure(results: dict[str, dict]):
     """The shared size/latency-vs-WER figure (compression.charts) of the rows on the page."""
-    keys = [v.key for v in VARIANTS if v.key in results]
-    return tradeoff_figure([SPECS[k].label for k in keys], [results[k]["size_mb"] for k in keys],
+    keys = row_keys(results)
+    return tradeoff_figure([row_label(k, results[k]) for k in keys], [results[k]["size_mb"] for k in keys],
                            [results[k]["latency_ms"] for k in keys], [results[k]["wer"] for k in keys],
                            [results[k].get("algorithm") or "" for k in keys])
 
@@ -110,10 +123,10 @@ def write_csv(results: dict[str, dict], folder: str) -> str:
         w = csv.writer(f)
         w.writerow(["variant", "recipe", "algorithm", "transcript", "wer", "cer", "latency_ms", "rtf", "size_mb",
                     "compression_ratio", "speedup"])
-        for key in [v.key for v in VARIANTS if v.key in results]:
+        for key in row_keys(results):
             r = results[key]
             ratio, speedup = versus_baseline(base, r)
-            w.writerow([SPECS[key].label, r["recipe"], r.get("algorithm", ""), r["transcript"], r["wer"], r["cer"],
+            w.writerow([row_label(key, r), r["recipe"], r.get("algorithm", ""), r["transcript"], r["wer"], r["cer"],
                         round(r["latency_ms"], 2),
                         round(r["rtf"], 5), round(r["size_mb"], 4), "" if ratio is None else round(ratio, 3),
                         "" if speedup is None else round(speedup, 3)])
@@ -177,7 +190,7 @@ def _unchanged(message: str, results=None):
     return gr.update(), gr.update(), gr.update(), message, gr.update() if results is None else results
 
 
-def run_all(studio: Studio, audio, reference, use_lm, *knobs, progress=None):
+def run_all(studio: Studio, audio, reference, use_lm, peers, *knobs, progress=None):
     try:
         samples = studio.load_clip(audio)
         recipes = enabled_recipes(knobs)
@@ -186,6 +199,8 @@ def run_all(studio: Studio, audio, reference, use_lm, *knobs, progress=None):
             if progress is not None:
                 progress(n / len(recipes), desc=f"{SPECS[key].label}: compressing and timing")
             results[key] = studio.measure(recipe, samples, reference, use_lm)
+        for name in peers or []:
+            results[PEER_PREFIX + name] = studio.measure_peer(name, samples, reference)
         return _outputs(studio, results, reference, f"Ran {len(results)} variants on "
                         f"{len(samples) / SAMPLE_RATE:.1f} s of audio ({studio.threads} threads, "
                         f"{results['fp32']['decoding']} decoding).")
@@ -264,6 +279,64 @@ def api_compare(studio: Studio, audio, reference: str = "") -> list[dict]:
         raise gr.Error(friendly(err)) from None
 
 
+LIVE_LIMIT_SECONDS = 600  # a stream longer than this is stopped with a message (memory stays bounded anyway)
+
+
+def _live_status(session: LiveSession | None, note: str = "") -> str:
+    if session is None or session.last is None:
+        return note or "Press **Record** and speak: captions appear as you talk."
+    u = session.last
+    return (f"{session.label}: heard {u.audio_seconds:.1f} s · last update decoded {u.window_seconds:.1f} s of audio "
+            f"in {1000 * u.decode_seconds:.0f} ms (RTF {u.rtf:.2f}) · captions trail speech by about "
+            f"{session.engine.settings.step_seconds + u.decode_seconds:.1f} s{' · ' + note if note else ''}")
+
+
+def live_step(studio: Studio, session, chunk, variant_key, use_lm):
+    """One streamed microphone chunk -> (session, captions, status). A new variant or LM choice mid-stream keeps
+    the lines committed so far and goes on with the new model."""
+    try:
+        if chunk is None:
+            return session, gr_update(), _live_status(session)
+        spec = SPECS.get(variant_key, SPECS["fp32"])
+        recipe = spec.recipe(spec.default)
+        note = ""
+        if session is None or session.key != (studio.variant(recipe).recipe, bool(use_lm)):
+            earlier = []
+            if session is not None:
+                session.finish()
+                earlier = session.captions().splitlines()
+                note = f"switched to {spec.label}"
+            session = LiveSession(studio, recipe, bool(use_lm))
+            session.earlier = earlier
+        rate, samples = chunk
+        with studio.lock:
+            session.add(rate, samples)
+        if session.last is not None and session.last.audio_seconds > LIVE_LIMIT_SECONDS:
+            return session, session.captions(), f"⚠️ Live sessions stop at {LIVE_LIMIT_SECONDS // 60} minutes: " \
+                                                 "stop and record again to go on."
+        return session, session.captions(), _live_status(session, note)
+    except Exception as err:  # noqa: BLE001 - a message in the page; the next chunk is still answered
+        return None, gr_update(), f"⚠️ {friendly(err)}"
+
+
+def live_stop(studio: Studio, session):
+    """Recording stopped (or the stream broke off mid-word): commit what is left."""
+    try:
+        if session is None:
+            return None, gr_update(), "Nothing was recorded."
+        with studio.lock:
+            session.finish()
+        return None, session.captions(), _live_status(session, "stopped: all text committed")
+    except Exception as err:  # noqa: BLE001
+        return None, gr_update(), f"⚠️ {friendly(err)}"
+
+
+def gr_update():
+    import gradio as gr
+
+    return gr.update()
+
+
 # ------------------------------------------------------------------------------------------ the page
 def _with_progress(fn, studio: Studio):
     """A gradio handler calling ``fn(studio, ...)`` with the page's progress bar (gradio injects it by default)."""
@@ -310,6 +383,18 @@ def _variant_controls():
     return controls
 
 
+def _peer_choice():
+    """Optional reference rows: the systems a user would pick instead (absent, with a note, without the extra)."""
+    import gradio as gr
+
+    from asr_core.peers import available_peers
+
+    ready = [name for name, why in available_peers().items() if not why]
+    missing = [f"{name}: {why}" for name, why in available_peers().items() if why]
+    return gr.CheckboxGroup(ready, value=[], label="Peers, not ours (measured the same way)",
+                            info="; ".join(missing) or None, elem_id="peers")
+
+
 def compare_tab(studio: Studio):
     """The clip, the variant rows, the results table, chart and CSV; returns what the other tabs reuse."""
     import gradio as gr
@@ -320,6 +405,7 @@ def compare_tab(studio: Studio):
             audio, reference, use_lm = _clip_inputs(studio)
         with gr.Column(scale=2):
             controls = _variant_controls()
+            peers = _peer_choice()
     run = gr.Button("Run all variants", variant="primary", elem_id="run")
     status = gr.Markdown(elem_id="status")
     table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "html"] + ["str"] * 7, interactive=False,
@@ -330,7 +416,7 @@ def compare_tab(studio: Studio):
         csv_file = gr.File(label="Download the table (CSV)")
     knob_inputs = [c for _, on, knob, algo in controls for c in (on, knob, algo)]
     outputs = [table, plot, csv_file, status, results_state]
-    run.click(_with_progress(run_all, studio), [audio, reference, use_lm, *knob_inputs], outputs,
+    run.click(_with_progress(run_all, studio), [audio, reference, use_lm, peers, *knob_inputs], outputs,
               api_visibility="private")
     for spec, on, knob, algo in controls:
         handler = _with_progress(lambda st, *a, key=spec.key, **k: rerun_one(st, key, *a, **k), studio)
@@ -369,6 +455,27 @@ def model_card(model_dir: str) -> str:
     return text.lstrip()
 
 
+def live_tab(studio: Studio) -> None:
+    """The browser microphone streamed into one variant (Gradio's own Record button starts it)."""
+    import gradio as gr
+
+    with gr.Row():
+        variant = gr.Dropdown([(v.label, v.key) for v in VARIANTS], value="fp32", label="Variant (at its default "
+                              "knob, calibrated)", elem_id="live-variant", scale=2)
+        has_lm = studio.lm_decoder is not None
+        use_lm = gr.Checkbox(value=has_lm, interactive=has_lm, label="word LM", elem_id="live-lm", scale=1)
+    audio = gr.Audio(sources=["microphone"], streaming=True, type="numpy", label="Microphone",
+                     elem_id="live-audio")
+    captions = gr.Textbox(label="Live captions", lines=10, max_lines=20, interactive=False,
+                          elem_id="live-captions", autoscroll=True)
+    status = gr.Markdown(_live_status(None), elem_id="live-status")
+    session = gr.State(None)
+    audio.stream(functools.partial(live_step, studio), [session, audio, variant, use_lm], [session, captions, status],
+                 stream_every=0.5, time_limit=LIVE_LIMIT_SECONDS + 30, api_visibility="private")
+    audio.stop_recording(functools.partial(live_stop, studio), [session], [session, captions, status],
+                         api_visibility="private")
+
+
 def about_tab(studio: Studio) -> None:
     import gradio as gr
 
@@ -397,6 +504,8 @@ def build_app(studio: Studio):
                     "*naive*, data-free twin: switch it per row.")
         with gr.Tab("Compare on a clip"):
             use_lm, knob_inputs = compare_tab(studio)
+        with gr.Tab("Live"):
+            live_tab(studio)
         with gr.Tab("Dataset (class view)"):
             dataset_tab(studio, use_lm, knob_inputs)
         with gr.Tab("About the model"):

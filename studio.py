@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from asr_core.audio import SAMPLE_RATE, load_audio
@@ -104,6 +105,7 @@ class Studio:
         self.cache: OrderedDict[str, Variant] = OrderedDict()
         self.lock = threading.Lock()  # one compression/measurement at a time: timings stay honest
         self.workdir = tempfile.mkdtemp(prefix="edge-asr-studio-")
+        self.peers: dict = {}  # peer name -> asr_core.peers.PeerEngine, loaded on first use
         fp32_dir = os.path.join(self.workdir, "fp32")
         # the baseline's size is measured in fp32, as a file (int8=False: an int8-stored frozen part too)
         save_model(fp32_dir, self.base, self.tokenizer, int8=False)
@@ -165,7 +167,75 @@ class Studio:
                 "build_seconds": variant.build_seconds, "algorithm": variant.algorithm,
                 "decoding": "greedy" if decoder is variant.transcriber.greedy else "beam search + word LM"}
 
+    def measure_peer(self, name: str, samples, reference: str | None) -> dict:
+        """A peer (asr_core.peers) on the clip, timed like :meth:`Studio.measure` (median of ``timed_runs``)."""
+        from asr_core.peers import load_peer
+
+        with self.lock:
+            if name not in self.peers:
+                self.peers[name] = load_peer(name, torch.get_num_threads())
+            engine = self.peers[name]
+            text = engine.transcribe(samples)  # warm-up
+            times = []
+            for _ in range(self.timed_runs):
+                start = time.perf_counter()
+                engine.transcribe(samples)
+                times.append(time.perf_counter() - start)
+        latency = statistics.median(times)
+        rates = error_rates([reference], [text]) if reference and normalize_text(reference) else None
+        return {"recipe": "", "transcript": text, "wer": rates["wer"] if rates else None,
+                "cer": rates["cer"] if rates else None, "latency_ms": 1000 * latency,
+                "rtf": latency / (len(samples) / SAMPLE_RATE), "size_mb": engine.bytes_on_disk / 1e6,
+                "build_seconds": 0.0, "algorithm": "peer", "decoding": engine.note}
+
 
 def default_recipes() -> list[str]:
     """The recipe of every row at its default knob (calibrated): the standard set of compression.recipe."""
     return [spec.recipe(spec.default) for spec in VARIANTS[1:]]
+
+
+class LiveSession:
+    """One browser microphone stream: chunks at the browser's rate -> 16 kHz (a streaming resampler, so chunk
+    edges leave no clicks) -> the streaming engine of one variant. Switching variant mid-stream commits what the
+    old one heard and goes on with the new one."""
+
+    def __init__(self, studio: "Studio", recipe: str, use_lm: bool):
+        from asr_core.streaming import StreamingRecognizer
+
+        variant = studio.variant(recipe)
+        self.key = (variant.recipe, use_lm)
+        self.label = variant.recipe or "FP32 (baseline)"
+        transcriber = Transcriber(variant.transcriber.model, studio.tokenizer,
+                                  decoder=studio.decoder_for(variant, use_lm))
+        self.engine = StreamingRecognizer(transcriber)
+        self.resampler, self.rate = None, None
+        self.earlier: list[str] = []  # lines committed by variants used before a switch
+        self.last = None
+
+    def add(self, rate: int, chunk):
+        """A (rate, samples) chunk as Gradio streams it (int16 or float, mono or (frames, channels))."""
+        import soxr
+
+        samples = np.asarray(chunk)
+        if samples.size == 0:  # an empty chunk (the stream starting or stopping): nothing to hear
+            return None
+        if samples.dtype.kind == "i":
+            samples = samples.astype(np.float32) / np.iinfo(samples.dtype).max
+        samples = samples.astype(np.float32).reshape(len(samples), -1).mean(axis=1)
+        if rate != SAMPLE_RATE:
+            if self.resampler is None or self.rate != rate:
+                self.resampler, self.rate = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32"), rate
+            samples = self.resampler.resample_chunk(samples)
+        update = self.engine.feed(samples)
+        if update is not None:
+            self.last = update
+        return update
+
+    def finish(self):
+        self.last = self.engine.finish()
+        return self.last
+
+    def captions(self) -> str:
+        lines = [*self.earlier, *(self.last.committed if self.last else [])]
+        partial = self.last.partial if self.last else ""
+        return "\n".join([*lines[-200:], partial]).strip()

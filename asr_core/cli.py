@@ -136,6 +136,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N utterances only")
     p.add_argument("--threads", type=_positive(int), default=2, help="torch CPU threads (default 2)")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
+    p.add_argument("--engine", choices=("whisper-tiny.en", "pocketsphinx"), default=None,
+                   help="measure a peer instead of a model folder, the same way (needs the `peers` extra)")
     _add_decoding_flags(p)
     p.set_defaults(handler=cmd_evaluate)
 
@@ -301,9 +303,17 @@ def cmd_evaluate(args) -> int:
     from .data import load_utterances
     from .evaluation import evaluate, summary_line
 
-    transcriber, model_dir = _transcriber(args)
-    result = evaluate(transcriber, load_utterances(args.data, args.limit), model_dir=model_dir)
-    result["model"] = model_dir
+    utterances = load_utterances(args.data, args.limit)
+    if args.engine:
+        import torch
+
+        from .peers import evaluate_peer, load_peer
+
+        result = evaluate_peer(load_peer(args.engine, torch.get_num_threads()), utterances)
+    else:
+        transcriber, model_dir = _transcriber(args)
+        result = evaluate(transcriber, utterances, model_dir=model_dir)
+        result["model"] = model_dir
     text = json.dumps(result, indent=2)
     if not args.out:
         print(text)

@@ -1,8 +1,8 @@
 """``edge-asr listen``: live transcription from the default microphone, for laptop demos.
 
-Audio arrives in blocks from a sounddevice input stream (PortAudio). Every ``--step`` seconds the text of the
-current utterance window (the last ``--window`` seconds) is decoded again and printed when it changed; when
-the window is full it is committed and a new line starts, so memory stays bounded however long it runs.
+Audio arrives in blocks from a sounddevice input stream (PortAudio) and goes to the same streaming engine as the
+app's Live tab (:mod:`asr_core.streaming`): partial text is reprinted as it changes, and a line is committed at a
+pause in speech, so memory stays bounded however long it runs.
 """
 from __future__ import annotations
 
@@ -12,53 +12,40 @@ import sys
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, SILENCE_PEAK
+from .audio import SAMPLE_RATE
+from .streaming import StreamingRecognizer, StreamSettings
 
 
 class LiveTranscriber:
     """Feed blocks of 16 kHz float samples with :meth:`callback` (the sounddevice signature); call
     :meth:`poll` to get text updates. Separated from the device so it can be tested with recorded audio."""
 
-    def __init__(self, transcriber, *, window_seconds: float = 10.0, step_seconds: float = 1.0):
-        self.transcriber = transcriber
-        self.window = int(window_seconds * SAMPLE_RATE)
-        self.step = int(step_seconds * SAMPLE_RATE)
+    def __init__(self, transcriber, settings: StreamSettings | None = None):
+        self.engine = StreamingRecognizer(transcriber, settings or StreamSettings())
         self.blocks: "queue.Queue[np.ndarray]" = queue.Queue()
-        self.buffer = np.zeros(0, np.float32)
-        self.since_decode = 0
-        self.last_text = ""
-        self.committed: list[str] = []
 
     def callback(self, indata, frames, time_info, status) -> None:  # called on PortAudio's thread
         self.blocks.put(np.asarray(indata, dtype=np.float32).reshape(frames, -1).mean(axis=1).copy())
 
-    def poll(self) -> list[tuple[str, str]]:
-        """Drain arrived audio; returns updates as ("partial" | "final", text)."""
+    def poll(self, final: bool = False) -> list[tuple[str, str]]:
+        """Drain arrived audio; returns updates as ("partial" | "final", text). ``final``: the stream ended."""
         updates = []
         while True:
             try:
                 block = self.blocks.get_nowait()
             except queue.Empty:
                 break
-            self.buffer = np.concatenate([self.buffer, block])
-            self.since_decode += len(block)
-            if self.since_decode >= self.step:
-                self.since_decode = 0
-                text = self._decode()
-                if text != self.last_text:
-                    self.last_text = text
-                    updates.append(("partial", text))
-            if len(self.buffer) >= self.window:
-                text = self._decode()
-                self.committed.append(text)
-                updates.append(("final", text))
-                self.buffer, self.last_text, self.since_decode = np.zeros(0, np.float32), "", 0
+            update = self.engine.feed(block)
+            if update is not None:
+                updates += _changes(update)
+        if final:
+            updates += _changes(self.engine.finish())
         return updates
 
-    def _decode(self) -> str:
-        if len(self.buffer) < SAMPLE_RATE // 5 or np.abs(self.buffer).max() < SILENCE_PEAK:
-            return ""
-        return self.transcriber.transcribe(self.buffer)
+
+def _changes(update) -> list[tuple[str, str]]:
+    return ([("final", update.new_line)] if update.new_line else []) + ([("partial", update.partial)]
+                                                                        if update.partial else [])
 
 
 def _seconds(text: str) -> float:
@@ -72,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-asr listen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model folder (default: the shipped baseline)")
     parser.add_argument("--device", default=None, help="input device name or index (default: the system's)")
-    parser.add_argument("--window", type=_seconds, default=10.0, help="seconds per committed line (default 10)")
-    parser.add_argument("--step", type=_seconds, default=1.0, help="seconds between updates (default 1)")
+    parser.add_argument("--window", type=_seconds, default=12.0,
+                        help="longest stretch of speech without a pause before a line is committed anyway "
+                             "(default 12 s)")
+    parser.add_argument("--step", type=_seconds, default=0.5, help="seconds between updates (default 0.5)")
     args = parser.parse_args(argv)
     if args.step > args.window:
         parser.error(f"--step ({args.step:g} s) must not exceed --window ({args.window:g} s)")
@@ -87,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     from .transcribe import Transcriber
 
     try:
+        settings = StreamSettings(step_seconds=args.step, max_window_seconds=args.window)
         transcriber = Transcriber.from_folder(args.model)
     except EdgeASRError as err:
         print(f"edge-asr listen: error: {err}", file=sys.stderr)
         return 2
-    live = LiveTranscriber(transcriber, window_seconds=args.window, step_seconds=args.step)
+    live = LiveTranscriber(transcriber, settings)
     try:
         stream = sd.InputStream(samplerate=SAMPLE_RATE, channels=1, dtype="float32", device=args.device,
                                 blocksize=SAMPLE_RATE // 10, callback=live.callback)
@@ -106,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 for kind, text in live.poll():
                     print(("\r" + text + " " * 10) if kind == "partial" else ("\r" + text + "\n"), end="",
                           flush=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the end of the stream: commit what is still pending
+        for kind, text in live.poll(final=True):
+            if kind == "final":
+                print("\r" + text + " " * 10, flush=True)
         print(file=sys.stderr)
     return 0

@@ -34,8 +34,19 @@ def _spell_number(match: re.Match) -> str:
     return f" {words} "
 
 
+_ORDINAL_LAST = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+                 "nine": "ninth", "twelve": "twelfth"}
+
+
+def _spell_ordinal(match: re.Match) -> str:
+    """"3rd" -> "third", "21st" -> "twenty first" (Whisper writes ordinals in digits; references spell them)."""
+    *head, last = number_to_words(int(match.group(1))).split()
+    last = _ORDINAL_LAST.get(last) or (last[:-1] + "ieth" if last.endswith("y") else last + "th")
+    return " " + " ".join([*head, last]) + " "
+
+
 def normalize_text(text: str) -> str:
-    """Lower-case; digits spelled out; hyphens and dashes to spaces; punctuation removed except apostrophes
+    """Lower-case; numbers and ordinals spelled out; hyphens and dashes to spaces; punctuation removed except apostrophes
     inside words; accents folded to ASCII; whitespace collapsed.
 
     >>> normalize_text("Don't STOP -- it's 42, well-known 'quotes'!")
@@ -44,6 +55,7 @@ def normalize_text(text: str) -> str:
     text = unicodedata.normalize("NFKD", text)
     text = "".join(c for c in text if not unicodedata.combining(c))
     text = text.lower().replace("\u2019", "'").replace("\u2018", "'")
+    text = re.sub(r"\b(\d+)(?:st|nd|rd|th)\b", _spell_ordinal, text)
     text = re.sub(r"\d[\d,]*(\.\d+)?", _spell_number, text)
     text = re.sub(r"[-\u2010-\u2015_/]", " ", text)
     text = re.sub(r"[^a-z' ]", " ", text)

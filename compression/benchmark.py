@@ -55,7 +55,7 @@ def build_variant(entry: str, out_root: str, base_model=None, tokenizer=None,
 
 
 def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, *,
-                  progress: bool = True, decoding: str = "greedy", calib: str | None = None,
+                  progress: bool = True, decoding: str = "greedy", peers: bool = False, calib: str | None = None,
                   calib_utterances: int | None = None) -> pd.DataFrame:
     """``decoding``: "greedy" (the model alone) or "lm" (every row decoded with the baseline folder's word LM,
     so rows still differ only in the acoustic model). ``calib`` / ``calib_utterances``: calibration audio (default:
@@ -103,6 +103,8 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
                      "latency_ms_p90": result["latency_ms_p90"], "rtf": result["rtf"], "folder": folder})
         with open(os.path.join(out_dir, f"hyp_{slug(label)}.json"), "w") as f:
             json.dump(result["utterances"], f, indent=1)
+    if peers:
+        rows += peer_rows(utterances, out_dir, progress)
     table = pd.DataFrame(rows)
     base = table.iloc[0]
     table["compression"] = base["size_mb"] / table["size_mb"]
@@ -113,6 +115,26 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
                        calibration=stats.describe() if stats is not None else None)
     write_outputs(table, out_dir)
     return table
+
+
+def peer_rows(utterances, out_dir: str, progress: bool = True) -> list[dict]:
+    """Whisper tiny.en and pocketsphinx on the same utterances, as rows marked "peer" (not ours); a peer that
+    cannot run here is left out with a note."""
+    from asr_core.peers import PEERS, available_peers, evaluate_peer, load_peer
+
+    rows, missing = [], available_peers()
+    for name in PEERS:
+        if missing[name]:
+            print(f"peer {name}: {missing[name]}; left out", flush=True)
+            continue
+        result = evaluate_peer(load_peer(name, torch.get_num_threads()), utterances, progress=progress)
+        rows.append({"variant": f"{name} (peer)", "algorithm": "peer", "build_seconds": 0.0,
+                     "size_mb": result["bytes_on_disk"] / 1e6, "wer": result["wer"], "cer": result["cer"],
+                     "latency_ms_median": result["latency_ms_median"], "latency_ms_p90": result["latency_ms_p90"],
+                     "rtf": result["rtf"], "folder": ""})
+        with open(os.path.join(out_dir, f"hyp_{slug(name)}.json"), "w") as f:
+            json.dump(result["utterances"], f, indent=1)
+    return rows
 
 
 COLUMNS = ["variant", "algorithm", "size_mb", "compression", "wer", "delta_wer_rel", "cer", "latency_ms_median",

@@ -10,6 +10,8 @@ def row_color(algorithm: str) -> str:
     step blue."""
     if not algorithm:
         return "crimson"
+    if algorithm == "peer":  # another system, not ours
+        return "seagreen"
     return "gray" if all(a in NAIVE.values() for a in algorithm.split("+")) else "steelblue"
 
 
@@ -46,5 +48,5 @@ def tradeoff_figure(labels: list[str], sizes_mb: list[float], latencies_ms: list
         fig.add_trace(go.Scatter(x=[sizes_mb[i] for i in front], y=[y[i] for i in front], mode="lines",
                                  line=dict(dash="dot", color="gray"), name="Pareto front"), row=1, col=1)
     fig.update_layout(height=460, width=width, margin=dict(l=40, r=20, t=60, b=40),
-                      title="Baseline (red), data-free algorithms (grey), calibrated algorithms (blue)")
+                      title="Baseline (red), data-free algorithms (grey), calibrated (blue), peers (green)")
     return fig

@@ -73,6 +73,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for every variant (default 2)")
     p.add_argument("--decoding", choices=("greedy", "lm"), default="greedy",
                    help="greedy (default: the models alone) or lm (every variant with the baseline's word LM)")
+    p.add_argument("--peers", action="store_true",
+                   help="add Whisper tiny.en and pocketsphinx as reference rows, measured on the same utterances "
+                        "(the `peers` extra; a missing one is noted and left out)")
     _calib_flags(p)
     p.set_defaults(handler=cmd_benchmark)
 
@@ -182,7 +185,7 @@ def cmd_benchmark(args) -> int:
             parse_recipe(r)
     utterances = load_utterances(args.data, args.limit)
     table = run_benchmark(args.model or default_model_dir(), utterances, recipes, args.out,
-                          decoding=args.decoding, calib=args.calib, calib_utterances=args.calib_utterances)
+                          decoding=args.decoding, peers=args.peers, calib=args.calib, calib_utterances=args.calib_utterances)
     print(markdown_table(table))
     print(f"\n{len(utterances)} utterances, {args.threads} threads, {args.decoding} decoding -> "
           f"{args.out}/results.md, results.csv, results.json, charts.html")

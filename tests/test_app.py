@@ -127,3 +127,16 @@ def test_each_variant_can_be_naive_or_calibrated(studio, wav_file):
     with pytest.raises(SettingsError, match="algorithm"):
         spec.recipe(0.5, "magic")
     assert studio.stats.layers and studio.calibration_seconds > 0
+
+
+def test_peers_are_rows_below_ours_marked_as_not_ours(studio, wav_file):
+    from asr_core.peers import available_peers
+
+    if available_peers()["pocketsphinx"]:
+        pytest.skip(available_peers()["pocketsphinx"])
+    samples = studio.load_clip(wav_file)
+    results = {"fp32": studio.measure("", samples, "hello world"),
+               app.PEER_PREFIX + "pocketsphinx": studio.measure_peer("pocketsphinx", samples, "hello world")}
+    rows = app.table_rows(results, "hello world")
+    assert rows[0][0].startswith("FP32") and rows[1][0] == "pocketsphinx (peer, not ours)" and rows[1][1] == "peer"
+    assert app.figure(results) is not None and app.write_csv(results, studio.workdir)

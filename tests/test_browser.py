@@ -60,7 +60,7 @@ def server(tiny_model_dir):
     proc.wait(timeout=20)
 
 
-def start_chromium():
+def start_chromium(extra_flags=()):
     """Headless Debian Chromium under selenium (None when chromium or chromedriver is missing)."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
@@ -69,7 +69,7 @@ def start_chromium():
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    for flag in FLAGS:
+    for flag in (*FLAGS, *extra_flags):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}")
     options.binary_location = chromium
@@ -200,3 +200,101 @@ def test_readme_screenshot(browser):
     finally:
         app.terminate()
         app.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------ the microphone
+MIC_CLIP = REPO / "assets" / "clips" / "1272-135031-0000.opus"  # 10.9 s; the shipped model hears these words
+MIC_PHRASES = ("princess", "fiddle without")
+
+
+@pytest.fixture(scope="module")
+def mic_browser(tmp_path_factory):
+    """Chromium whose microphone plays a clip once (a fake capture device fed from a 16-bit PCM WAV)."""
+    import soundfile as sf
+
+    from asr_core.audio import load_audio
+
+    wav = tmp_path_factory.mktemp("mic") / "clip.wav"
+    sf.write(wav, load_audio(str(MIC_CLIP)), 16000, subtype="PCM_16")
+    d = start_chromium(["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                        f"--use-file-for-fake-audio-capture={wav}%noloop"])
+    if d is None:
+        pytest.skip("chromium/chromedriver not installed (Debian: apt-get install chromium chromium-driver)")
+    yield d
+    d.quit()
+
+
+@pytest.fixture(scope="module")
+def shipped_server():
+    """The app on the shipped model (no start-up warm-up: the Live tab builds only what it is asked for)."""
+    port = free_port()
+    log = open(tempfile.mktemp(suffix=".log"), "w+")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--threads", "2", "--no-warm"], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    if not wait_for_app(proc, url, tries=240):
+        log.seek(0)
+        pytest.fail(f"app exited: {log.read()[-2000:]}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _button(d, container: str, label: str):
+    from selenium.webdriver.common.by import By
+
+    return next(b for b in d.find_elements(By.CSS_SELECTOR, f"{container} button")
+                if label in ((b.get_attribute("aria-label") or "") + " " + b.text).lower() and b.is_displayed())
+
+
+def _captions(d) -> str:
+    return d.execute_script("return document.querySelector('#live-captions textarea').value") or ""
+
+
+def test_live_captions_from_the_microphone(shipped_server, mic_browser):
+    """The Live tab: Gradio's Record button starts the (fake) microphone; captions appear while the clip plays
+    and hold its key phrases; stopping commits them. Prints the time to the first caption."""
+    from selenium.webdriver.common.by import By
+
+    d = mic_browser
+    d.get(shipped_server)
+    wait_for(lambda: d.find_elements(By.ID, "run"))
+    next(t for t in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text.strip() == "Live").click()
+    wait_for(lambda: d.find_elements(By.ID, "live-audio"), timeout=30)
+    record = wait_for(lambda: _button(d, "#live-audio", "record"), timeout=30)
+    start = time.perf_counter()
+    record.click()
+    wait_for(lambda: _captions(d).strip(), timeout=60, every=0.1)
+    first = time.perf_counter() - start
+    try:
+        wait_for(lambda: all(p in _captions(d).lower() for p in MIC_PHRASES), timeout=90)
+    except AssertionError:
+        raise AssertionError(f"captions {_captions(d)!r}; status {d.find_element(By.ID, 'live-status').text!r}")
+    heard = time.perf_counter() - start
+    _button(d, "#live-audio", "stop").click()
+    wait_for(lambda: "committed" in d.find_element(By.ID, "live-status").text, timeout=60)
+    ARTIFACTS.mkdir(exist_ok=True)
+    d.save_screenshot(str(ARTIFACTS / "studio_live.png"))
+    print(f"first caption {first:.1f} s after Record; key phrases {heard:.1f} s after Record "
+          f"(the clip is 10.9 s); status: {d.find_element(By.ID, 'live-status').text}")
+    assert all(p in _captions(d).lower() for p in MIC_PHRASES), _captions(d)
+
+
+def test_compare_tab_records_from_the_microphone(server, mic_browser):
+    """The Compare tab's own microphone: record a few seconds, stop, run all variants."""
+    from selenium.webdriver.common.by import By
+
+    d = mic_browser
+    d.get(server)
+    wait_for(lambda: d.find_elements(By.ID, "run"))
+    _button(d, "#audio-input", "record").click()
+    time.sleep(4)
+    _button(d, "#audio-input", "stop").click()
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#audio-input audio, #audio-input [data-testid=waveform-controls]"),
+             timeout=30)
+    d.find_element(By.ID, "run").click()
+    wait_for(lambda: "Ran" in d.find_element(By.ID, "status").text or "⚠" in d.find_element(By.ID, "status").text)
+    status = d.find_element(By.ID, "status").text
+    assert "Ran" in status, status
+    rows = wait_for(lambda: result_rows(d) or None)
+    assert rows and all(row[5] for row in rows)  # every enabled variant measured the recording
