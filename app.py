@@ -300,7 +300,7 @@ def live_step(studio: Studio, session, chunk, variant_key, use_lm):
         spec = SPECS.get(variant_key, SPECS["fp32"])
         recipe = spec.recipe(spec.default)
         note = ""
-        if session is None or session.key != (studio.variant(recipe).recipe, bool(use_lm)):
+        if session is None or session.key != (studio.recipe_key(recipe), bool(use_lm)):
             earlier = []
             if session is not None:
                 session.finish()
@@ -309,8 +309,7 @@ def live_step(studio: Studio, session, chunk, variant_key, use_lm):
             session = LiveSession(studio, recipe, bool(use_lm))
             session.earlier = earlier
         rate, samples = chunk
-        with studio.lock:
-            session.add(rate, samples)
+        session.add(rate, samples)  # queued: the session's worker decodes
         if session.last is not None and session.last.audio_seconds > LIVE_LIMIT_SECONDS:
             return session, session.captions(), f"⚠️ Live sessions stop at {LIVE_LIMIT_SECONDS // 60} minutes: " \
                                                  "stop and record again to go on."
@@ -324,8 +323,7 @@ def live_stop(studio: Studio, session):
     try:
         if session is None:
             return None, gr_update(), "Nothing was recorded."
-        with studio.lock:
-            session.finish()
+        session.finish()
         return None, session.captions(), _live_status(session, "stopped: all text committed")
     except Exception as err:  # noqa: BLE001
         return None, gr_update(), f"⚠️ {friendly(err)}"

@@ -118,6 +118,11 @@ class Studio:
         self.stats = stats_for(self.base, calib)
         self.calibration_seconds = time.perf_counter() - start
 
+    @staticmethod
+    def recipe_key(recipe: str) -> str:
+        """The cache key of a recipe (its canonical description; "" for the baseline), without any lock."""
+        return parse_recipe(recipe).describe() if recipe else ""
+
     def variant(self, recipe: str) -> Variant:
         """The compressed model for ``recipe`` (validated), built once and kept while recently used."""
         parsed = parse_recipe(recipe) if recipe else None
@@ -196,10 +201,13 @@ def default_recipes() -> list[str]:
 
 class LiveSession:
     """One browser microphone stream: chunks at the browser's rate -> 16 kHz (a streaming resampler, so chunk
-    edges leave no clicks) -> the streaming engine of one variant. Switching variant mid-stream commits what the
-    old one heard and goes on with the new one."""
+    edges leave no clicks) -> the streaming engine of one variant, run on a worker thread. The stream handler
+    only queues audio and reads the latest captions: Gradio drops microphone chunks that arrive while a handler
+    is still busy, so decoding in the handler would lose audio whenever a decode takes longer than a chunk."""
 
     def __init__(self, studio: "Studio", recipe: str, use_lm: bool):
+        import queue
+
         from asr_core.streaming import StreamingRecognizer
 
         variant = studio.variant(recipe)
@@ -208,17 +216,39 @@ class LiveSession:
         transcriber = Transcriber(variant.transcriber.model, studio.tokenizer,
                                   decoder=studio.decoder_for(variant, use_lm))
         self.engine = StreamingRecognizer(transcriber)
+        self.lock = studio.lock  # decodes take turns with the Compare tab's measurements
         self.resampler, self.rate = None, None
         self.earlier: list[str] = []  # lines committed by variants used before a switch
         self.last = None
+        self.error: Exception | None = None
+        self.blocks: "queue.Queue[np.ndarray | None]" = queue.Queue()
+        self.worker = threading.Thread(target=self._run, daemon=True)
+        self.worker.start()
 
-    def add(self, rate: int, chunk):
+    def _run(self) -> None:
+        while True:
+            block = self.blocks.get()
+            if block is None:
+                return
+            try:
+                while not self.blocks.empty() and self.blocks.queue[0] is not None:  # catch up in one decode
+                    block = np.concatenate([block, self.blocks.get()])
+                with self.lock:
+                    update = self.engine.feed(block)
+                if update is not None:
+                    self.last = update
+            except Exception as err:  # noqa: BLE001 - reported by the next handler call
+                self.error = err
+
+    def add(self, rate: int, chunk) -> None:
         """A (rate, samples) chunk as Gradio streams it (int16 or float, mono or (frames, channels))."""
         import soxr
 
+        if self.error is not None:
+            raise self.error
         samples = np.asarray(chunk)
         if samples.size == 0:  # an empty chunk (the stream starting or stopping): nothing to hear
-            return None
+            return
         if samples.dtype.kind == "i":
             samples = samples.astype(np.float32) / np.iinfo(samples.dtype).max
         samples = samples.astype(np.float32).reshape(len(samples), -1).mean(axis=1)
@@ -226,13 +256,14 @@ class LiveSession:
             if self.resampler is None or self.rate != rate:
                 self.resampler, self.rate = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32"), rate
             samples = self.resampler.resample_chunk(samples)
-        update = self.engine.feed(samples)
-        if update is not None:
-            self.last = update
-        return update
+        self.blocks.put(samples)
 
     def finish(self):
-        self.last = self.engine.finish()
+        """Wait for the queued audio to be decoded, then commit what is left."""
+        self.blocks.put(None)
+        self.worker.join()
+        with self.lock:
+            self.last = self.engine.finish()
         return self.last
 
     def captions(self) -> str:

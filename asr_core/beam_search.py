@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from operator import itemgetter
 
 import numpy as np
-import torch
 
+from .decoding import as_numpy
 from .errors import SettingsError
 from .lm import EOS, NGramLM
 from .text import CharTokenizer
@@ -157,9 +157,10 @@ class BeamSearchDecoder:
         cost = 0.0 if word in self._prefixes else self._unk_cost
         return _Hyp(parent.lm, parent.history, word, cost)
 
-    def __call__(self, log_probs: torch.Tensor) -> str:
+    def __call__(self, log_probs) -> str:
+        """log_probs: (T', V), a torch tensor or a numpy array."""
         s = self.settings
-        lp = log_probs.detach().float().cpu().numpy().astype(np.float64)
+        lp = as_numpy(log_probs).astype(np.float64)
         blank, space = self.tokenizer.blank_id, self.space_id
         if s.temperature != 1.0:
             lp /= s.temperature
@@ -242,6 +243,6 @@ class BeamSearchDecoder:
                 best_text, best_score = prefix, score
         return " ".join(best_text.split())
 
-    def batch(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    def batch(self, log_probs, lengths) -> list[str]:
         """log_probs (B, T', V), lengths (B,) -> B texts."""
         return [self(log_probs[b, : int(n)]) for b, n in enumerate(lengths)]

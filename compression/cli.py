@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 
@@ -78,6 +79,18 @@ def add_subcommands(sub) -> None:
                         "(the `peers` extra; a missing one is noted and left out)")
     _calib_flags(p)
     p.set_defaults(handler=cmd_benchmark)
+
+    p = sub.add_parser("export", help="any model folder (checkpoint or artifact) to an ONNX model folder for ONNX "
+                                      "Runtime and the torch-free runner (python -m asr_core.lite)")
+    _model_flag(p)
+    p.add_argument("--out", required=True, help="ONNX model folder to write (model.onnx, config.json, vocab.json, "
+                                                "and the LM when the source has one)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="ONNX Runtime's own quantizer on an FP32 checkpoint (an artifact keeps its own codes)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 18-22)")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
+                   help="MatMulNBits compute type for int4 (0: fp32, as the torch artifact; 4: int8, faster)")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("sensitivity", help="WER change when one layer (type) at a time is compressed")
     _model_flag(p)
@@ -189,6 +202,19 @@ def cmd_benchmark(args) -> int:
     print(markdown_table(table))
     print(f"\n{len(utterances)} utterances, {args.threads} threads, {args.decoding} decoding -> "
           f"{args.out}/results.md, results.csv, results.json, charts.html")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from asr_core.checkpoint import default_model_dir
+
+    from .export import export_onnx
+
+    result = export_onnx(args.model or default_model_dir(), args.out, quantize=args.quantize, opset=args.opset,
+                         accuracy_level=args.accuracy_level)
+    print(json.dumps(result, indent=2))
+    print(f"exported in {result['seconds']:.1f} s: model.onnx {result['bytes'] / 1e6:.1f} MB -> {args.out}",
+          file=sys.stderr)
     return 0
 
 

@@ -20,6 +20,8 @@ CASES = {
     "compress": ["compress", "--recipe", "bogus:knob=1", "--out", MISSING],
     "compress-knob": ["compress", "--recipe", "int4:group=0", "--out", MISSING],
     "benchmark": ["benchmark", "--data", MISSING, "--out", MISSING, "--recipes", "prune:sparsity=2"],
+    "export": ["export", "--model", MISSING, "--out", MISSING + "-onnx"],
+    "export-opset": ["export", "--out", MISSING + "-onnx", "--opset", "7"],
     "sensitivity": ["sensitivity", "--data", MISSING, "--method", "prune+int8"],
     "serve": ["serve", "--model", MISSING, "--no-warm"],
 }
@@ -28,7 +30,7 @@ CASES = {
 def test_every_subcommand_has_a_case():
     parser = edge_asr.build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(commands) <= {c.split("-speeds")[0].split("-knob")[0] for c in CASES}, set(commands)
+    assert set(commands) <= {c.split("-speeds")[0].split("-knob")[0].split("-opset")[0] for c in CASES}, set(commands)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
