@@ -56,11 +56,14 @@ def build_variant(entry: str, out_root: str, base_model=None, tokenizer=None,
 
 def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, *,
                   progress: bool = True, decoding: str = "greedy", peers: bool = False, calib: str | None = None,
-                  calib_utterances: int | None = None) -> pd.DataFrame:
+                  calib_utterances: int | None = None, runtimes: tuple[str, ...] = ("torch",),
+                  memory: bool = True) -> pd.DataFrame:
     """``decoding``: "greedy" (the model alone) or "lm" (every row decoded with the baseline folder's word LM,
     so rows still differ only in the acoustic model). ``calib`` / ``calib_utterances``: calibration audio (default:
     the bundled set), whose statistics are collected once and serve every calibrated recipe. Every variant runs
-    with the process's torch threads (the entry point sets them once)."""
+    with the process's torch threads (the entry point sets them once). ``runtimes``: "torch" and/or "onnx" (each
+    variant exported with ``edge-asr export`` and run on ONNX Runtime with the same threads). ``memory``: each
+    row's resident memory, measured in a fresh process (:func:`asr_core.memory.peak_rss_mb`)."""
     threads = torch.get_num_threads()
     os.makedirs(out_dir, exist_ok=True)
     artifacts = os.path.join(out_dir, "artifacts")
@@ -73,7 +76,7 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
     decoder = make_decoder(tokenizer, model_dir, decoding)
 
     def transcriber(folder: str) -> Transcriber:
-        model, tok = load_model(folder)
+        model, tok = load_model(folder, threads=threads)  # threads: the ONNX session's; torch's are set already
         return Transcriber(model, tok, decoder=decoder)
 
     stats = None
@@ -92,17 +95,10 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
     # otherwise be charged to whichever variant is measured first (the baseline)
     evaluate(transcriber(fp32_dir), utterances[:10], warmup=0, progress=False)
     rows = []
-    for label, algo, folder, build_seconds in variants:
-        if progress:
-            print(f"evaluating {label}", flush=True)
-        result = evaluate(transcriber(folder), utterances, model_dir=folder,
-                          progress=progress)
-        rows.append({"variant": label, "algorithm": algo, "build_seconds": round(build_seconds, 2),
-                     "size_mb": folder_bytes(folder) / 1e6, "wer": result["wer"],
-                     "cer": result["cer"], "latency_ms_median": result["latency_ms_median"],
-                     "latency_ms_p90": result["latency_ms_p90"], "rtf": result["rtf"], "folder": folder})
-        with open(os.path.join(out_dir, f"hyp_{slug(label)}.json"), "w") as f:
-            json.dump(result["utterances"], f, indent=1)
+    for runtime in runtimes:
+        for label, algo, folder, build_seconds in variants:
+            rows.append(_measure(label, algo, folder, build_seconds, runtime, transcriber, utterances, out_dir,
+                                 memory, progress))
     if peers:
         rows += peer_rows(utterances, out_dir, progress)
     table = pd.DataFrame(rows)
@@ -117,6 +113,32 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
     return table
 
 
+def _measure(label, algo, folder, build_seconds, runtime, transcriber, utterances, out_dir, memory, progress) -> dict:
+    """One row: the variant's folder on ``runtime`` (an ONNX export made beside it first), WER, latency, RAM."""
+    if runtime == "onnx":
+        from .export import export_onnx
+
+        onnx_folder = folder.rstrip("/") + ".onnx"
+        start = time.perf_counter()
+        export_onnx(folder, onnx_folder, check=False)
+        build_seconds += time.perf_counter() - start
+        folder, label = onnx_folder, f"{label} [onnx]"
+    if progress:
+        print(f"evaluating {label}", flush=True)
+    result = evaluate(transcriber(folder), utterances, model_dir=folder, progress=progress)
+    row = {"variant": label, "runtime": runtime, "algorithm": algo, "build_seconds": round(build_seconds, 2),
+           "size_mb": folder_bytes(folder) / 1e6, "wer": result["wer"], "cer": result["cer"],
+           "latency_ms_median": result["latency_ms_median"], "latency_ms_p90": result["latency_ms_p90"],
+           "rtf": result["rtf"], "folder": folder}
+    if memory:
+        from asr_core.memory import peak_rss_mb
+
+        row["ram_mb"] = peak_rss_mb(folder, runtime, threads=torch.get_num_threads())["peak_mb"]
+    with open(os.path.join(out_dir, f"hyp_{slug(label)}.json"), "w") as f:
+        json.dump(result["utterances"], f, indent=1)
+    return row
+
+
 def peer_rows(utterances, out_dir: str, progress: bool = True) -> list[dict]:
     """Whisper tiny.en and pocketsphinx on the same utterances, as rows marked "peer" (not ours); a peer that
     cannot run here is left out with a note."""
@@ -128,7 +150,7 @@ def peer_rows(utterances, out_dir: str, progress: bool = True) -> list[dict]:
             print(f"peer {name}: {missing[name]}; left out", flush=True)
             continue
         result = evaluate_peer(load_peer(name, torch.get_num_threads()), utterances, progress=progress)
-        rows.append({"variant": f"{name} (peer)", "algorithm": "peer", "build_seconds": 0.0,
+        rows.append({"variant": f"{name} (peer)", "runtime": "peer", "algorithm": "peer", "build_seconds": 0.0,
                      "size_mb": result["bytes_on_disk"] / 1e6, "wer": result["wer"], "cer": result["cer"],
                      "latency_ms_median": result["latency_ms_median"], "latency_ms_p90": result["latency_ms_p90"],
                      "rtf": result["rtf"], "folder": ""})
@@ -137,16 +159,18 @@ def peer_rows(utterances, out_dir: str, progress: bool = True) -> list[dict]:
     return rows
 
 
-COLUMNS = ["variant", "algorithm", "size_mb", "compression", "wer", "delta_wer_rel", "cer", "latency_ms_median",
-           "rtf", "speedup", "build_seconds"]
+COLUMNS = ["variant", "runtime", "algorithm", "size_mb", "ram_mb", "compression", "wer", "delta_wer_rel", "cer",
+           "latency_ms_median", "rtf", "speedup", "build_seconds"]
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    lines = ["| variant | algorithm | size MB | ratio | WER | ΔWER rel | CER | median latency ms | RTF | speed-up |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | runtime | algorithm | size MB | RAM MB | ratio | WER | ΔWER rel | CER | median latency ms | "
+             "RTF | speed-up |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for _, r in table.iterrows():
-        lines.append(f"| {r['variant']} | {r.get('algorithm') or '-'} | {r['size_mb']:.2f} | {r['compression']:.2f}x | "
-                     f"{r['wer']:.2%} | "
+        ram = r.get("ram_mb")
+        ram = "-" if ram is None or pd.isna(ram) else f"{ram:.0f}"
+        lines.append(f"| {r['variant']} | {r.get('runtime') or 'torch'} | {r.get('algorithm') or '-'} | "
+                     f"{r['size_mb']:.2f} | {ram} | {r['compression']:.2f}x | {r['wer']:.2%} | "
                      f"{r['delta_wer_rel']:+.1%} | {r['cer']:.2%} | {r['latency_ms_median']:.0f} | "
                      f"{r['rtf']:.4f} | {r['speedup']:.2f}x |")
     return "\n".join(lines)
@@ -160,7 +184,7 @@ def charts(table: pd.DataFrame):
 
 
 def write_outputs(table: pd.DataFrame, out_dir: str) -> None:
-    table[COLUMNS].to_csv(os.path.join(out_dir, "results.csv"), index=False)
+    table[[c for c in COLUMNS if c in table]].to_csv(os.path.join(out_dir, "results.csv"), index=False)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"meta": table.attrs, "rows": table.to_dict(orient="records")}, f, indent=2)
     with open(os.path.join(out_dir, "results.md"), "w") as f:

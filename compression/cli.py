@@ -74,6 +74,11 @@ def add_subcommands(sub) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for every variant (default 2)")
     p.add_argument("--decoding", choices=("greedy", "lm"), default="greedy",
                    help="greedy (default: the models alone) or lm (every variant with the baseline's word LM)")
+    p.add_argument("--runtime", choices=("torch", "onnx", "both"), default="torch",
+                   help="run every variant in PyTorch, on ONNX Runtime (exported with `edge-asr export`), or both "
+                        "(one row each, in one run)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the RAM column (each row's peak resident memory, measured in a fresh process)")
     p.add_argument("--peers", action="store_true",
                    help="add Whisper tiny.en and pocketsphinx as reference rows, measured on the same utterances "
                         "(the `peers` extra; a missing one is noted and left out)")
@@ -198,7 +203,8 @@ def cmd_benchmark(args) -> int:
             parse_recipe(r)
     utterances = load_utterances(args.data, args.limit)
     table = run_benchmark(args.model or default_model_dir(), utterances, recipes, args.out,
-                          decoding=args.decoding, peers=args.peers, calib=args.calib, calib_utterances=args.calib_utterances)
+                          decoding=args.decoding, peers=args.peers, memory=not args.no_memory,
+                          runtimes=("torch", "onnx") if args.runtime == "both" else (args.runtime,), calib=args.calib, calib_utterances=args.calib_utterances)
     print(markdown_table(table))
     print(f"\n{len(utterances)} utterances, {args.threads} threads, {args.decoding} decoding -> "
           f"{args.out}/results.md, results.csv, results.json, charts.html")

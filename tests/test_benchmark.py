@@ -13,14 +13,18 @@ from compression.sensitivity import sensitivity
 def test_benchmark_writes_every_output(tiny_model_dir, dev_dir, tmp_path):
     utts = load_utterances(str(dev_dir / "1272"), limit=2)
     table = run_benchmark(tiny_model_dir, utts, ["int8", "prune:sparsity=0.5+kmeans:clusters=16+int8"],
-                          str(tmp_path), progress=False)
-    assert list(table["variant"])[0] == "FP32 (baseline)" and len(table) == 3
+                          str(tmp_path), progress=False, runtimes=("torch", "onnx"))
+    assert list(table["variant"])[0] == "FP32 (baseline)" and len(table) == 6
+    assert list(table["runtime"]) == ["torch"] * 3 + ["onnx"] * 3 and (table["ram_mb"] > 0).all()
+    onnx_rows = table[table["runtime"] == "onnx"]
+    assert abs(onnx_rows["wer"].iloc[0] - table["wer"].iloc[0]) < 1e-9  # FP32 on ONNX Runtime: the same text
+    table = table.iloc[:3]
     assert list(table["algorithm"]) == ["", "gptq", "sparsegpt+weighted+gptq"]  # which algorithm made each row
     assert table["compression"].iloc[0] == 1.0 and (table["compression"].iloc[1:] > 2).all()
     for name in ("results.md", "results.csv", "results.json", "charts.html"):
         assert os.path.getsize(tmp_path / name) > 0
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["meta"]["n_utterances"] == 2 and len(data["rows"]) == 3
+    assert data["meta"]["n_utterances"] == 2 and len(data["rows"]) == 6
 
 
 def test_pareto_front():
