@@ -108,6 +108,8 @@ class StreamingRecognizer:
             log_probs = None  # too little, or silence: nothing to hear (and nothing to hallucinate from)
         else:
             log_probs = self.transcriber.log_probs(window)[self._frames(len(self.context)):]
+            if not bool((log_probs.argmax(dim=-1) != 0).any()):
+                log_probs = None  # the model hears nothing (noise, breath): skip the decoder, above all the LM's
         new_line = None
         cut = self._commit_frame(log_probs, final)
         if cut is not None and log_probs is None:

@@ -243,7 +243,7 @@ def test_compress_calibrates_on_any_audio_and_distills(tiny_model_dir, tmp_path)
     from asr_core.provenance import read_provenance
     record = read_provenance(read_config(str(out)))  # the artifact says what made it, from which parent
     assert record.kind == "compress" and record.details["recipe"].startswith("int4") and "--calib" in record.command
-    assert record.parents[0]["folder"] == tiny_model_dir and record.parents[0]["provenance"]["kind"] == "train"
+    assert record.parents[0]["folder"] == tiny_model_dir  # (the tiny fixture model has no record of its own)
     assert provenance_matches_weights(str(out)) is True
     out = tmp_path / "structured"
     result = run("compress", "--model", tiny_model_dir, "--recipe", "structured:fraction=0.25", "--calib", str(audio),
