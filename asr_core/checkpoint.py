@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .folders import CONFIG, read_config, write_config  # re-exported: one reader of config.json
 from .model import ConformerCTC
 from .provenance import Provenance, file_sha256, read_provenance
 from .text import CharTokenizer
@@ -28,7 +29,7 @@ from .weight_int8 import int8_dequantize, int8_quantize
 
 FORMAT = "edge-asr-checkpoint"
 DEFAULT_MODEL_NAME = "conformer-ctc-whisper-base"
-WEIGHTS, CONFIG, VOCAB, MANIFEST = "model.safetensors", "config.json", "vocab.json", "compression.json"
+WEIGHTS, VOCAB, MANIFEST = "model.safetensors", "vocab.json", "compression.json"
 INT8_SCALE = ":int8_scale"  # suffix of the per-output-channel scales of an int8-stored matrix
 
 
@@ -98,32 +99,6 @@ def save_model(folder: str, model: ConformerCTC, tokenizer: CharTokenizer, *, ha
     write_config(folder, config)
     with open(os.path.join(folder, VOCAB), "w") as f:
         f.write(tokenizer.to_json())
-
-
-def write_config(folder: str, config: dict) -> None:
-    with open(os.path.join(folder, CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def read_config(folder: str) -> dict:
-    """A model folder's config.json; its provenance record, when it has one, is validated."""
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"Model folder not found: {folder}")
-    path = os.path.join(folder, CONFIG)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{folder} is not a model folder: it has no {CONFIG}")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    try:
-        read_provenance(config)
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}") from None
-    return config
 
 
 def read_tokenizer(folder: str) -> CharTokenizer:

@@ -326,28 +326,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_transcribe(args) -> int:
-    import time
-
-    from .audio import SAMPLE_RATE, load_audio
-    from .errors import AudioError
+    from .lite import transcribe_files  # torch-free; shared with the device-side runner
 
     transcriber, _ = _transcriber(args)
-    failures = 0
-    for path in args.files:
-        try:
-            samples = load_audio(path)
-        except AudioError as err:  # one bad file among many: say so and go on with the rest
-            failures += 1
-            print(f"edge-asr: {path}: {err}", file=sys.stderr)
-            continue
-        start = time.perf_counter()
-        text = transcriber.transcribe(samples)
-        if args.json:
-            print(json.dumps({"file": path, "text": text, "audio_seconds": round(len(samples) / SAMPLE_RATE, 3),
-                              "seconds": round(time.perf_counter() - start, 3)}))
-        else:
-            print(text if len(args.files) == 1 else f"{path}\t{text}")
-    return 1 if failures else 0
+    return transcribe_files(transcriber, args.files, as_json=args.json, program="edge-asr")
 
 
 def cmd_build_lm(args) -> int:

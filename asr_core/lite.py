@@ -109,6 +109,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def transcribe_files(transcriber, files: list[str], *, as_json: bool, program: str) -> int:
+    """Print each file's text (or a JSON line); a bad file gets one line on stderr and the rest go on. Shared by
+    ``edge-asr transcribe`` and this runner (both take anything with ``transcribe(samples) -> text``).
+    Returns 1 when any file failed, else 0."""
+    failures = 0
+    for path in files:
+        try:
+            samples = load_audio(path)
+        except AudioError as err:
+            failures += 1
+            print(f"{program}: {path}: {err}", file=sys.stderr)
+            continue
+        start = time.perf_counter()
+        text = transcriber.transcribe(samples)
+        if as_json:
+            print(json.dumps({"file": path, "text": text, "audio_seconds": round(len(samples) / SAMPLE_RATE, 3),
+                              "seconds": round(time.perf_counter() - start, 3)}))
+        else:
+            print(text if len(files) == 1 else f"{path}\t{text}")
+    return 1 if failures else 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -117,22 +139,7 @@ def main(argv=None) -> int:
     except EdgeASRError as err:
         print(f"edge-asr lite: {err}", file=sys.stderr)
         return 2
-    failures = 0
-    for path in args.files:
-        try:
-            samples = load_audio(path)
-        except AudioError as err:  # one bad file among many: say so, go on with the rest
-            failures += 1
-            print(f"edge-asr lite: {path}: {err}", file=sys.stderr)
-            continue
-        start = time.perf_counter()
-        text = transcriber.transcribe(samples)
-        if args.json:
-            print(json.dumps({"file": path, "text": text, "audio_seconds": round(len(samples) / SAMPLE_RATE, 3),
-                              "seconds": round(time.perf_counter() - start, 3)}))
-        else:
-            print(text if len(args.files) == 1 else f"{path}\t{text}")
-    return 1 if failures else 0
+    return transcribe_files(transcriber, args.files, as_json=args.json, program="edge-asr lite")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError, SettingsError
+from .folders import read_config
 from .text import CharTokenizer
 
 ONNX_FORMAT = "edge-asr-onnx"  # the same string as compression.export.ONNX_FORMAT (not imported: torch)
@@ -25,18 +26,9 @@ INSTALL_HINT = 'pip install -e ".[onnx]"'
 
 def read_onnx_config(folder: str) -> dict:
     """config.json of an ONNX folder; CheckpointError when missing, unreadable or of another format."""
-    path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"Model folder not found: {folder}")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder} is not a model folder: it has no {CONFIG_FILE}") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is unreadable ({err})") from None
+    config = read_config(folder)
     if config.get("format") != ONNX_FORMAT:
-        raise CheckpointError(f"{path} has format {config.get('format')!r}, expected {ONNX_FORMAT!r}")
+        raise CheckpointError(f"{folder}/{CONFIG_FILE} has format {config.get('format')!r}, expected {ONNX_FORMAT!r}")
     return config
 
 
