@@ -45,19 +45,24 @@ def wait_for_app(proc, url, tries):
     return True  # still starting: the page steps that follow time out with their own message
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
+def serve_app(args: list[str], tries: int):
+    """`python app.py ARGS` on a free port until the generator is closed; yields its URL."""
     port = free_port()
     log = open(tempfile.mktemp(suffix=".log"), "w+")
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", tiny_model_dir, "--port", str(port), "--threads",
-                             "1", "--no-warm"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--no-warm", *args], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    if not wait_for_app(proc, url, tries=120):
+    if not wait_for_app(proc, url, tries=tries):
         log.seek(0)
         pytest.fail(f"app exited: {log.read()[-2000:]}")
     yield url
     proc.terminate()
     proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    yield from serve_app(["--model", tiny_model_dir, "--threads", "1"], tries=120)
 
 
 def start_chromium(extra_flags=()):
@@ -204,7 +209,6 @@ def test_readme_screenshot(browser):
 
 # ------------------------------------------------------------------------------------------ the microphone
 MIC_CLIP = REPO / "assets" / "clips" / "1272-135031-0000.opus"  # 10.9 s; the shipped model hears these words
-MIC_PHRASES = ("lovely", "fiddle without")
 
 
 @pytest.fixture(scope="module")
@@ -227,17 +231,7 @@ def mic_browser(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shipped_server():
     """The app on the shipped model (no start-up warm-up: the Live tab builds only what it is asked for)."""
-    port = free_port()
-    log = open(tempfile.mktemp(suffix=".log"), "w+")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--threads", "2", "--no-warm"], cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    if not wait_for_app(proc, url, tries=240):
-        log.seek(0)
-        pytest.fail(f"app exited: {log.read()[-2000:]}")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    yield from serve_app(["--threads", "2"], tries=240)
 
 
 def _button(d, container: str, label: str):
@@ -252,10 +246,18 @@ def _captions(d) -> str:
 
 
 def test_live_captions_from_the_microphone(shipped_server, mic_browser):
-    """The Live tab: Gradio's Record button starts the (fake) microphone; captions appear while the clip plays
-    and hold its key phrases; stopping commits them. Prints the time to the first caption."""
+    """The Live tab: Gradio's Record button starts the (fake) microphone; captions appear while the clip plays;
+    stopping commits them, and they are close to the clip's reference (CER at most 40%: the offline transcript
+    is at 16%; audio that reached the model damaged, as when chunks were dropped, gave 50% and more). Prints the
+    time from Record to the first caption."""
+    import json
+
     from selenium.webdriver.common.by import By
 
+    from asr_core.evaluation import error_rates
+
+    clips = json.loads((REPO / "assets" / "clips" / "clips.json").read_text())
+    reference = next(c["text"] for c in clips if c["file"] == MIC_CLIP.name)
     d = mic_browser
     d.get(shipped_server)
     wait_for(lambda: d.find_elements(By.ID, "run"))
@@ -266,18 +268,16 @@ def test_live_captions_from_the_microphone(shipped_server, mic_browser):
     record.click()
     wait_for(lambda: _captions(d).strip(), timeout=60, every=0.1)
     first = time.perf_counter() - start
-    try:
-        wait_for(lambda: all(p in _captions(d).lower() for p in MIC_PHRASES), timeout=90)
-    except AssertionError:
-        raise AssertionError(f"captions {_captions(d)!r}; status {d.find_element(By.ID, 'live-status').text!r}")
-    heard = time.perf_counter() - start
+    time.sleep(max(0.0, 13.0 - (time.perf_counter() - start)))  # the 10.9 s clip, and a little after
     _button(d, "#live-audio", "stop").click()
-    wait_for(lambda: "committed" in d.find_element(By.ID, "live-status").text, timeout=60)
+    wait_for(lambda: "committed" in d.find_element(By.ID, "live-status").text, timeout=90)
     ARTIFACTS.mkdir(exist_ok=True)
     d.save_screenshot(str(ARTIFACTS / "studio_live.png"))
-    print(f"first caption {first:.1f} s after Record; key phrases {heard:.1f} s after Record "
-          f"(the clip is 10.9 s); status: {d.find_element(By.ID, 'live-status').text}")
-    assert all(p in _captions(d).lower() for p in MIC_PHRASES), _captions(d)
+    captions = _captions(d)
+    cer = error_rates([reference], [captions.replace("\n", " ")])["cer"]
+    print(f"first caption {first:.1f} s after Record; CER {cer:.1%}; captions {captions!r}; "
+          f"status: {d.find_element(By.ID, 'live-status').text}")
+    assert first <= 5.0 and cer <= 0.40, (first, cer, captions)
 
 
 def test_compare_tab_records_from_the_microphone(server, mic_browser):
