@@ -99,13 +99,19 @@ def evaluate(transcriber: Transcriber, utterances: list[Utterance], *, warmup: i
     return result
 
 
-def _timing(audio: list[np.ndarray], latencies: list[float], model) -> dict:
+def latency_figures(audio: list[np.ndarray], latencies: list[float]) -> dict:
+    """Audio and wall seconds, RTF, median and p90 latency (ms) of per-utterance timings: the figures every
+    evaluation reports, ours and the peers' alike."""
     audio_seconds = sum(len(a) for a in audio) / SAMPLE_RATE
     wall = sum(latencies)
     return {"audio_seconds": round(audio_seconds, 3), "wall_seconds": round(wall, 3),
             "rtf": wall / audio_seconds if audio_seconds else float("nan"),
             "latency_ms_median": 1000 * statistics.median(latencies) if latencies else float("nan"),
-            "latency_ms_p90": 1000 * float(np.percentile(latencies, 90)) if latencies else float("nan"),
+            "latency_ms_p90": 1000 * float(np.percentile(latencies, 90)) if latencies else float("nan")}
+
+
+def _timing(audio: list[np.ndarray], latencies: list[float], model) -> dict:
+    return {**latency_figures(audio, latencies),
             "threads": getattr(model, "threads", None) or torch.get_num_threads(),
             "params": count_parameters(model)}
 

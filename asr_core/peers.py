@@ -89,12 +89,10 @@ def available_peers() -> dict[str, str]:
 def evaluate_peer(engine: PeerEngine, utterances, *, warmup: int = 2, progress: bool = True) -> dict:
     """The fields of :func:`asr_core.evaluation.evaluate` for a peer: WER/CER over the same normaliser,
     latency from samples in memory to text per utterance (median, p90), RTF."""
-    import statistics
-
     from tqdm import tqdm
 
-    from .audio import SAMPLE_RATE, load_audio
-    from .evaluation import error_rates
+    from .audio import load_audio
+    from .evaluation import error_rates, latency_figures
     from .text import normalize_text
 
     audio = [load_audio(u.audio_path, allow_silence=True) for u in utterances]
@@ -106,12 +104,8 @@ def evaluate_peer(engine: PeerEngine, utterances, *, warmup: int = 2, progress: 
         hypotheses.append(engine.transcribe(samples))
         latencies.append(time.perf_counter() - start)
     result = error_rates([u.text for u in utterances], hypotheses)
-    audio_seconds = sum(len(a) for a in audio) / SAMPLE_RATE
     result.update({"decoding": engine.note, "engine": engine.name, "n_utterances": len(utterances),
-                   "audio_seconds": round(audio_seconds, 3), "wall_seconds": round(sum(latencies), 3),
-                   "rtf": sum(latencies) / audio_seconds if audio_seconds else float("nan"),
-                   "latency_ms_median": 1000 * statistics.median(latencies) if latencies else float("nan"),
-                   "latency_ms_p90": 1000 * float(np.percentile(latencies, 90)) if latencies else float("nan"),
+                   **latency_figures(audio, latencies),
                    "bytes_on_disk": engine.bytes_on_disk,
                    "utterances": [{"id": u.id, "reference": normalize_text(u.text), "hypothesis": h}
                                   for u, h in zip(utterances, hypotheses)]})
