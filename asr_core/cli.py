@@ -92,7 +92,18 @@ def _add_train(sub) -> None:
     p.add_argument("--head-lr", type=_positive(float), default=None, help="peak learning rate of the CTC head")
     p.add_argument("--warmup-steps", type=int, default=500, help="linear warmup steps (default 500)")
     p.add_argument("--batch-seconds", type=_positive(float), default=120.0,
-                   help="padded audio seconds per batch (default 120)")
+                   help="padded audio seconds per batch, per process under torchrun (default 120)")
+    p.add_argument("--accumulate", type=_positive(int), default=1,
+                   help="micro-batches per optimizer step (gradient accumulation): effective batch = processes x "
+                        "this x --batch-seconds (default 1)")
+    p.add_argument("--save-every", type=_positive(int), default=100,
+                   help="steps between resumable saves of last/ and train_state.pt (default 100)")
+    p.add_argument("--dist-timeout", type=_positive(float), default=600.0,
+                   help="under torchrun: seconds a process waits for the others before stopping with an error "
+                        "(default 600)")
+    p.add_argument("--audio-cache-hours", type=float, default=20.0,
+                   help="keep decoded audio in memory when the training set is at most this long (default 20 h; "
+                        "larger sets are read from their files each epoch, use --workers)")
     p.add_argument("--freeze-encoder-steps", type=int, default=0,
                    help="train only the CTC head for the first N steps (useful with --init-from)")
     p.add_argument("--layers", type=_positive(int), default=None,
@@ -240,11 +251,14 @@ def _train_config(args, extra: dict):
         eval_every=args.eval_every, freeze_encoder_steps=args.freeze_encoder_steps,
         freeze_layers=args.freeze_layers, slow_layers=args.slow_layers, slow_lr_scale=args.slow_lr_scale,
         time_masks=args.time_masks, dev_limit=args.dev_limit or None, average_last=args.average_last,
-        half_checkpoints=args.half, device=args.device, precision=args.precision, extra=extra)
+        half_checkpoints=args.half, device=args.device, precision=args.precision, accumulate=args.accumulate,
+        save_every=args.save_every, dist_timeout=args.dist_timeout, audio_cache_hours=args.audio_cache_hours,
+        extra=extra)
 
 
 def cmd_train(args) -> int:
     from .data import load_utterances
+    from .distributed import launched_world
     from .initialization import ModelInit, initial_model, resumed_model
     from .model import count_parameters
     from .text import CharTokenizer
@@ -253,22 +267,28 @@ def cmd_train(args) -> int:
     if not (args.max_steps or args.epochs or args.max_minutes):
         raise SettingsError("give at least one of --max-steps, --epochs, --max-minutes")
     _speed_factors(args.speed_perturb)  # before any work
+    say = _printer(launched_world().is_main)  # under torchrun, rank 0 speaks for all
     if args.resume and os.path.exists(os.path.join(args.out, STATE_FILE)):
         model, note, parents = resumed_model(args.out), "resumed", []
     else:
         model, note, parents = initial_model(ModelInit(
             args.preset, n_layers=args.layers, dropout=args.dropout, init_from=args.init_from,
             freeze_layers=args.freeze_layers, int8_frozen=args.int8_frozen, seed=args.seed))
-    print(f"model: preset {args.preset}, {count_parameters(model):,} parameters; init: {note}", file=sys.stderr)
+    say(f"model: preset {args.preset}, {count_parameters(model):,} parameters; init: {note}")
     train_utts = load_utterances(args.data, args.limit)
     dev_utts = load_utterances(args.dev) if args.dev else []
     hours = sum(u.duration for u in train_utts) / 3600
-    print(f"data: {len(train_utts)} utterances ({hours:.2f} h); dev: {len(dev_utts)}", file=sys.stderr)
+    say(f"data: {len(train_utts)} utterances ({hours:.2f} h); dev: {len(dev_utts)}")
     extra = {"init": note, "parents": parents, "train_hours": round(hours, 3), "data": args.data}
     summary = train(model, CharTokenizer(), train_utts, dev_utts, _train_config(args, extra), args.out,
                     resume=args.resume)
-    print(json.dumps(summary, indent=2, default=str))
+    if launched_world().is_main:
+        print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _printer(speaks: bool):
+    return (lambda line: print(line, file=sys.stderr)) if speaks else (lambda line: None)
 
 
 def cmd_wise_ft(args) -> int:
@@ -301,6 +321,7 @@ def cmd_average(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .data import load_utterances
+    from .distributed import init_world, launched_world, leave_world
     from .evaluation import evaluate, summary_line
 
     utterances = load_utterances(args.data, args.limit)
@@ -309,11 +330,19 @@ def cmd_evaluate(args) -> int:
 
         from .peers import evaluate_peer, load_peer
 
+        if launched_world().active:
+            raise SettingsError("peer engines are evaluated in one process: run without torchrun", setting="engine")
         result = evaluate_peer(load_peer(args.engine, torch.get_num_threads()), utterances)
     else:
         transcriber, model_dir = _transcriber(args)
-        result = evaluate(transcriber, utterances, model_dir=model_dir)
+        world = init_world("cpu")  # under torchrun: each rank decodes a share; only hypotheses travel
+        try:
+            result = evaluate(transcriber, utterances, model_dir=model_dir, world=world)
+        finally:
+            leave_world(world)
         result["model"] = model_dir
+        if not world.is_main:
+            return 0
     text = json.dumps(result, indent=2)
     if not args.out:
         print(text)

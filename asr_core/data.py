@@ -214,3 +214,45 @@ class BucketBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.batches())
+
+
+class RankBatchSampler(Sampler):
+    """This rank's share of an epoch of :class:`BucketBatchSampler` batches, from a position in it.
+
+    Every rank computes the same global order (seeded by seed and epoch). Optimizer step ``s`` of a run of
+    ``world_size`` ranks with ``accumulate`` micro-batches each takes global batches ``[s*W*K, (s+1)*W*K)``:
+    micro-batch ``m`` of rank ``r`` is global batch ``start + (s*K + m)*W + r``. So ranks see disjoint audio, and
+    the position in an epoch is a count of global batches (``start``), the same whatever W and K: a run can
+    resume on a different number of processes exactly where it stopped. The last step of an epoch is filled
+    with batches from the epoch's start, so every rank takes the same number of steps and every utterance is
+    seen at least once per epoch.
+    """
+
+    def __init__(self, base: BucketBatchSampler, rank: int = 0, world_size: int = 1, accumulate: int = 1):
+        if accumulate < 1:
+            raise SettingsError(f"accumulate must be 1 or more, got {accumulate}", setting="accumulate")
+        self.base, self.rank, self.world_size, self.accumulate = base, rank, world_size, accumulate
+        self.start = 0
+
+    @property
+    def per_step(self) -> int:
+        """Global batches one optimizer step consumes (W x K)."""
+        return self.world_size * self.accumulate
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.base.set_epoch(epoch)
+        self.start = start
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.base) // self.per_step)
+
+    def __iter__(self):
+        batches = self.base.batches()
+        n_steps = -(-(len(batches) - self.start) // self.per_step) if self.start < len(batches) else 0
+        for g in range(self.start + self.rank, self.start + n_steps * self.per_step, self.world_size):
+            yield batches[g % len(batches)]
+
+    def __len__(self) -> int:
+        """Micro-batches this rank takes from ``start`` to the end of the epoch."""
+        remaining = max(0, len(self.base) - self.start)
+        return -(-remaining // self.per_step) * self.accumulate

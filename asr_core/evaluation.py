@@ -14,6 +14,7 @@ from .audio import SAMPLE_RATE, load_audio
 from .checkpoint import folder_bytes
 from .data import Utterance
 from .decoding import GreedyDecoder
+from .distributed import World, gather_objects, shard_bounds
 from .model import count_parameters
 from .text import normalize_text
 from .transcribe import Transcriber
@@ -66,43 +67,60 @@ def timed_decode(transcriber: Transcriber, samples: np.ndarray) -> tuple[str, to
 
 
 def evaluate(transcriber: Transcriber, utterances: list[Utterance], *, warmup: int = 2,
-             model_dir: str | None = None, progress: bool = True) -> dict:
+             model_dir: str | None = None, progress: bool = True, world: World = World()) -> dict:
     """One utterance at a time, as a device would see them: hypotheses, corpus WER/CER, latency, RTF.
 
     Latency per utterance is :func:`timed_decode`, measured after ``warmup`` untimed utterances, with the
     process's torch threads (set once by the entry point) or the ONNX session's own.
+
+    Under torchrun (``world``) each rank decodes a contiguous share and rank 0 scores all the hypotheses at
+    once, so the WER is the single-process corpus WER (never a mean of per-shard rates); the result adds
+    ``world_size`` and ``shard_sizes``. Every rank returns the same result.
     """
-    audio = [load_audio(u.audio_path, allow_silence=True) for u in tqdm(utterances, desc="loading audio",
-                                                                        disable=not progress)]
-    for samples in audio[:warmup]:
-        transcriber.transcribe(samples)
-    hypotheses, greedy_hypotheses, latencies = [], [], []
+    start, stop = shard_bounds(len(utterances), world)
+    shard = _decode_shard(transcriber, utterances[start:stop], warmup, progress and world.is_main)
+    parts = gather_objects(world, shard)
+    merged = {key: [x for part in parts for x in part[key]] for key in shard}
+    hypotheses, greedy_hypotheses = merged["hypotheses"], merged["greedy"]
     with_lm = not isinstance(transcriber.decoder, GreedyDecoder)
-    for samples in tqdm(audio, desc="decoding", disable=not progress):
-        text, log_probs, seconds = timed_decode(transcriber, samples)
-        hypotheses.append(text)
-        latencies.append(seconds)
-        if with_lm:  # greedy from the same log-probs, outside the timing: reported apart
-            greedy_hypotheses.append(transcriber.greedy(log_probs))
     result = error_rates([u.text for u in utterances], hypotheses)
     result["decoding"] = "beam search + LM" if with_lm else "greedy"
     if with_lm:
         greedy = error_rates([u.text for u in utterances], greedy_hypotheses)
         result["greedy"] = {"wer": greedy["wer"], "cer": greedy["cer"]}
-    result.update(_timing(audio, latencies, transcriber.model))
+    result.update(_timing(merged["samples"], merged["latencies"], transcriber.model))
     result.update({
         "n_utterances": len(utterances),
         "bytes_on_disk": folder_bytes(model_dir) if model_dir and os.path.isdir(model_dir) else None,
+        **({"world_size": world.size, "shard_sizes": [len(p["hypotheses"]) for p in parts]} if world.active else {}),
         "utterances": [{"id": u.id, "reference": normalize_text(u.text), "hypothesis": h}
                        for u, h in zip(utterances, hypotheses)],
     })
     return result
 
 
-def latency_figures(audio: list[np.ndarray], latencies: list[float]) -> dict:
+def _decode_shard(transcriber: Transcriber, utterances: list[Utterance], warmup: int, progress: bool) -> dict:
+    """Hypotheses (and greedy ones from the same log-probs when decoding with the LM, outside the timing),
+    per-utterance latencies and sample counts of the utterances one process decodes."""
+    audio = [load_audio(u.audio_path, allow_silence=True) for u in tqdm(utterances, desc="loading audio",
+                                                                        disable=not progress)]
+    for samples in audio[:warmup]:
+        transcriber.transcribe(samples)
+    out = {"hypotheses": [], "greedy": [], "latencies": [], "samples": [len(a) for a in audio]}
+    with_lm = not isinstance(transcriber.decoder, GreedyDecoder)
+    for samples in tqdm(audio, desc="decoding", disable=not progress):
+        text, log_probs, seconds = timed_decode(transcriber, samples)
+        out["hypotheses"].append(text)
+        out["latencies"].append(seconds)
+        if with_lm:
+            out["greedy"].append(transcriber.greedy(log_probs))
+    return out
+
+
+def latency_figures(audio: list, latencies: list[float]) -> dict:
     """Audio and wall seconds, RTF, median and p90 latency (ms) of per-utterance timings: the figures every
-    evaluation reports, ours and the peers' alike."""
-    audio_seconds = sum(len(a) for a in audio) / SAMPLE_RATE
+    evaluation reports, ours and the peers' alike. ``audio``: the clips (16 kHz arrays) or their sample counts."""
+    audio_seconds = sum(a if isinstance(a, int) else len(a) for a in audio) / SAMPLE_RATE
     wall = sum(latencies)
     return {"audio_seconds": round(audio_seconds, 3), "wall_seconds": round(wall, 3),
             "rtf": wall / audio_seconds if audio_seconds else float("nan"),
@@ -110,7 +128,7 @@ def latency_figures(audio: list[np.ndarray], latencies: list[float]) -> dict:
             "latency_ms_p90": 1000 * float(np.percentile(latencies, 90)) if latencies else float("nan")}
 
 
-def _timing(audio: list[np.ndarray], latencies: list[float], model) -> dict:
+def _timing(audio: list, latencies: list[float], model) -> dict:
     return {**latency_figures(audio, latencies),
             "threads": getattr(model, "threads", None) or torch.get_num_threads(),
             "params": count_parameters(model)}

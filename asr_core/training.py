@@ -1,6 +1,11 @@
 """The one training loop: CTC in fp32, AdamW, warmup + cosine decay, clipping, validation WER, best/last/
 averaged checkpoints, and resume after interruption with nothing lost.
 
+Started by torchrun it trains data-parallel (DistributedDataParallel: gloo on CPU, NCCL on CUDA): each rank
+takes its own batches (:class:`~asr_core.data.RankBatchSampler`), gradients are averaged by DDP, validation
+is sharded and gathered, and only rank 0 prints and writes. ``accumulate`` micro-batches per step give one
+small device the same effective batch.
+
 Compression's recovery fine-tuning calls :func:`train` too: its constraints (pruning masks, shared cluster
 values, quantisation grids) are parametrizations of the weights, so the loop needs no special case.
 """
@@ -9,23 +14,28 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import gc
 import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .augment import spec_augment
 from .checkpoint import read_state, save_model
-from .data import BucketBatchSampler, SpeechDataset, Utterance, collate
+from .data import BucketBatchSampler, RankBatchSampler, SpeechDataset, Utterance, collate
 from .decoding import GreedyDecoder
+from .distributed import (DEFAULT_TIMEOUT_S, DistributedError, World, agree, broadcast_object, gather_objects,
+                          init_world, leave_world, lost_contact, rank_device, shard_bounds, sum_values)
 from .errors import SettingsError
 from .evaluation import decode_batches, error_rates
 from .model import ConformerCTC, valid_mask
@@ -45,7 +55,12 @@ class TrainConfig:
     max_steps: int | None = None
     epochs: float | None = None
     max_minutes: float | None = None
-    batch_seconds: float = 120.0  # padded audio seconds per batch
+    batch_seconds: float = 120.0  # padded audio seconds per batch, per rank
+    accumulate: int = 1  # micro-batches per optimizer step: effective batch = world size x accumulate x batch
+    dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a rank waits for the others before giving up
+    # decoded audio is cached in memory (int16) only for a training set up to this long: 5 h is 0.6 GB per
+    # process, 960 h would be 110 GB, so large corpora are read from their files each time (use --workers)
+    audio_cache_hours: float = 20.0
     grad_clip: float = 5.0
     seed: int = 0
     workers: int = 0
@@ -231,7 +246,10 @@ def build_optimizer(model: ConformerCTC, cfg: TrainConfig) -> Optimization:
 
 @dataclass
 class TrainState:
-    """Progress that a resumed run continues from (saved in ``train_state.pt``)."""
+    """Progress that a resumed run continues from (saved in ``train_state.pt``).
+
+    ``batch_in_epoch`` counts global batches (over all ranks and micro-batches), so the position means the
+    same on any number of processes; ``audio_seconds`` is summed over ranks."""
 
     step: int = 0
     epoch: int = 0
@@ -240,67 +258,98 @@ class TrainState:
     audio_seconds: float = 0.0
     train_seconds: float = 0.0
     data_wait_seconds: float = 0.0
+    world_size: int = 1  # of the run that wrote this state
+    accumulate: int = 1
 
     def summary(self, reason: str) -> dict:
         return {"reason": reason, "step": self.step, "epoch": self.epoch, "audio_seconds": self.audio_seconds,
                 "train_seconds": self.train_seconds,
                 "audio_sec_per_sec": self.audio_seconds / max(1e-9, self.train_seconds),
-                "data_wait_fraction": self.data_wait_seconds / max(1e-9, self.train_seconds)}
+                "data_wait_fraction": self.data_wait_seconds / max(1e-9, self.train_seconds),
+                "world_size": self.world_size, "accumulate": self.accumulate}
 
 
-def make_loaders(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Utterance],
-                 dev_utts: list[Utterance], cfg: TrainConfig):
-    """(sampler, train loader, dev loader or None, dev utterances kept)."""
-    dataset = SpeechDataset(train_utts, model.cfg.features, tokenizer, speed_factors=tuple(cfg.speed_factors))
-    if cfg.workers > 0:
+def make_loaders(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Utterance], cfg: TrainConfig,
+                 world: World = World()) -> tuple[RankBatchSampler, DataLoader]:
+    """(this rank's batch sampler, its training loader)."""
+    hours = sum(u.duration for u in train_utts) / 3600
+    cache = hours <= cfg.audio_cache_hours
+    dataset = SpeechDataset(train_utts, model.cfg.features, tokenizer, speed_factors=tuple(cfg.speed_factors),
+                            cache_audio=cache)
+    if cfg.workers > 0 and cache:
         dataset.preload(cfg.workers)  # one shared cache for all workers (see SpeechDataset.preload)
-    sampler = BucketBatchSampler([u.duration for u in train_utts], cfg.batch_seconds, shuffle=True, seed=cfg.seed)
+    buckets = BucketBatchSampler([u.duration for u in train_utts], cfg.batch_seconds, shuffle=True, seed=cfg.seed)
+    sampler = RankBatchSampler(buckets, world.rank, world.size, cfg.accumulate)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
                         persistent_workers=cfg.workers > 0)
-    dev_utts = dev_utts[: cfg.dev_limit] if cfg.dev_limit else dev_utts
-    if not dev_utts:
-        return sampler, loader, None, []
-    dev_set = SpeechDataset(dev_utts, model.cfg.features, tokenizer)
-    dev_sampler = BucketBatchSampler([u.duration for u in dev_utts], cfg.batch_seconds, shuffle=False)
-    return sampler, loader, DataLoader(dev_set, batch_sampler=dev_sampler, collate_fn=collate), dev_utts
+    return sampler, loader
 
 
-def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int | None:
+def dev_loader(model: ConformerCTC, tokenizer: CharTokenizer, dev_utts: list[Utterance], cfg: TrainConfig,
+               world: World = World()) -> DataLoader | None:
+    """This rank's contiguous share of the dev utterances (None when it has none)."""
+    start, stop = shard_bounds(len(dev_utts), world)
+    shard = dev_utts[start:stop]
+    if not shard:
+        return None
+    dev_set = SpeechDataset(shard, model.cfg.features, tokenizer)
+    sampler = BucketBatchSampler([u.duration for u in shard], cfg.batch_seconds, shuffle=False)
+    return DataLoader(dev_set, batch_sampler=sampler, collate_fn=collate)
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
     """The step count the schedule runs over: the smaller of max_steps and epochs' worth (None: neither)."""
     total = cfg.max_steps
     if cfg.epochs is not None:
-        by_epochs = math.ceil(cfg.epochs * batches_per_epoch)
+        by_epochs = math.ceil(cfg.epochs * steps_per_epoch)
         total = by_epochs if total is None else min(total, by_epochs)
     return total
 
 
+def data_fingerprint(utterances: list[Utterance]) -> dict:
+    """What a saved sampler position depends on: the same utterances in the same order."""
+    return {"utterances": len(utterances), "audio_seconds": round(sum(u.duration for u in utterances), 1)}
+
+
 class Checkpointer:
-    """Everything a run writes under ``out_dir`` (nothing when None): ``last/`` + ``train_state.pt`` (resumable),
-    ``best/`` (lowest dev WER), ``snapshots/`` of the last ``average_last`` validations, ``averaged/`` from them,
-    and ``log.csv``. Each folder's provenance says what it holds and what was measured on it."""
+    """Everything a run writes under ``out_dir`` (nothing when None, or on ranks other than 0): ``last/`` +
+    ``train_state.pt`` (resumable), ``best/`` (lowest dev WER), ``snapshots/`` of the last ``average_last``
+    validations, ``averaged/`` from them, and ``log.csv``. Each folder's provenance says what it holds and what
+    was measured on it. Every rank calls the same methods (saving gathers each rank's random state)."""
 
     def __init__(self, out_dir: str | None, model: ConformerCTC, tokenizer: CharTokenizer, cfg: TrainConfig,
-                 optimizer: torch.optim.Optimizer):
+                 optimizer: torch.optim.Optimizer, world: World = World(), data: dict | None = None):
         self.out_dir, self.model, self.tokenizer, self.cfg, self.optimizer = out_dir, model, tokenizer, cfg, optimizer
+        self.world, self.data = world, data or {}
+        self.writes = bool(out_dir) and world.is_main
         self.snapshots: list[str] = []
+        self.saved_step: int | None = None
         self._log_file = None
-        if out_dir:
+        if self.writes:
             os.makedirs(out_dir, exist_ok=True)
 
-    def resume(self, state: TrainState, device: str) -> bool:
-        """Load last/ and train_state.pt into the model, optimizer, state and RNGs; False when nothing to resume."""
+    def _read(self, device: str):
         path = os.path.join(self.out_dir or "", STATE_FILE)
-        if not self.out_dir or not os.path.exists(path):
-            return False
+        if not self.world.is_main or not self.out_dir or not os.path.exists(path):
+            return None
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        last = read_state(os.path.join(self.out_dir, "last"))
+        return saved, read_state(os.path.join(self.out_dir, "last"))
+
+    def resume(self, state: TrainState, device: str) -> bool:
+        """Load last/ and train_state.pt (read by rank 0, sent to the others) into the model, optimizer, state and
+        random generators; False when there is nothing to resume."""
+        payload = broadcast_object(self.world, self._read(device))
+        if payload is None:
+            return False
+        saved, last = payload
+        _check_same_data(saved.get("data"), self.data)
         self.model.load_state_dict({k: v.to(device) for k, v in last.items()})
         self.optimizer.load_state_dict(saved["optimizer"])
         for key, value in saved["progress"].items():
             setattr(state, key, value)
         self.snapshots = list(saved["snapshots"])
-        random.setstate(saved["python_rng"])
-        torch.set_rng_state(saved["torch_rng"])
+        _restore_rng(saved, self.world, self.cfg.seed + state.step)
+        self.saved_step = state.step
         return True
 
     def _provenance(self, state: TrainState, metrics: dict | None = None, **details) -> Provenance:
@@ -311,6 +360,9 @@ class Checkpointer:
         training = {"step": state.step, "epoch": state.epoch,
                     "audio_hours_seen": round(state.audio_seconds / 3600, 3),
                     "train_minutes": round(state.train_seconds / 60, 2),
+                    "world_size": self.world.size, "accumulate": cfg.accumulate,
+                    "batch_seconds_per_rank": cfg.batch_seconds,
+                    "effective_batch_seconds": cfg.batch_seconds * cfg.accumulate * self.world.size,
                     # recovery fine-tuning (compress) must keep these blocks frozen too
                     **({"freeze_layers": cfg.freeze_layers} if cfg.freeze_layers else {}),
                     **({"slow_layers": cfg.slow_layers, "slow_lr_scale": cfg.slow_lr_scale}
@@ -323,27 +375,31 @@ class Checkpointer:
     def save_resumable(self, state: TrainState) -> None:
         if not self.out_dir:
             return
+        rngs = gather_objects(self.world, (random.getstate(), torch.get_rng_state()))
+        self.saved_step = state.step
+        if not self.writes:
+            return
         self._save("last", self.model, self._provenance(state), half=False)
         tmp = os.path.join(self.out_dir, STATE_FILE + ".tmp")
         torch.save({"optimizer": self.optimizer.state_dict(), "progress": dataclasses.asdict(state),
-                    "snapshots": self.snapshots, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                    "snapshots": self.snapshots, "python_rng": [r[0] for r in rngs],
+                    "torch_rng": [r[1] for r in rngs], "data": self.data,
                     "train_config": dataclasses.asdict(self.cfg)}, tmp)
         os.replace(tmp, os.path.join(self.out_dir, STATE_FILE))
 
     def after_validation(self, state: TrainState, rates: dict, snapshot: bool = True) -> None:
         """Keep a snapshot for averaging; a new best dev WER writes best/ (its dev metrics measured on it)."""
-        if not self.out_dir:
-            return
-        if snapshot:
-            _keep_snapshot(self.model, self.out_dir, state.step, self.snapshots, self.cfg.average_last)
         if rates and rates["wer"] < state.best_wer:
-            state.best_wer = rates["wer"]
-            metrics = {"dev": {"wer": rates["wer"], "cer": rates["cer"], "step": state.step,
-                               "utterances": rates.get("utterances")}}
-            self._save("best", self.model, self._provenance(state, metrics), half=self.cfg.half_checkpoints)
+            state.best_wer = rates["wer"]  # on every rank: they agree on what is best
+            if self.writes:
+                metrics = {"dev": {"wer": rates["wer"], "cer": rates["cer"], "step": state.step,
+                                   "utterances": rates.get("utterances")}}
+                self._save("best", self.model, self._provenance(state, metrics), half=self.cfg.half_checkpoints)
+        if snapshot and self.writes:
+            _keep_snapshot(self.model, self.out_dir, state.step, self.snapshots, self.cfg.average_last)
 
     def save_averaged(self, state: TrainState) -> None:
-        if not self.out_dir or len(self.snapshots) < 2:
+        if not self.writes or len(self.snapshots) < 2:
             return
         averaged = ConformerCTC(self.model.cfg)
         averaged.load_state_dict(average_states([load_file(p) for p in self.snapshots]))
@@ -352,7 +408,7 @@ class Checkpointer:
                    half=self.cfg.half_checkpoints)
 
     def log(self, state: TrainState, loss: float, lr: float, rates: dict) -> None:
-        if not self.out_dir or not (state.step % self.cfg.log_every == 0 or rates):
+        if not self.writes or not (state.step % self.cfg.log_every == 0 or rates):
             return
         if self._log_file is None:
             path = os.path.join(self.out_dir, "log.csv")
@@ -369,6 +425,30 @@ class Checkpointer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+
+def _check_same_data(saved: dict | None, now: dict) -> None:
+    """A saved position counts batches of one data set: with other data it points nowhere."""
+    if saved and now and saved != now:
+        raise SettingsError(f"the run in this folder trained on {saved['utterances']} utterances "
+                            f"({saved['audio_seconds']:.0f} s) and this one has {now['utterances']} "
+                            f"({now['audio_seconds']:.0f} s): its position in the data does not carry over; "
+                            f"resume with the same --data (and --limit) or train into a new --out", setting="data")
+
+
+def _restore_rng(saved: dict, world: World, fresh_seed: int) -> None:
+    """Each rank's random state as saved; a run resumed on another number of processes (or from a state saved
+    before runs had ranks) cannot have them, so its ranks are seeded afresh from the step."""
+    python_rng, torch_rng = saved["python_rng"], saved["torch_rng"]
+    if isinstance(python_rng, list) and len(python_rng) == world.size:
+        random.setstate(python_rng[world.rank])
+        torch.set_rng_state(torch_rng[world.rank])
+    elif not isinstance(python_rng, list) and world.size == 1:
+        random.setstate(python_rng)
+        torch.set_rng_state(torch_rng)
+    else:
+        random.seed(fresh_seed * 1000 + world.rank)
+        torch.manual_seed(fresh_seed * 1000 + world.rank)
 
 
 class _StopRequested(Exception):
@@ -398,48 +478,81 @@ class StopSignals:
 
 
 class TrainStep:
-    """One optimizer step: SpecAugment, the schedule's learning rate, forward (bf16 autocast when asked), the
-    loss (CTC and/or distillation), clipping, AdamW. Returns (loss, audio seconds in the batch)."""
+    """One optimizer step over ``accumulate`` micro-batches: SpecAugment, the schedule's learning rate, forward
+    (bf16 autocast when asked), the loss (CTC and/or distillation), backward (DDP averages the gradients over
+    ranks on the last micro-batch), clipping, AdamW. Returns (mean loss, audio seconds of this rank's batches)."""
 
-    def __init__(self, model, teacher, opt: Optimization, cfg: TrainConfig, device: str, total: int | None):
+    def __init__(self, model, teacher, opt: Optimization, cfg: TrainConfig, device: str, total: int | None,
+                 world: World = World()):
         self.model, self.teacher, self.opt, self.cfg, self.device, self.total = model, teacher, opt, cfg, device, total
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda")
+        self.world = world
+        self._ddp, self._ddp_phase = None, None
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda"))
         # bf16 autocast: ~1.7x faster on CPUs with avx512_bf16 too; the CTC loss itself stays in fp32
         self.autocast = (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)) if use_bf16 \
             else contextlib.nullcontext
 
-    def __call__(self, batch: dict, step: int, time_fraction: float | None) -> tuple[float, float]:
+    def _module(self, encoder_frozen: bool):
+        """The model, or its DDP wrapper for the parameters that learn now. DDP fixes the set of parameters it
+        averages when built, so the encoder warm-up (head only) and the rest of the run get a wrapper each."""
+        if not self.world.active:
+            return self.model
+        if self._ddp_phase != encoder_frozen:
+            self._ddp = None
+            gc.collect()  # the old wrapper's gradient hooks go with it, before the new one adds its own
+            ids = [self.world.local_rank] if self.device.startswith("cuda") else None
+            # every parameter that requires a gradient gets one (frozen parts require none), so DDP need not walk
+            # the graph looking for unused ones
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
+            self._ddp_phase = encoder_frozen
+        return self._ddp
+
+    def _backward(self, module, batch: dict, share: float) -> tuple[float, float]:
         cfg, device = self.cfg, self.device
         feats, lengths = batch["features"].to(device, non_blocking=True), batch["lengths"].to(device)
         if cfg.spec_augment:  # on the training device: vectorised, a few kernels per batch
             feats = spec_augment(feats, lengths, freq_masks=cfg.freq_masks, time_masks=cfg.time_masks)
-        encoder_frozen = step < cfg.freeze_encoder_steps
-        for p in self.opt.body:
-            p.requires_grad_(not encoder_frozen)
-        scale = lr_at(step, self.total, cfg, time_fraction)
-        for g in self.opt.optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * scale
         with self.autocast():
-            log_probs, out_lengths = self.model(feats, lengths)
+            log_probs, out_lengths = module(feats, lengths)
             with torch.no_grad():
                 teacher_log_probs = self.teacher(feats, lengths)[0] if self.teacher is not None else None
         loss = _loss(cfg, log_probs, out_lengths, batch, device, teacher_log_probs)
-        self.opt.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.opt.optimizer.step()
+        (loss * share).backward()
         features = self.model.cfg.features
         return loss.item(), float(lengths.sum()) * features.hop_length / features.sample_rate
 
+    def __call__(self, micro_batches: list[dict], step: int, time_fraction: float | None) -> tuple[float, float]:
+        encoder_frozen = step < self.cfg.freeze_encoder_steps
+        for p in self.opt.body:
+            p.requires_grad_(not encoder_frozen)
+        module = self._module(encoder_frozen)
+        scale = lr_at(step, self.total, self.cfg, time_fraction)
+        for g in self.opt.optimizer.param_groups:
+            g["lr"] = g["peak_lr"] * scale
+        self.opt.optimizer.zero_grad(set_to_none=True)
+        losses, seconds = [], 0.0
+        for j, batch in enumerate(micro_batches):
+            last = j == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or module is self.model else module.no_sync():
+                loss, s = self._backward(module, batch, 1.0 / len(micro_batches))
+            losses.append(loss)
+            seconds += s
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.optimizer.step()
+        return sum(losses) / len(losses), seconds
 
-def _batches(loader, sampler, state: TrainState, cfg: TrainConfig):
-    """Batches from where ``state`` stands until the epoch budget ends; a resumed epoch skips what it saw (the
-    sampler repeats the same order for the same epoch)."""
+
+def _batches(loader, sampler: RankBatchSampler, state: TrainState, cfg: TrainConfig):
+    """Groups of ``accumulate`` micro-batches, from where ``state`` stands until the epoch budget ends; a resumed
+    epoch starts at its saved global batch (the sampler repeats the same order for the same epoch)."""
     while cfg.epochs is None or state.epoch < cfg.epochs:
-        sampler.set_epoch(state.epoch)
-        for i, batch in enumerate(loader):
-            if i >= state.batch_in_epoch:
-                yield i, batch
+        sampler.set_epoch(state.epoch, state.batch_in_epoch)
+        group = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == sampler.accumulate:
+                yield group
+                group = []
         state.epoch += 1
         state.batch_in_epoch = 0
 
@@ -458,66 +571,142 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
 
     ``teacher``: distil from it (``cfg.distill_weight`` > 0). It is moved to the training device (and left there),
     in eval mode and frozen while the loop runs; it sees the same (augmented) features as the student.
+
+    Under torchrun every rank calls this with the same arguments (checked); see the module docstring.
     """
     _check_distill(cfg, model, teacher)
-    device = _resolve_device(cfg.device)
-    random.seed(cfg.seed)
+    world = init_world(_resolve_device(cfg.device), cfg.dist_timeout)
+    try:
+        return _train(model, tokenizer, train_utts, dev_utts, cfg, out_dir, world, resume, progress, teacher, on_step)
+    except RuntimeError as err:
+        if lost_contact(world, err):
+            raise DistributedError(f"rank {world.rank} lost contact with the other {world.size - 1} training "
+                                   f"process(es): one died or stopped answering ({str(err).splitlines()[0]}). "
+                                   f"Rerun the same command with --resume to continue from the last save") from None
+        raise
+    finally:
+        leave_world(world)
+
+
+def _train(model, tokenizer, train_utts, dev_utts, cfg: TrainConfig, out_dir, world: World, resume: bool,
+           progress: bool, teacher, on_step) -> dict:
+    device = rank_device(world, _resolve_device(cfg.device))
+    data = data_fingerprint(train_utts)
+    agree(world, {"batch_seconds": cfg.batch_seconds, "accumulate": cfg.accumulate, "seed": cfg.seed,
+                  "max_steps": cfg.max_steps, "epochs": cfg.epochs, "lr": cfg.lr, "resume": resume,
+                  "out": out_dir, "data": data, "dev": data_fingerprint(dev_utts)})
+    random.seed(cfg.seed * 1000 + world.rank)  # augmentation differs per rank; the weights come from rank 0
     torch.manual_seed(cfg.seed)
     model.to(device)
-    sampler, loader, dev_loader, dev_utts = make_loaders(model, tokenizer, train_utts, dev_utts, cfg)
+    sampler, loader = make_loaders(model, tokenizer, train_utts, cfg, world)
     opt = build_optimizer(model, cfg)
-    total = total_steps(cfg, len(sampler))
-    state, ckpt = TrainState(), Checkpointer(out_dir, model, tokenizer, cfg, opt.optimizer)
+    total = total_steps(cfg, sampler.steps_per_epoch())
+    state, ckpt = TrainState(), Checkpointer(out_dir, model, tokenizer, cfg, opt.optimizer, world, data)
     if resume and ckpt.resume(state, device):
-        tqdm.write(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-    validate = _validator(model, dev_loader, dev_utts, tokenizer, device, opt.frozen)
-    step = TrainStep(model, teacher, opt, cfg, device, total)
-    start_time, seconds_before, reason = time.time(), state.train_seconds, "finished"
-    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+        _say(world, f"resumed at step {state.step} (epoch {state.epoch}, global batch {state.batch_in_epoch})"
+             + _mapping_note(state, world, cfg))
+    state.world_size, state.accumulate = world.size, cfg.accumulate
+    if world.active or cfg.accumulate > 1:
+        _say(world, f"data-parallel: {world.size} process(es) x {cfg.accumulate} micro-batch(es) x "
+             f"{cfg.batch_seconds:g} s = {world.size * cfg.accumulate * cfg.batch_seconds:g} s of padded audio "
+             f"per optimizer step; {sampler.steps_per_epoch()} steps per epoch")
+    validate = _validator(model, dev_utts, tokenizer, device, opt.frozen, cfg, world)
+    step = TrainStep(model, teacher, opt, cfg, device, total, world)
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not (progress and world.is_main),
+               dynamic_ncols=True)
     _train_mode(model, opt.frozen)
     release_teacher = _freeze_teacher(teacher, device)
+    reason = "finished"
+    run = _Run(step, state, ckpt, validate, cfg, total, world, sampler.per_step, bar, on_step, opt, device)
     try:
-        with StopSignals() as signals:
-            t_prev = time.time()
-            for i, batch in _batches(loader, sampler, state, cfg):
-                minutes_spent = (time.time() - start_time + seconds_before) / 60
-                _check_stop(state, total, cfg, minutes_spent, signals)
-                state.data_wait_seconds += time.time() - t_prev  # waiting for the loader: the data bottleneck
-                loss, seconds = step(batch, state.step, minutes_spent / cfg.max_minutes if cfg.max_minutes else None)
-                state.step, state.batch_in_epoch = state.step + 1, i + 1
-                state.audio_seconds += seconds
-                state.train_seconds += time.time() - t_prev  # data loading included: the speed a user waits for
-                lr = opt.optimizer.param_groups[0]["lr"]
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", epoch=state.epoch,
-                                audio_s_per_s=f"{state.audio_seconds / max(1e-9, state.train_seconds):.1f}")
-                rates = validate() if state.step % cfg.eval_every == 0 else {}
-                if state.step % cfg.eval_every == 0:
-                    if rates:
-                        tqdm.write(f"step {state.step}: dev WER {rates['wer']:.2%} CER {rates['cer']:.2%}")
-                    ckpt.after_validation(state, rates)
-                ckpt.log(state, loss, lr, rates)
-                if state.step % cfg.save_every == 0:
-                    ckpt.save_resumable(state)
-                if on_step is not None:
-                    on_step(dataclasses.asdict(state))
-                t_prev = time.time()  # validation and saving are not training speed
+        _loop(run, _batches(loader, sampler, state, cfg))
     except _StopRequested as why:
         reason = str(why)
     finally:
         bar.close()
         release_teacher()
-    return _finish(model, ckpt, state, reason, validate, dev_loader is not None)
+    return _finish(model, ckpt, state, reason, validate, bool(dev_utts))
 
 
-def _check_stop(state: TrainState, total: int | None, cfg: TrainConfig, minutes_spent: float,
-                signals: StopSignals) -> None:
-    if total is not None and state.step >= total:
-        raise _StopRequested("max steps")
-    if cfg.max_minutes is not None and minutes_spent >= cfg.max_minutes:
-        raise _StopRequested("max minutes")
-    if signals.requested:
-        raise _StopRequested("interrupted")
+@dataclass
+class _Run:
+    """What the loop needs, gathered once by :func:`_train`."""
+
+    step: TrainStep
+    state: TrainState
+    ckpt: Checkpointer
+    validate: object
+    cfg: TrainConfig
+    total: int | None
+    world: World
+    batches_per_step: int  # global batches one optimizer step consumes
+    bar: tqdm
+    on_step: object
+    opt: Optimization
+    device: str
+
+
+def _loop(run: _Run, groups) -> None:
+    """Steps until a budget ends (raises _StopRequested). Every rank agrees each step, in one small all-reduce,
+    on the loss, the audio seen and whether to stop (one rank out of time or interrupted stops them all)."""
+    state, cfg = run.state, run.cfg
+    start_time, seconds_before = time.time(), state.train_seconds
+    minutes = seconds_before / 60  # agreed by all ranks (their mean), so they share one learning rate
+    with StopSignals() as signals:
+        t_prev = time.time()
+        for group in groups:
+            if run.total is not None and state.step >= run.total:
+                raise _StopRequested("max steps")
+            waited = time.time() - t_prev  # waiting for the loader: the data bottleneck
+            loss, seconds = run.step(group, state.step, minutes / cfg.max_minutes if cfg.max_minutes else None)
+            loss, seconds, minutes, interrupted = sum_values(
+                run.world, [loss, seconds, (time.time() - start_time + seconds_before) / 60, float(signals.requested)],
+                run.device)
+            loss, minutes = loss / run.world.size, minutes / run.world.size
+            state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + run.batches_per_step
+            state.audio_seconds += seconds
+            state.data_wait_seconds += waited
+            state.train_seconds += time.time() - t_prev  # data loading included: the speed a user waits for
+            _after_step(run, loss)
+            if cfg.max_minutes is not None and minutes >= cfg.max_minutes:
+                raise _StopRequested("max minutes")
+            if interrupted:
+                raise _StopRequested("interrupted")
+            t_prev = time.time()  # validation and saving are not training speed
+
+
+def _after_step(run: _Run, loss: float) -> None:
+    """Progress bar, validation, log and saves of the step just taken."""
+    state, cfg = run.state, run.cfg
+    lr = run.opt.optimizer.param_groups[0]["lr"]
+    run.bar.update(1)
+    run.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", epoch=state.epoch,
+                        audio_s_per_s=f"{state.audio_seconds / max(1e-9, state.train_seconds):.1f}")
+    rates = run.validate() if state.step % cfg.eval_every == 0 else {}
+    if state.step % cfg.eval_every == 0:
+        if rates:
+            _say(run.world, f"step {state.step}: dev WER {rates['wer']:.2%} CER {rates['cer']:.2%}")
+        run.ckpt.after_validation(state, rates)
+    run.ckpt.log(state, loss, lr, rates)
+    if state.step % cfg.save_every == 0:
+        run.ckpt.save_resumable(state)
+    if run.on_step is not None:
+        run.on_step(dataclasses.asdict(state))
+
+
+def _say(world: World, message: str) -> None:
+    """A line for the person watching, from rank 0 only, on stderr (stdout is the summary's), around the bar."""
+    if world.is_main:
+        tqdm.write(message, file=sys.stderr)
+
+
+def _mapping_note(state: TrainState, world: World, cfg: TrainConfig) -> str:
+    """How a position saved by a run of another shape maps onto this one."""
+    if (state.world_size, state.accumulate) == (world.size, cfg.accumulate):
+        return ""
+    return (f"; saved by {state.world_size} process(es) x {state.accumulate} micro-batch(es), now {world.size} x "
+            f"{cfg.accumulate}: the data continues at the same global batch, the step count carries on, and each "
+            f"step now takes {world.size * cfg.accumulate} batches instead of {state.world_size * state.accumulate}")
 
 
 def _train_mode(model: torch.nn.Module, frozen: list[torch.nn.Module]) -> None:
@@ -526,17 +715,22 @@ def _train_mode(model: torch.nn.Module, frozen: list[torch.nn.Module]) -> None:
         module.eval()  # no dropout where nothing learns
 
 
-def _validator(model, dev_loader, dev_utts, tokenizer, device, frozen):
-    """A function giving dev WER/CER of the model as it stands ({} without dev data), back in training mode."""
+def _validator(model, dev_utts, tokenizer, device, frozen, cfg: TrainConfig, world: World):
+    """A function giving dev WER/CER of the model as it stands ({} without dev data), back in training mode.
+    Each rank decodes its share; the hypotheses are gathered and scored once, over all of them."""
     decoder = GreedyDecoder(tokenizer)
+    kept = dev_utts[: cfg.dev_limit] if cfg.dev_limit else dev_utts
+    loader = dev_loader(model, tokenizer, kept, cfg, world)
 
     def validate() -> dict:
-        if dev_loader is None:
+        if not kept:
             return {}
-        hyps = decode_batches(model, decoder, dev_loader, device)
-        rates = error_rates([u.text for u in dev_utts], [hyps[u.id] for u in dev_utts])
+        hyps = {}
+        for part in gather_objects(world, decode_batches(model, decoder, loader, device) if loader else {}):
+            hyps.update(part)
+        rates = error_rates([u.text for u in kept], [hyps[u.id] for u in kept])
         _train_mode(model, frozen)
-        return {**rates, "utterances": len(dev_utts)}
+        return {**rates, "utterances": len(kept)}
     return validate
 
 
