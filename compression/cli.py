@@ -1,4 +1,4 @@
-"""``edge-asr compress | benchmark | sensitivity``."""
+"""``edge-asr compress | benchmark | export | sensitivity | inspect``."""
 from __future__ import annotations
 
 import json
@@ -107,6 +107,19 @@ def add_subcommands(sub) -> None:
     p.add_argument("--out", default=None, help="write rows as JSON here")
     _calib_flags(p)
     p.set_defaults(handler=cmd_sensitivity)
+
+    p = sub.add_parser("inspect", help="what a compressed artifact did to its model: the studio's class-view "
+                                       "figures (HTML) and their numbers (JSON)")
+    p.add_argument("--model", required=True, help="compressed artifact folder (written by `edge-asr compress`)")
+    p.add_argument("--base", default=None, help="the model it was compressed from (default: the folder its "
+                                                "compression.json names, else the shipped baseline)")
+    p.add_argument("--layer", default=None, help="layer for the histogram, spectrum and storage (default: the most "
+                                                 "damaged on the clip)")
+    p.add_argument("--clip", default=None, help="audio for the per-layer output errors and the frame view (default: "
+                                                "the bundled 10.9 s clip; the first 30 s of a longer one)")
+    p.add_argument("--out", required=True, help="folder to write inspect.json, how_it_works.md and the figures to")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(handler=cmd_inspect)
 
 
 def _check_compress_args(args) -> bool:
@@ -246,3 +259,46 @@ def cmd_sensitivity(args) -> int:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
     return 0
+
+
+def cmd_inspect(args) -> int:
+    from asr_core.audio import load_audio
+    from asr_core.checkpoint import default_model_dir, is_artifact, load_model
+    from asr_core.errors import SettingsError
+
+    from .inspect import DEFAULT_CLIP, clip_features, explain, inspect_variant, source_model
+    from .inspect_figures import figures
+
+    if not is_artifact(args.model):
+        raise SettingsError(f"{args.model} is not a compressed artifact folder (no compression.json)", setting="model")
+    base, tokenizer = load_model(args.base or source_model(args.model) or default_model_dir())
+    model, _ = load_model(args.model)
+    samples = load_audio(args.clip or str(DEFAULT_CLIP))
+    report = inspect_variant(base, model, args.model, tokenizer, clip_features(samples, base), args.layer)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "inspect.json"), "w") as f:
+        json.dump(report, f)
+    with open(os.path.join(args.out, "how_it_works.md"), "w") as f:
+        f.write(explain(report) + "\n")
+    written = _write_figures(figures(report), args.out)
+    print(f"{report['layer']}: {len(report['layers'])} layers, {len(written)} figures -> {args.out}/ "
+          f"({', '.join(written)}, inspect.json, how_it_works.md)")
+    return 0
+
+
+def _write_figures(figs: dict, out: str) -> list[str]:
+    """Each figure as an HTML file (plotly.min.js written once beside them, so the folder opens offline), and as
+    PNG when kaleido is importable (else one line says so)."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        kaleido = None
+        print("PNG figures skipped: kaleido is not installed (pip install kaleido); the HTML figures are complete")
+    written = []
+    for stem, fig in figs.items():
+        fig.write_html(os.path.join(out, f"{stem}.html"), include_plotlyjs="directory")
+        written.append(f"{stem}.html")
+        if kaleido is not None:
+            fig.write_image(os.path.join(out, f"{stem}.png"), width=1200, scale=1)
+            written.append(f"{stem}.png")
+    return written

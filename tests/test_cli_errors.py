@@ -23,6 +23,7 @@ CASES = {
     "export": ["export", "--model", MISSING, "--out", MISSING + "-onnx"],
     "export-opset": ["export", "--out", MISSING + "-onnx", "--opset", "7"],
     "sensitivity": ["sensitivity", "--data", MISSING, "--method", "prune+int8"],
+    "inspect": ["inspect", "--model", MISSING, "--out", MISSING + "-view"],
     "serve": ["serve", "--model", MISSING, "--no-warm"],
 }
 
