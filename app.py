@@ -24,11 +24,14 @@ import jiwer
 
 from asr_core.audio import SAMPLE_RATE
 from asr_core.data import load_utterances
-from asr_core.errors import EdgeASRError
+from asr_core.errors import EdgeASRError, SettingsError
 from asr_core.evaluation import evaluate
 from asr_core.text import normalize_text
 from asr_core.transcribe import Transcriber
 from compression.charts import tradeoff_figure
+from compression.inspect import explain, explain_storage
+from compression.inspect_figures import figures as class_figures
+from compression.inspect_figures import sweep_figure
 from studio import ALGORITHMS, MAX_SECONDS, SPECS, VARIANTS, LiveSession, Studio
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -254,6 +257,84 @@ def dataset_recompute(studio: Studio, use_lm, *knobs, progress=None):
         return gr.update(), f"⚠️ {friendly(err)}"
 
 
+# ------------------------------------------------------------------------------------------ the class view
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
+FONT, PROJECTOR_FONT = 12, 18  # plot text, and in presentation mode
+SWEEP_ON = ("this clip", "the bundled clips")
+
+
+def knob_recipe(key: str, knobs) -> str:
+    """The recipe of row ``key`` at the page's knob and algorithm (knobs: the flat [on, knob, algo] list)."""
+    i = [s.key for s in VARIANTS[1:]].index(key)
+    return SPECS[key].recipe(knobs[3 * i + 1], knobs[3 * i + 2])
+
+
+def _clip_or_none(studio: Studio, audio):
+    return studio.load_clip(audio) if audio else None
+
+
+def explain_variant(studio: Studio, key, layer, audio, present, *knobs):
+    """The "How it works" panel for one variant at its knob: layer choices, the explanation, four pictures and
+    a status line. Outputs: [layer, text, histogram, layers, spectrum, frames, storage text, status]."""
+    import gradio as gr
+
+    try:
+        recipe = knob_recipe(key, knobs)
+        samples = _clip_or_none(studio, audio)
+        try:
+            report = studio.inspect(recipe, samples, layer or None)
+        except SettingsError as err:
+            if err.setting != "layer":
+                raise
+            report = studio.inspect(recipe, samples, None)  # a layer this variant does not have: its default
+        figs = class_figures(report, PROJECTOR_FONT if present else FONT)
+        spec = SPECS[key]
+        text = (f"### {spec.label}: `{studio.recipe_key(recipe)}`\nPictures from {report['clip']}.\n\n"
+                + explain(report, storage=False))
+        spectrum = figs.get("spectrum")
+        return (gr.update(choices=report["layer_names"], value=report["layer"]), text, figs["histogram"],
+                figs["layers"], gr.update(value=spectrum, visible=spectrum is not None), figs.get("frames"),
+                explain_storage(report),
+                f"{spec.label}: pictures computed in {report['seconds']:.2f} s (cached with the variant).")
+    except Exception as err:  # noqa: BLE001
+        return (gr.update(),) * 7 + (f"⚠️ {friendly(err)}",)
+
+
+def explain_after_knob(studio: Studio, key, shown, layer, audio, present, *knobs):
+    """After a knob moved: the panel follows that row (same layer when it was already shown)."""
+    return (key, *explain_variant(studio, key, layer if shown == key else None, audio, present, *knobs))
+
+
+def bundled_clips() -> list[tuple]:
+    from asr_core.audio import load_audio
+
+    return [(load_audio(u.audio_path), u.text) for u in load_utterances(str(ASSETS / "clips" / "manifest.jsonl"))]
+
+
+def run_sweep(studio: Studio, key, points, on, audio, reference, present, progress=None):
+    """The knob of row ``key`` across its range, naive and calibrated, on this clip or the bundled ones."""
+    import gradio as gr
+
+    try:
+        spec = SPECS[key]
+        if on == SWEEP_ON[1]:
+            clips, clips_key = bundled_clips(), "bundled"
+        else:
+            if not audio:
+                return gr.update(), "Upload, record or pick a clip first (or sweep on the bundled clips)."
+            samples = studio.load_clip(audio)
+            clips = [(samples, reference or None)]
+            clips_key = f"{studio.digest(samples)}:{normalize_text(reference or '')}"
+        out = studio.sweep(spec, int(points), clips, clips_key, progress=progress)
+        fig = sweep_figure(out["points"], out["knob"], out["label"], PROJECTOR_FONT if present else FONT,
+                           baseline=out["baseline"])
+        scored = "the baseline's own transcript (no reference given)" if out["vs_baseline"] else "the reference"
+        return fig, (f"{len(out['points'])} points in {out['seconds']:.1f} s ({out['cached']} already computed); "
+                     f"greedy WER against {scored}, on {on}.")
+    except Exception as err:  # noqa: BLE001
+        return gr.update(), f"⚠️ {friendly(err)}"
+
+
 def api_transcribe(studio: Studio, audio, recipe: str = "") -> dict:
     """Transcribe with one variant (recipe "" = baseline): transcript, latency, RTF, size."""
     import gradio as gr
@@ -335,6 +416,80 @@ def gr_update():
     return gr.update()
 
 
+# ------------------------------------------------------------------------------------------ URL state
+# Presentation mode: the page's text sizes are theme variables declared on :root, so a class on <html> that
+# redefines them scales every label, slider and table at once; plots are redrawn with larger fonts.
+CSS = """
+html.present { --text-xxs: 12px; --text-xs: 14px; --text-sm: 17px; --text-md: 21px; --text-lg: 25px;
+               --text-xl: 30px; --text-xxl: 38px; }
+html.present .gradio-container { max-width: 100% !important; }
+html.present #intro, html.present .hide-in-present { display: none !important; }
+html.present .plot-row { flex-direction: column !important; }
+"""
+PRESENT_JS = "(on) => { document.documentElement.classList.toggle('present', !!on); return []; }"
+
+
+def url_fields(controls, method, layer, present) -> list[tuple[str, object, object]]:
+    """(query name, component, default) of everything the URL keeps: every row's on/off, knob and algorithm,
+    the class view's variant and layer, presentation mode. Only values off their default are written."""
+    fields = []
+    for spec, on, knob, algo in controls:
+        fields.append((f"{spec.key}.on", on, spec.enabled))
+        if spec.knob:
+            fields.append((spec.key, knob, spec.default))
+        fields.append((f"{spec.key}.algo", algo, ALGORITHMS[0]))
+    return fields + [("view", method, "prune"), ("layer", layer, None), ("present", present, False)]
+
+
+def url_js(fields) -> str:
+    """Client-side only: the fields' values -> the page's query string (history.replaceState, no reload)."""
+    spec = json.dumps([[name, "" if default is None else str(default).lower()] for name, _, default in fields])
+    return f"""(...values) => {{
+        const fields = {spec};
+        const q = new URLSearchParams();
+        fields.forEach(([name, fallback], i) => {{
+            let v = values[i];
+            if (v === null || v === undefined || v === "") return;
+            v = typeof v === "number" ? String(+v.toFixed(4)) : String(v).toLowerCase();
+            if (v !== fallback) q.set(name, v);
+        }});
+        const query = q.toString();
+        window.history.replaceState(null, "", window.location.pathname + (query ? "?" + query : ""));
+        return [];
+    }}"""
+
+
+def _from_query(name: str, text: str, default):
+    """One query value parsed as its field's type; None when it is not valid (the control keeps its value)."""
+    if isinstance(default, bool):
+        return {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}.get(text.lower())
+    if name.endswith(".algo"):
+        return text if text in ALGORITHMS else None
+    if name == "view":
+        return text if text in SPECS and text != "fp32" else None
+    if name == "layer":
+        return text
+    spec = SPECS[name]
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not spec.minimum <= value <= spec.maximum:
+        return None
+    return int(value) if float(spec.step).is_integer() else value
+
+
+def url_state(fields, query: dict) -> list:
+    """The page's query parameters -> an update per field (unchanged where absent or invalid)."""
+    import gradio as gr
+
+    updates = []
+    for name, _, default in fields:
+        value = _from_query(name, query[name], default) if name in query else None
+        updates.append(gr.update() if value is None else gr.update(value=value))
+    return updates
+
+
 # ------------------------------------------------------------------------------------------ the page
 def _with_progress(fn, studio: Studio):
     """A gradio handler calling ``fn(studio, ...)`` with the page's progress bar (gradio injects it by default)."""
@@ -393,12 +548,13 @@ def _peer_choice():
                             info="; ".join(missing) or None, elem_id="peers")
 
 
-def compare_tab(studio: Studio):
-    """The clip, the variant rows, the results table, chart and CSV; returns what the other tabs reuse."""
+def compare_tab(studio: Studio, present):
+    """The clip, the variant rows, the results table, chart and CSV, the class view; returns what the other tabs
+    and the page's URL state reuse."""
     import gradio as gr
 
     results_state = gr.State({})
-    with gr.Row():
+    with gr.Row(elem_classes="plot-row"):  # stacked in presentation mode, like the plots
         with gr.Column(scale=3):
             audio, reference, use_lm = _clip_inputs(studio)
         with gr.Column(scale=2):
@@ -411,20 +567,66 @@ def compare_tab(studio: Studio):
                          column_widths=["12%", "9%", "35%", "6%", "6%", "7%", "6%", "6%", "6%", "7%"])
     with gr.Row():
         plot = gr.Plot(label="Size and latency vs WER")
-        csv_file = gr.File(label="Download the table (CSV)")
+        csv_file = gr.File(label="Download the table (CSV)", elem_classes="hide-in-present")
     knob_inputs = [c for _, on, knob, algo in controls for c in (on, knob, algo)]
     outputs = [table, plot, csv_file, status, results_state]
     run.click(_with_progress(run_all, studio), [audio, reference, use_lm, peers, *knob_inputs], outputs,
               api_visibility="private")
+    view = class_view(studio, audio, reference, knob_inputs, present)
     for spec, on, knob, algo in controls:
         handler = _with_progress(lambda st, *a, key=spec.key, **k: rerun_one(st, key, *a, **k), studio)
         args = dict(fn=handler, inputs=[audio, reference, use_lm, results_state, on, knob, algo], outputs=outputs,
                     api_visibility="private")
+        follow = dict(fn=functools.partial(explain_after_knob, studio, spec.key),
+                      inputs=[view["method"], view["layer"], audio, present, *knob_inputs],
+                      outputs=[view["method"], *view["outputs"]], api_visibility="private")
         on.input(**args)
-        algo.input(**args)
+        algo.input(**args).then(**follow)
         if spec.knob:
-            knob.release(**args)
-    return use_lm, knob_inputs
+            knob.release(**args).then(**follow)
+    return use_lm, knob_inputs, controls, view
+
+
+def class_view(studio: Studio, audio, reference, knob_inputs, present) -> dict:
+    """"How it works": one variant at its knob explained (method, formula, what is stored, the algorithm) and
+    shown (weights before/after, layer by layer, singular values, the clip frame by frame), and a sweep of its
+    knob. Follows the last knob moved; returns its components for the page's other events."""
+    import gradio as gr
+
+    with gr.Accordion("How it works: what each method did, explained and shown", open=True, elem_id="class-view"):
+        with gr.Row():
+            method = gr.Dropdown([(v.label, v.key) for v in VARIANTS[1:]], value="prune", elem_id="how-variant",
+                                 label="Variant (at its knob and algorithm above)", scale=2)
+            layer = gr.Dropdown([], value=None, label="Layer", elem_id="how-layer", scale=3,
+                                allow_custom_value=True)
+        how_status = gr.Markdown(elem_id="how-status")
+        text = gr.Markdown(latex_delimiters=LATEX, elem_id="how-text")
+        with gr.Row(elem_classes="plot-row"):
+            hist = gr.Plot(label="Weights before and after", elem_id="plot-hist")
+            bars = gr.Plot(label="Layer by layer", elem_id="plot-layers")
+        with gr.Row(elem_classes="plot-row"):
+            spectrum = gr.Plot(label="Singular values", elem_id="plot-spectrum", visible=False)
+            frames = gr.Plot(label="The clip frame by frame", elem_id="plot-frames")
+        storage = gr.Markdown(latex_delimiters=LATEX, elem_id="how-storage")
+        with gr.Row():
+            points = gr.Slider(3, 20, value=10, step=1, label="sweep points", elem_id="sweep-points", scale=2)
+            on = gr.Radio(list(SWEEP_ON), value=SWEEP_ON[0], label="measured on", elem_id="sweep-on", scale=2)
+            sweep = gr.Button("Sweep this variant's knob (naive and calibrated)", elem_id="sweep", scale=1)
+        sweep_status = gr.Markdown(elem_id="sweep-status")
+        sweep_plot = gr.Plot(label="WER and size across the knob", elem_id="plot-sweep")
+    outputs = [layer, text, hist, bars, spectrum, frames, storage, how_status]
+    shown = functools.partial(explain_variant, studio)
+    method.input(lambda key, *a: shown(key, None, *a), [method, audio, present, *knob_inputs], outputs,
+                 api_visibility="private")
+    layer.input(shown, [method, layer, audio, present, *knob_inputs], outputs, api_visibility="private")
+    present.change(shown, [method, layer, audio, present, *knob_inputs], outputs, api_visibility="private")
+    def sweep_handler(key, n, where, clip, text, big, progress=gr.Progress()):  # positional: gradio finds it
+        return run_sweep(studio, key, n, where, clip, text, big, progress=progress)
+
+    sweep.click(sweep_handler, [method, points, on, audio, reference, present], [sweep_plot, sweep_status],
+                api_visibility="private")
+    return {"method": method, "layer": layer, "outputs": outputs, "show": shown,
+            "inputs": [method, layer, audio, present, *knob_inputs]}
 
 
 def dataset_tab(studio: Studio, use_lm, knob_inputs) -> None:
@@ -490,18 +692,40 @@ def api_endpoints(studio: Studio) -> None:
     gr.Button(visible=False).click(functools.partial(api_compare, studio), [audio, text], out, api_name="compare")
 
 
+def page_state(demo, controls, view, present) -> None:
+    """URL state both ways (the query string sets the controls on load; every change rewrites it, client-side),
+    presentation mode's class on <html>, and the class view drawn once the page has its settings."""
+    import gradio as gr
+
+    fields = url_fields(controls, view["method"], view["layer"], present)
+    components = [c for _, c, _ in fields]
+
+    def from_url(request):
+        return url_state(fields, dict(request.query_params) if request is not None else {})
+    from_url.__annotations__ = {"request": gr.Request}  # gradio injects the request by this (a real class, not
+    # the string `from __future__ import annotations` would leave)
+
+    demo.load(from_url, None, components, api_visibility="private").then(
+        view["show"], view["inputs"], view["outputs"], api_visibility="private")
+    gr.on([c.change for c in components], fn=None, inputs=components, js=url_js(fields))
+    present.change(fn=None, inputs=[present], js=PRESENT_JS)
+
+
 def build_app(studio: Studio):
     import gradio as gr
 
     with gr.Blocks(title="Edge ASR Studio") as demo:
+        present = gr.Checkbox(False, label="Presentation mode (larger text for a projector)", elem_id="present")
         gr.Markdown("# Edge ASR Studio\nRecord or upload speech, or pick an example. The baseline Conformer-CTC and "
                     "its compressed variants transcribe it side by side; move a knob to re-compress that variant. "
                     f"Clips up to {studio.max_seconds:.0f} s; any rate, any channels. Each variant is built by its "
                     "method's *calibrated* algorithm (GPTQ, SparseGPT, activation-aware SVD, ... on "
                     f"{len(studio.stats.calibration)} bundled clips, statistics collected once at start-up) or its "
-                    "*naive*, data-free twin: switch it per row.")
+                    "*naive*, data-free twin: switch it per row. *How it works*, below the table, explains and "
+                    "shows what the last variant you moved did; the address bar keeps the knobs, so a prepared "
+                    "setting opens as it was.", elem_id="intro")
         with gr.Tab("Compare on a clip"):
-            use_lm, knob_inputs = compare_tab(studio)
+            use_lm, knob_inputs, controls, view = compare_tab(studio, present)
         with gr.Tab("Live"):
             live_tab(studio)
         with gr.Tab("Dataset (class view)"):
@@ -509,6 +733,7 @@ def build_app(studio: Studio):
         with gr.Tab("About the model"):
             about_tab(studio)
         api_endpoints(studio)
+        page_state(demo, controls, view, present)
     # One request at a time: on a 2-vCPU box two concurrent compress+measure jobs would halve each other's
     # speed, double peak memory and make every latency on the page wrong. Requests queue instead.
     demo.queue(default_concurrency_limit=1, max_size=32)
@@ -545,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-asr: error: {err}", file=sys.stderr)
         return 2
     build_app(studio).launch(server_name=args.host, server_port=args.port, share=args.share,
-                             allowed_paths=[str(ASSETS)])
+                             allowed_paths=[str(ASSETS)], css=CSS)
     return 0
 
 

@@ -4,13 +4,15 @@ as an artifact and loaded back, so it runs what a device would load), and how on
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import statistics
 import tempfile
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from asr_core.transcribe import Transcriber, make_decoder
 from compression.artifact import load_artifact, save_artifact
 from compression.calibration import stats_for
 from compression.compress import apply_recipe
+from compression.inspect import capture, clip_features, clip_modules, inspect_variant
 from compression.recipe import algorithms, naive_twin, parse_recipe
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -33,6 +36,8 @@ MAX_SECONDS = float(os.environ.get("EDGE_ASR_MAX_SECONDS", 120))  # longer uploa
 TIMED_RUNS = 3  # latency = median of this many runs, after one warm-up
 # each variant is built by its method's calibrated algorithm (GPTQ, SparseGPT, ...) or its data-free twin
 ALGORITHMS = ("calibrated", "naive")
+VIEWS_PER_VARIANT = 8  # class-view reports (clip, layer) kept with each variant
+SWEEP_POINTS_KEPT = 500  # sweep points (a few numbers each) kept across sweeps
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class VariantSpec:
     step: float = 0.05
     default: float | None = None
     enabled: bool = True
+    geometric: bool = False  # a sweep spaces its points by ratio (group sizes, cluster counts), not by difference
 
     def recipe(self, value, algorithm: str = "calibrated") -> str:
         """The recipe for this knob value; ``algorithm`` "naive" gives every step its data-free algorithm."""
@@ -65,18 +71,31 @@ class VariantSpec:
         value = int(value) if float(self.step).is_integer() else round(float(value), 4)
         return self.template.format(value=value)
 
+    def sweep_values(self, points: int) -> list[float]:
+        """``points`` knob values across the whole range, on the knob's step (fewer if the step allows fewer)."""
+        if self.knob is None:
+            raise SettingsError(f"{self.label} has no knob to sweep")
+        if not 2 <= int(points) <= 50:
+            raise SettingsError(f"a sweep takes 2 to 50 points, got {points}", setting="points")
+        if self.geometric:
+            raw = np.geomspace(max(self.minimum, self.step), self.maximum, int(points))
+        else:
+            raw = np.linspace(self.minimum, self.maximum, int(points))
+        snapped = [min(self.maximum, max(self.minimum, round(v / self.step) * self.step)) for v in raw]
+        return sorted({round(v, 4) for v in snapped})
+
 
 VARIANTS = [
     VariantSpec("fp32", "FP32 (baseline)", ""),
     VariantSpec("int8", "INT8", "int8"),
-    VariantSpec("int4", "INT4", "int4:group={value}", "group size", 16, 256, 16, 64),
+    VariantSpec("int4", "INT4", "int4:group={value}", "group size", 16, 256, 16, 64, geometric=True),
     VariantSpec("ternary", "Ternary", "ternary", enabled=False),
     VariantSpec("prune", "Pruned (unstructured)", "prune:sparsity={value}", "sparsity", 0.0, 0.95, 0.05, 0.5),
     VariantSpec("nm", "Pruned 2:4 (N:M)", "prune:pattern=2:4", enabled=False),
     VariantSpec("structured", "Pruned (structured)", "structured:fraction={value}", "fraction removed", 0.0, 0.9,
                 0.05, 0.3),
     VariantSpec("svd", "Low-rank (SVD)", "svd:energy={value}", "energy kept", 0.3, 1.0, 0.01, 0.9),
-    VariantSpec("kmeans", "K-means clustering", "kmeans:clusters={value}", "clusters", 2, 256, 1, 16),
+    VariantSpec("kmeans", "K-means clustering", "kmeans:clusters={value}", "clusters", 2, 256, 1, 16, geometric=True),
     VariantSpec("combined", "Combined", "prune:sparsity={value}+kmeans:clusters=16+int8", "sparsity", 0.0, 0.95,
                 0.05, 0.5),
 ]
@@ -90,6 +109,8 @@ class Variant:
     bytes_on_disk: int
     build_seconds: float
     algorithm: str = ""  # per step: gptq, sparsegpt, rtn, magnitude, ...
+    folder: str = ""  # its artifact folder ("" for the baseline)
+    views: OrderedDict = field(default_factory=OrderedDict)  # (clip, layer) -> class-view report, recent last
 
 
 class Studio:
@@ -106,6 +127,9 @@ class Studio:
         self.lock = threading.Lock()  # one compression/measurement at a time: timings stay honest
         self.workdir = tempfile.mkdtemp(prefix="edge-asr-studio-")
         self.peers: dict = {}  # peer name -> asr_core.peers.PeerEngine, loaded on first use
+        self.builds = 0  # artifact folders made so far (their names)
+        self.clip: tuple | None = None  # (digest, features, the baseline's capture) of the class view's last clip
+        self.sweep_points: OrderedDict[tuple, dict] = OrderedDict()  # (recipe key, clips) -> point, bounded
         fp32_dir = os.path.join(self.workdir, "fp32")
         # the baseline's size is measured in fp32, as a file (int8=False: an int8-stored frozen part too)
         save_model(fp32_dir, self.base, self.tokenizer, int8=False)
@@ -131,18 +155,104 @@ class Studio:
             if key in self.cache:
                 self.cache.move_to_end(key)
                 return self.cache[key]
-            start = time.perf_counter()
-            folder = os.path.join(self.workdir, f"v{len(os.listdir(self.workdir))}")
-            save_artifact(apply_recipe(self.base, parsed, stats=self.stats), folder, self.tokenizer,
-                          parsed.to_json())
-            model = load_artifact(folder)  # run what was saved: what a device would load
-            variant = Variant(key, Transcriber(model, self.tokenizer), folder_bytes(folder),
-                              time.perf_counter() - start, algorithms(parsed))
+            variant = self._build(parsed)
             self.cache[key] = variant
             while len(self.cache) > self.cache_size:
                 old_key = next(k for k in self.cache if k)  # never evict the baseline
-                del self.cache[old_key]
+                shutil.rmtree(self.cache.pop(old_key).folder, ignore_errors=True)
             return variant
+
+    def _build(self, parsed) -> Variant:
+        """Compress, save as an artifact, load it back (run what was saved: what a device would load)."""
+        start = time.perf_counter()
+        self.builds += 1
+        folder = os.path.join(self.workdir, f"v{self.builds}")
+        save_artifact(apply_recipe(self.base, parsed, stats=self.stats), folder, self.tokenizer, parsed.to_json())
+        model = load_artifact(folder)
+        return Variant(parsed.describe(), Transcriber(model, self.tokenizer), folder_bytes(folder),
+                       time.perf_counter() - start, algorithms(parsed), folder)
+
+    # -------------------------------------------------------------------------------------- the class view
+    @staticmethod
+    def digest(samples) -> str:
+        """A clip's identity for the caches (its samples' SHA-1)."""
+        return hashlib.sha1(np.ascontiguousarray(samples)).hexdigest()
+
+    def _clip_capture(self, samples) -> tuple:
+        """(digest, features, the baseline's capture) of a clip (None: the first calibration clip), kept for the
+        last clip only: the baseline's run with every layer's input and output, which every variant reuses."""
+        digest = "calibration:0" if samples is None else self.digest(samples)
+        if self.clip is None or self.clip[0] != digest:
+            feats = self.stats.calibration.features[0] if samples is None else clip_features(samples, self.base)
+            self.clip = (digest, feats, capture(self.base, feats, clip_modules(self.base)))
+        return self.clip
+
+    def inspect(self, recipe: str, samples=None, layer: str | None = None) -> dict:
+        """The class view of one variant (compression.inspect.inspect_variant's report) on a clip (None: the first
+        calibration clip), with ``seconds`` it took; kept with the variant, so a layer or clip seen before comes
+        back at once."""
+        if not recipe:
+            raise SettingsError("the baseline has nothing to inspect: choose a compressed variant")
+        variant = self.variant(recipe)
+        with self.lock:
+            start = time.perf_counter()
+            digest, feats, base_capture = self._clip_capture(samples)
+            key = (digest, layer)
+            if key not in variant.views:
+                report = inspect_variant(self.base, variant.transcriber.model, variant.folder, self.tokenizer,
+                                         feats, layer, base_capture)
+                cfg = self.base.cfg.features
+                report["clip"] = ("the first calibration clip (no clip on the page)" if samples is None else
+                                  f"the clip on the page ({feats.shape[0] * cfg.hop_length / cfg.sample_rate:.1f} s)")
+                variant.views[key] = report
+                while len(variant.views) > VIEWS_PER_VARIANT:
+                    variant.views.popitem(last=False)
+            variant.views.move_to_end(key)
+            return dict(variant.views[key], seconds=time.perf_counter() - start)
+
+    def sweep_point(self, recipe: str, clips: list, clips_key: str) -> dict:
+        """Greedy WER (the acoustic model alone) and size on disk of one recipe on ``clips`` [(samples,
+        reference)], kept by (recipe, ``clips_key``). A variant not in the page's cache is built outside it and
+        dropped after, so a sweep never evicts the page's rows."""
+        key = (self.recipe_key(recipe), clips_key)
+        if key in self.sweep_points:
+            return dict(self.sweep_points[key], cached=True)
+        with self.lock:
+            variant = self.cache.get(key[0])
+            transient = variant is None
+            if transient:
+                variant = self._build(parse_recipe(recipe))
+            texts = [variant.transcriber.transcribe(samples) for samples, _ in clips]
+        if transient:
+            shutil.rmtree(variant.folder, ignore_errors=True)
+        rates = error_rates([r for _, r in clips], texts)
+        point = {"recipe": key[0], "algorithm": variant.algorithm, "wer": rates["wer"], "cer": rates["cer"],
+                 "size_mb": variant.bytes_on_disk / 1e6, "build_seconds": variant.build_seconds}
+        self.sweep_points[key] = point
+        while len(self.sweep_points) > SWEEP_POINTS_KEPT:
+            self.sweep_points.popitem(last=False)
+        return dict(point, cached=False)
+
+    def sweep(self, spec: VariantSpec, points: int, clips: list, clips_key: str, progress=None) -> dict:
+        """One method across ``points`` knob values, naive and calibrated: :meth:`sweep_point` each (cached, so
+        a repeated or overlapping sweep only builds what is new). A clip without a reference is scored against
+        the baseline's own transcript."""
+        values = spec.sweep_values(points)
+        if any(not (r and normalize_text(r)) for _, r in clips):
+            baseline = self.cache[""].transcriber
+            clips = [(x, r if r and normalize_text(r) else baseline.transcribe(x)) for x, r in clips]
+            clips_key += ":vs-baseline"
+        start = time.perf_counter()
+        jobs = [(algo, value) for algo in ALGORITHMS[::-1] for value in values]  # naive first: it builds fastest
+        out = []
+        for n, (algo, value) in enumerate(jobs):
+            if progress is not None:
+                progress(n / len(jobs), desc=f"{spec.label}: {spec.knob} = {value:g} ({algo})")
+            out.append({**self.sweep_point(spec.recipe(value, algo), clips, clips_key), "value": value,
+                        "family": algo})
+        return {"points": out, "baseline": self.sweep_point("", clips, clips_key), "knob": spec.knob,
+                "label": spec.label, "seconds": time.perf_counter() - start,
+                "cached": sum(p["cached"] for p in out), "vs_baseline": clips_key.endswith(":vs-baseline")}
 
     def load_clip(self, audio) -> "numpy.ndarray":  # noqa: F821
         return load_audio(audio, max_seconds=self.max_seconds)

@@ -107,7 +107,10 @@ def add_subcommands(sub) -> None:
     p.add_argument("--out", default=None, help="write rows as JSON here")
     _calib_flags(p)
     p.set_defaults(handler=cmd_sensitivity)
+    _add_inspect(sub)
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="what a compressed artifact did to its model: the studio's class-view "
                                        "figures (HTML) and their numbers (JSON)")
     p.add_argument("--model", required=True, help="compressed artifact folder (written by `edge-asr compress`)")

@@ -40,6 +40,7 @@ HIST_BINS = 121
 # a layer fed a different width than the baseline's (structured pruning) is compared where widths meet again:
 # the FFN or attention module that holds it
 PARENT_KINDS = ("ffn1", "ffn2", "attn")
+ENCODING_WORDS = {"sparse": "fp16 values (a 1-bit mask beside them where pruned)", "fp16": "fp16, unchanged"}
 
 
 # ----------------------------------------------------------------------------------------------- the layers
@@ -311,7 +312,7 @@ def size_breakdown(folder: str, tensors: dict[str, torch.Tensor], rows: list[dic
         pieces = key.split(".")
         layer = next((".".join(pieces[:i]) for i in range(len(pieces) - 1, 0, -1) if ".".join(pieces[:i]) in kind),
                      None)
-        label = f"layers stored as {kind[layer]}" if layer else \
+        label = f"layers stored as {ENCODING_WORDS.get(kind[layer], kind[layer])}" if layer else \
             "everything else, fp16 (norms, biases, depthwise convolutions, skipped layers such as the CTC head)"
         part = parts.setdefault(label, {"part": label, "bytes": 0, "tensors": 0, "layers": set()})
         part["bytes"] += _nbytes(t)
@@ -471,7 +472,9 @@ def _step_text(step: dict) -> str:
     return "\n\n".join(lines)
 
 
-def _storage_text(report: dict) -> str:
+def explain_storage(report: dict) -> str:
+    """Markdown: every tensor stored for the chosen layer with the arithmetic of its bytes, then the row's bytes
+    on disk part by part up to the folder's total."""
     storage, layer = report["storage"], report["layer"]
     lines = [f"#### What is stored for `{layer}`", "| tensor | shape | bytes |", "|---|---|---|"]
     lines += [f"| `{t['tensor']}` | {' × '.join(map(str, t['shape']))} | {t['formula']} |" for t in storage["tensors"]]
@@ -488,21 +491,23 @@ def _storage_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def explain(report: dict) -> str:
+def explain(report: dict, storage: bool = True) -> str:
     """Markdown (LaTeX between $ and $$) for one :func:`inspect_variant` report: each step of the recipe with
-    its formula and algorithm, then what is stored for the chosen layer and how the row's bytes add up."""
+    its formula and algorithm, where the damage is, then (``storage``) what is stored for the chosen layer and
+    how the row's bytes add up (:func:`explain_storage`; the page shows it below the pictures)."""
     steps = report["recipe"].get("steps", [])
     parts = [_step_text(s) for s in steps]
     if any(s.get("algo") in ALGORITHMS and s.get("algo") not in NAIVE.values() for s in steps):
         parts.append(CALIBRATED_NOTE)
-    parts.append(_storage_text(report))
     damaged = sorted((r for r in report["layers"] if r["output_error"] is not None),
                      key=lambda r: -r["output_error"])[:3]
     if damaged:
-        parts.append("**Most damaged layers on this clip** (each fed the baseline's own input): " + ", ".join(
+        parts.append("**Most damaged layers on the clip** (each fed the baseline's own input): " + ", ".join(
             f"`{r['layer']}` {100 * r['output_error']:.1f}%" for r in damaged) + ".")
     if report["frames"]:
         f = report["frames"]
         parts.append(f"**Frame by frame:** the two models' best character agrees on {100 * f['agreement']:.1f}% of "
                      f"{f['frames']} frames ({1000 * f['seconds_per_frame']:.0f} ms each).")
+    if storage:
+        parts.append(explain_storage(report))
     return "\n\n".join(parts)

@@ -140,3 +140,49 @@ def test_peers_are_rows_below_ours_marked_as_not_ours(studio, wav_file):
     rows = app.table_rows(results, "hello world")
     assert rows[0][0].startswith("FP32") and rows[1][0] == "pocketsphinx (peer, not ours)" and rows[1][1] == "peer"
     assert app.figure(results) is not None and app.write_csv(results, studio.workdir)
+
+
+def default_knobs():
+    """The flat [on, knob, algorithm] list of every row at its defaults, as the page sends it."""
+    return [v for spec in app.VARIANTS[1:] for v in (spec.enabled, spec.default, "calibrated")]
+
+
+def test_the_class_view_explains_and_shows_each_method(studio, wav_file):
+    for key in ("int4", "kmeans", "svd"):
+        layer, text, hist, bars, spectrum, frames, storage, status = app.explain_variant(studio, key, None, wav_file,
+                                                                                       False, *default_knobs())
+        assert "⚠" not in status and "pictures computed" in status, status
+        assert "$$" in text and app.SPECS[key].label in text and "bits per weight" in storage
+        assert hist.data and bars.data and frames.data and layer["value"] in layer["choices"]
+        assert spectrum["visible"] == (key == "svd")
+    # a layer the variant does not have falls back to its default; a second look is served from the cache
+    again = app.explain_variant(studio, "svd", "no.such.layer", wav_file, True, *default_knobs())
+    assert "⚠" not in again[-1] and again[2].layout.font.size == app.PROJECTOR_FONT
+    assert studio.inspect(app.SPECS["svd"].recipe(0.9), studio.load_clip(wav_file))["seconds"] < 0.05
+
+
+def test_a_sweep_is_cached_and_leaves_the_page_cache_alone(studio, wav_file):
+    before = list(studio.cache)
+    fig, status = app.run_sweep(studio, "prune", 3, app.SWEEP_ON[0], wav_file, "hello world", False)
+    assert "6 points" in status and "(0 already computed)" in status, status  # 3 knob values, two algorithms
+    assert len(fig.data) >= 4  # WER and size, naive and calibrated
+    assert list(studio.cache) == before  # the sweep built its points outside the variant cache
+    _, again = app.run_sweep(studio, "prune", 3, app.SWEEP_ON[0], wav_file, "hello world", False)
+    assert "(6 already computed)" in again
+    _, no_reference = app.run_sweep(studio, "prune", 3, app.SWEEP_ON[0], wav_file, "", False)
+    assert "baseline's own transcript" in no_reference
+    assert "no knob" in app.run_sweep(studio, "int8", 3, app.SWEEP_ON[0], wav_file, "", False)[1]
+    assert "clip first" in app.run_sweep(studio, "prune", 3, app.SWEEP_ON[0], None, "", False)[1]
+
+
+def test_url_state_sets_valid_values_and_ignores_the_rest():
+    controls = [(spec, f"on-{spec.key}", f"knob-{spec.key}", f"algo-{spec.key}") for spec in app.VARIANTS[1:]]
+    fields = app.url_fields(controls, "method", "layer", "present")
+    query = {"prune": "0.7", "prune.algo": "naive", "int4.on": "false", "kmeans": "999", "view": "kmeans",
+             "layer": "blocks.0.ffn1.linear1", "present": "1", "svd.algo": "magic"}
+    updates = {name: u.get("value") for (name, _, _), u in zip(fields, app.url_state(fields, query))}
+    assert updates["prune"] == 0.7 and updates["prune.algo"] == "naive" and updates["int4.on"] is False
+    assert updates["kmeans"] is None and updates["svd.algo"] is None  # out of range, unknown: left as they are
+    assert updates["view"] == "kmeans" and updates["layer"] == "blocks.0.ffn1.linear1" and updates["present"] is True
+    js = app.url_js(fields)
+    assert "replaceState" in js and '"prune", "0.5"' in js  # only values off their default are written

@@ -298,3 +298,58 @@ def test_compare_tab_records_from_the_microphone(server, mic_browser):
     assert "Ran" in status, status
     rows = wait_for(lambda: result_rows(d) or None)
     assert rows and all(row[5] for row in rows)  # every enabled variant measured the recording
+
+
+# ------------------------------------------------------------------------------------------ the class view
+def plot_traces(d, elem_id: str) -> int:
+    """Traces in the plotly chart drawn inside #elem_id (0 while none is drawn)."""
+    return d.execute_script("""
+        const plot = document.querySelector(arguments[0] + ' .js-plotly-plot');
+        return plot && plot.data ? plot.data.length : 0;""", "#" + elem_id)
+
+
+def element_text(d, elem_id: str) -> str:
+    """The text of #elem_id ("" until the page has drawn it)."""
+    return d.execute_script("const e = document.getElementById(arguments[0]); return e ? e.innerText : ''", elem_id)
+
+
+def test_class_view_explains_and_shows_two_methods(server, browser):
+    """A prepared URL opens the panel on k-means at 8 clusters in presentation mode: its formula rendered, its
+    histogram, layer bars and frame view drawn with data. Moving the pruning knob turns the panel to pruning
+    (its pictures redrawn) and the URL follows; a sweep draws its chart."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    d = browser
+    d.get(server + "/?view=kmeans&kmeans=8&present=1")
+    text = lambda: element_text(d, "how-text")  # noqa: E731
+    wait_for(lambda: "K-means" in text() and "clusters=8" in text(), timeout=180)
+    for plot in ("plot-hist", "plot-layers", "plot-frames"):
+        wait_for(lambda: plot_traces(d, plot) > 0, timeout=60)
+    assert d.find_elements(By.CSS_SELECTOR, "#how-text .katex"), "the formula is not rendered"
+    assert d.execute_script("return document.documentElement.classList.contains('present')")
+    ARTIFACTS.mkdir(exist_ok=True)
+    d.execute_script("document.getElementById('how-text').scrollIntoView()")
+    time.sleep(1)  # let the charts finish drawing
+    d.save_screenshot(str(ARTIFACTS / "class_view_kmeans.png"))
+
+    slider = d.find_element(By.CSS_SELECTOR, "#knob-prune input[type=range]")
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", slider)
+    ActionChains(d).move_to_element_with_offset(slider, int(slider.size["width"] * 0.2), 0).click().perform()
+    value = wait_for(lambda: (v := slider.get_attribute("value")) != "0.5" and v)
+    wait_for(lambda: "Unstructured pruning" in text() and f"sparsity={float(value):g}" in text(), timeout=180)
+    wait_for(lambda: plot_traces(d, "plot-hist") > 0 and "threshold" in element_text(d, "plot-hist"), timeout=60)
+    assert f"prune={float(value):g}" in d.current_url and "view=" not in d.current_url  # prune: the default view
+    d.execute_script("document.getElementById('how-text').scrollIntoView()")
+    time.sleep(1)
+    d.save_screenshot(str(ARTIFACTS / "class_view_prune.png"))
+
+    sweep = d.find_element(By.ID, "sweep")
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", sweep)
+    next(label for label in d.find_elements(By.CSS_SELECTOR, "#sweep-on label")
+         if "bundled" in label.text).click()
+    sweep.click()
+    wait_for(lambda: "points in" in element_text(d, "sweep-status") or "⚠" in element_text(d, "sweep-status"),
+             timeout=300)
+    assert "points in" in element_text(d, "sweep-status"), element_text(d, "sweep-status")
+    wait_for(lambda: plot_traces(d, "plot-sweep") >= 4, timeout=60)
