@@ -74,7 +74,9 @@ def _positive(kind):
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a Conformer-CTC on a LibriSpeech folder or JSONL manifest")
-    p.add_argument("--data", required=True, help="training data: LibriSpeech-layout folder or JSONL manifest")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="training data: LibriSpeech-layout folder(s) or JSONL manifest(s), e.g. one manifest per "
+                        "LibriSpeech part (read in the order given)")
     p.add_argument("--dev", default=None, help="validation data (folder or manifest) for periodic WER")
     p.add_argument("--out", required=True, help="output folder (last/, best/, averaged/, log.csv, train_state.pt)")
     p.add_argument("--preset", default="xs", help="model size: tiny, xs (~2M), s (~10M), m (~30M), "
@@ -275,11 +277,12 @@ def cmd_train(args) -> int:
             args.preset, n_layers=args.layers, dropout=args.dropout, init_from=args.init_from,
             freeze_layers=args.freeze_layers, int8_frozen=args.int8_frozen, seed=args.seed))
     say(f"model: preset {args.preset}, {count_parameters(model):,} parameters; init: {note}")
-    train_utts = load_utterances(args.data, args.limit)
+    train_utts = [u for source in args.data for u in load_utterances(source)][: args.limit or None]
     dev_utts = load_utterances(args.dev) if args.dev else []
     hours = sum(u.duration for u in train_utts) / 3600
     say(f"data: {len(train_utts)} utterances ({hours:.2f} h); dev: {len(dev_utts)}")
-    extra = {"init": note, "parents": parents, "train_hours": round(hours, 3), "data": args.data}
+    data = args.data[0] if len(args.data) == 1 else args.data
+    extra = {"init": note, "parents": parents, "train_hours": round(hours, 3), "data": data}
     summary = train(model, CharTokenizer(), train_utts, dev_utts, _train_config(args, extra), args.out,
                     resume=args.resume)
     if launched_world().is_main:

@@ -148,12 +148,21 @@ def test_two_processes_train_like_one_with_the_same_effective_batch(manifest, tm
 
 
 @pytest.mark.slow
-def test_loss_falls_on_two_processes(manifest, tmp_path):
+def test_loss_falls_on_two_processes_with_frozen_layers_and_an_encoder_warmup(manifest, tmp_path):
+    """60 steps: the loss falls; the frozen stem and block 0 never move; the head-only warm-up hands over to the
+    whole model (DDP rebuilt for the new set of parameters) without a hang."""
+    from asr_core.initialization import ModelInit, initial_model
+
     out = tmp_path / "run"
-    _ok(_launch(2, _train_args(manifest, out, 60, "--eval-every", "30", "--save-every", "30")
-                + ["--lr", "5e-3"]))
-    summary_losses = [float(r["loss"]) for r in csv.DictReader(open(out / "log.csv"))]
-    assert summary_losses[-1] < 0.8 * summary_losses[0], summary_losses
+    _ok(_launch(2, _train_args(manifest, out, 60, "--eval-every", "30", "--save-every", "30", "--lr", "5e-3",
+                               "--freeze-layers", "1", "--freeze-encoder-steps", "5")))
+    losses = [float(r["loss"]) for r in csv.DictReader(open(out / "log.csv"))]
+    assert losses[-1] < 0.8 * losses[0], losses
+    start = initial_model(ModelInit("tiny", dropout=0.0, freeze_layers=1, seed=0))[0].state_dict()
+    end = read_state(str(out / "last"))
+    frozen = [k for k in start if k.startswith(("subsampling.", "blocks.0."))]
+    assert frozen and all(torch.equal(start[k], end[k]) for k in frozen)
+    assert not torch.equal(start["blocks.1.ffn2.linear1.weight"], end["blocks.1.ffn2.linear1.weight"])
 
 
 @pytest.mark.slow
