@@ -89,13 +89,22 @@ def save_model(folder: str, model: ConformerCTC, tokenizer: CharTokenizer, *, ha
             state[name], state[name + INT8_SCALE] = codes, scales.half()
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    tmp = os.path.join(folder, WEIGHTS + ".tmp")
-    save_file(state, tmp)
-    os.replace(tmp, os.path.join(folder, WEIGHTS))  # never leave a half-written checkpoint behind
     config = {"format": FORMAT, "version": 1, "model": model.cfg.to_dict(), **(extra or {})}
+    write_model_files(folder, state, config, tokenizer, provenance)
+
+
+def write_model_files(folder: str, tensors: dict[str, torch.Tensor], config: dict, tokenizer: CharTokenizer,
+                      provenance: Provenance | None = None) -> None:
+    """The files every model folder has: weights (written to a temporary name and renamed, so a crash never
+    leaves a half-written checkpoint), config.json (with ``provenance`` signed by the weights' sha256) and the
+    vocabulary. Checkpoints and compressed artifacts both write through here."""
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, WEIGHTS + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, os.path.join(folder, WEIGHTS))
     if provenance is not None:
         signed = dataclasses.replace(provenance, weights_sha256=file_sha256(os.path.join(folder, WEIGHTS)))
-        config["provenance"] = signed.to_dict()
+        config = {**config, "provenance": signed.to_dict()}
     write_config(folder, config)
     with open(os.path.join(folder, VOCAB), "w") as f:
         f.write(tokenizer.to_json())

@@ -20,22 +20,20 @@ in-memory compressed model and the loaded artifact compute the same numbers.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import warnings
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from asr_core.checkpoint import MANIFEST, VOCAB, WEIGHTS, model_config, read_config, read_weights, write_config
+from asr_core.checkpoint import MANIFEST, model_config, read_config, read_weights, write_model_files
 from asr_core.errors import CheckpointError
 from asr_core.model import ConformerCTC
-from asr_core.provenance import Provenance, file_sha256
+from asr_core.provenance import Provenance
 from asr_core.text import CharTokenizer
 
 from .methods import Clustered, LowRankLinear, Mask, _set_child, constraints
@@ -194,16 +192,8 @@ def save_artifact(model: ConformerCTC, folder: str, tokenizer: CharTokenizer, re
     os.makedirs(folder, exist_ok=True)
     tensors, manifest = encode_model(model)
     manifest = {"format": FORMAT, "version": 1, "recipe": recipe_json, **manifest, **(extra or {})}
-    tmp = os.path.join(folder, WEIGHTS + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, os.path.join(folder, WEIGHTS))
-    config = {"format": FORMAT, "version": 1, "model": model.cfg.to_dict()}
-    if provenance is not None:
-        signed = dataclasses.replace(provenance, weights_sha256=file_sha256(os.path.join(folder, WEIGHTS)))
-        config["provenance"] = signed.to_dict()
-    write_config(folder, config)
-    with open(os.path.join(folder, VOCAB), "w") as f:
-        f.write(tokenizer.to_json())
+    write_model_files(folder, tensors, {"format": FORMAT, "version": 1, "model": model.cfg.to_dict()}, tokenizer,
+                      provenance)
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
