@@ -1,4 +1,6 @@
 """Resident memory a model variant costs: load a model folder and transcribe one clip in a fresh process.
+Peers (``runtime="peer"``, the folder being the peer's name) are measured the same way: their library is the
+runtime, their model the load.
 
 What is measured (Linux, from ``/proc/self/status``), in a new Python process per call so nothing else that
 the caller holds is counted:
@@ -27,7 +29,8 @@ import sys
 
 from .errors import SettingsError
 
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "peer")  # "peer": ``folder`` names a peer engine (asr_core.peers.PEERS)
+PEER_LIBRARIES = {"whisper-tiny.en": "faster_whisper", "pocketsphinx": "pocketsphinx"}
 CLIP_SECONDS = 6.0  # the latency clip of the benchmarks
 
 
@@ -64,6 +67,13 @@ def _clip(clip: str | None):
 
 def _prepare(runtime: str, folder: str, threads: int, low_memory: bool = False):
     """Import what ``runtime`` needs; return a function that loads ``folder`` and returns ``transcribe``."""
+    if runtime == "peer":
+        import importlib
+
+        from .peers import load_peer
+
+        importlib.import_module(PEER_LIBRARIES[folder])  # the engine's library: runtime cost, as torch's is
+        return lambda: load_peer(folder, threads).transcribe
     if runtime == "onnx":
         from .lite import LiteTranscriber
 
@@ -109,8 +119,10 @@ def peak_rss_mb(folder: str, runtime: str = "torch", clip: str | None = None, th
     load_peak_mb, peak_mb, hwm_reset, torch_imported, ...}. ``runtime="onnx"`` needs an exported ONNX folder;
     ``low_memory``: ONNX Runtime without weight prepacking (:func:`asr_core.onnx_model.make_session`)."""
     if runtime not in RUNTIMES:
-        raise SettingsError(f"runtime must be torch or onnx, got {runtime!r}")
-    if not os.path.isdir(folder):
+        raise SettingsError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "peer" and folder not in PEER_LIBRARIES:
+        raise SettingsError(f"unknown peer {folder!r}: one of {', '.join(PEER_LIBRARIES)}")
+    if runtime != "peer" and not os.path.isdir(folder):
         raise SettingsError(f"model folder not found: {folder}")
     command = [sys.executable, "-m", "asr_core.memory", "--child", "--model", folder, "--runtime", runtime,
                "--threads", str(threads), *(["--clip", clip] if clip else []),
@@ -128,7 +140,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m asr_core.memory",
                                 description="Peak resident memory of loading a model folder and running one clip "
                                             "(fresh process; MB above the runtime's own imports).")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model folder (with --runtime peer: a peer's name)")
     p.add_argument("--runtime", default="torch", choices=RUNTIMES)
     p.add_argument("--clip", default=None, help=f"audio file (default: {CLIP_SECONDS:g} s synthetic)")
     p.add_argument("--threads", type=int, default=2)

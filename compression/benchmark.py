@@ -100,7 +100,7 @@ def run_benchmark(model_dir: str, utterances, recipes: list[str], out_dir: str, 
             rows.append(_measure(label, algo, folder, build_seconds, runtime, transcriber, utterances, out_dir,
                                  memory, progress))
     if peers:
-        rows += peer_rows(utterances, out_dir, progress)
+        rows += peer_rows(utterances, out_dir, progress, memory)
     table = pd.DataFrame(rows)
     base = table.iloc[0]
     table["compression"] = base["size_mb"] / table["size_mb"]
@@ -139,9 +139,9 @@ def _measure(label, algo, folder, build_seconds, runtime, transcriber, utterance
     return row
 
 
-def peer_rows(utterances, out_dir: str, progress: bool = True) -> list[dict]:
+def peer_rows(utterances, out_dir: str, progress: bool = True, memory: bool = False) -> list[dict]:
     """Whisper tiny.en and pocketsphinx on the same utterances, as rows marked "peer" (not ours); a peer that
-    cannot run here is left out with a note."""
+    cannot run here is left out with a note. ``memory``: RAM measured as for our rows (fresh process, one clip)."""
     from asr_core.peers import PEERS, available_peers, evaluate_peer, load_peer
 
     rows, missing = [], available_peers()
@@ -154,6 +154,10 @@ def peer_rows(utterances, out_dir: str, progress: bool = True) -> list[dict]:
                      "size_mb": result["bytes_on_disk"] / 1e6, "wer": result["wer"], "cer": result["cer"],
                      "latency_ms_median": result["latency_ms_median"], "latency_ms_p90": result["latency_ms_p90"],
                      "rtf": result["rtf"], "folder": ""})
+        if memory:
+            from asr_core.memory import peak_rss_mb
+
+            rows[-1]["ram_mb"] = peak_rss_mb(name, "peer", threads=torch.get_num_threads())["peak_mb"]
         with open(os.path.join(out_dir, f"hyp_{slug(name)}.json"), "w") as f:
             json.dump(result["utterances"], f, indent=1)
     return rows

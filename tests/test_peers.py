@@ -1,4 +1,6 @@
 """The peers (Whisper tiny.en via faster-whisper, pocketsphinx) measured like our models, on real speech."""
+from pathlib import Path
+
 import pytest
 
 from asr_core.data import load_utterances
@@ -37,3 +39,20 @@ def test_benchmark_rows_for_the_peers(dev_dir, tmp_path):
     rows = peer_rows(load_utterances(str(dev_dir / "1272"), limit=1), str(tmp_path), progress=False)
     assert {r["variant"] for r in rows} <= {"whisper-tiny.en (peer)", "pocketsphinx (peer)"}
     assert all(r["algorithm"] == "peer" and r["size_mb"] > 1 for r in rows)
+
+
+@pytest.mark.parametrize("name", ["whisper-tiny.en", "pocketsphinx"])
+def test_a_peers_memory_is_measured_like_ours_without_torch(name):
+    """The RAM column of a peer row: its library is the runtime (not charged), its model the load; faster-whisper
+    and pocketsphinx need no torch, so none is loaded."""
+    from asr_core.memory import peak_rss_mb
+    from asr_core.peers import available_peers
+
+    if available_peers()[name]:
+        pytest.skip(f"{name}: {available_peers()[name]}")
+    clip = str(Path(__file__).resolve().parents[1] / "assets" / "clips" / "251-118436-0000.opus")
+    figures = peak_rss_mb(name, "peer", clip=clip, threads=1)
+    assert figures["peak_mb"] >= figures["load_mb"] > 1 and figures["text"].strip()
+    assert figures["torch_imported"] is False
+    with pytest.raises(SettingsError, match="unknown peer"):
+        peak_rss_mb("whisper-huge", "peer")
