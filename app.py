@@ -620,6 +620,7 @@ def class_view(studio: Studio, audio, reference, knob_inputs, present) -> dict:
                  api_visibility="private")
     layer.input(shown, [method, layer, audio, present, *knob_inputs], outputs, api_visibility="private")
     present.change(shown, [method, layer, audio, present, *knob_inputs], outputs, api_visibility="private")
+
     def sweep_handler(key, n, where, clip, text, big, progress=gr.Progress()):  # positional: gradio finds it
         return run_sweep(studio, key, n, where, clip, text, big, progress=progress)
 
@@ -728,7 +729,7 @@ def build_app(studio: Studio):
             use_lm, knob_inputs, controls, view = compare_tab(studio, present)
         with gr.Tab("Live"):
             live_tab(studio)
-        with gr.Tab("Dataset (class view)"):
+        with gr.Tab("Dataset"):
             dataset_tab(studio, use_lm, knob_inputs)
         with gr.Tab("About the model"):
             about_tab(studio)

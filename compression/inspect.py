@@ -138,10 +138,6 @@ class Capture:
     log_probs: torch.Tensor
     calls: dict[str, tuple[tuple, dict, torch.Tensor]] = field(default_factory=dict)
 
-    @property
-    def frames(self) -> int:
-        return int(self.log_probs.shape[0])
-
 
 def clip_features(samples: np.ndarray, model: nn.Module) -> torch.Tensor:
     """16 kHz samples -> log-mel (T, F) of their first :data:`MAX_SECONDS`."""
@@ -485,7 +481,7 @@ def explain_storage(report: dict) -> str:
         lines.append(f"Low rank: $m \\cdot n = {lr['m']} \\cdot {lr['n']} = {lr['params_before']:,}$ parameters "
                      f"$\\to r\\,(m+n) = {lr['r']} \\cdot {lr['m'] + lr['n']} = {lr['params_after']:,}$.")
     size = report["size"]
-    lines += ["#### This row's size on disk", "| part | layers | bytes |", "|---|---:|---:|"]
+    lines += ["", "#### This row's size on disk", "| part | layers | bytes |", "|---|---:|---:|"]
     lines += [f"| {p['part']} | {p['layers'] or ''} | {p['bytes']:,} |" for p in size["parts"]]
     lines.append(f"| **total** (the Size MB column) | | **{size['total_bytes']:,}** |")
     return "\n".join(lines)

@@ -27,10 +27,11 @@ def histogram_figure(h: dict, layer: str, font: int = 12):
                          opacity=0.55))
     fig.add_trace(go.Bar(x=centres, y=h["after"], width=width, name="after (as stored)", marker_color=AFTER,
                          opacity=0.55))
-    for level in h["levels"]:
-        fig.add_vline(x=level, line=dict(color=MARK, width=1))
-    if h["levels"]:  # one legend entry for the level lines
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=MARK), name=h["levels_note"]))
+    if h["levels"]:  # one trace of vertical segments: 256 centroids as shapes would take plotly a second
+        top = 2 * max(max(h["before"]), max(h["after"]), 1)
+        fig.add_trace(go.Scatter(x=[x for v in h["levels"] for x in (v, v, None)],
+                                 y=[y for _ in h["levels"] for y in (0.7, top, None)], mode="lines",
+                                 line=dict(color=MARK, width=1), name=h["levels_note"], hoverinfo="x"))
     if h["threshold"] is not None:
         for x in (-h["threshold"], h["threshold"]):
             fig.add_vline(x=x, line=dict(color="black", dash="dash", width=1.5))
@@ -45,16 +46,19 @@ def histogram_figure(h: dict, layer: str, font: int = 12):
 
 
 def layers_figure(rows: list[dict], chosen: str | None = None, font: int = 12):
-    """Per layer, in network order: sparsity, stored bits per original weight (rank kept in the hover) and the
+    """Per layer, in network order: sparsity (when any), stored bits per original weight, rank kept (SVD) and the
     relative output error on the clip, so the most damaged layers stand out; the chosen layer outlined."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     names = [r["layer"] for r in rows]
-    have_error = any(r["output_error"] is not None for r in rows)
-    panels = [("sparsity (%)", [100 * r["sparsity"] for r in rows], "gray"),
-              ("stored bits per weight", [r["bits_per_weight"] for r in rows], AFTER)]
-    if have_error:
+    panels = [("stored bits per weight", [r["bits_per_weight"] for r in rows], AFTER)]
+    if any(r["sparsity"] for r in rows):  # panels that would be all zero (or all full) are left out
+        panels.insert(0, ("sparsity (%)", [100 * r["sparsity"] for r in rows], "gray"))
+    if any(r["rank"] for r in rows):
+        panels.append(("rank kept (% of full rank)", [100 * (r["rank"] or r["full_rank"]) / r["full_rank"]
+                                                      for r in rows], "gray"))
+    if any(r["output_error"] is not None for r in rows):
         panels.append(("output error on the clip (%)",
                        [None if r["output_error"] is None else 100 * r["output_error"] for r in rows], BEFORE))
     fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.04,
