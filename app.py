@@ -312,7 +312,8 @@ def bundled_clips() -> list[tuple]:
 
 
 def run_sweep(studio: Studio, key, points, on, audio, reference, present, progress=None):
-    """The knob of row ``key`` across its range, naive and calibrated, on this clip or the bundled ones."""
+    """The knob of row ``key`` across its range, naive and calibrated, on this clip or the bundled ones: yields
+    (chart, status) after every point, so the lines grow while it runs."""
     import gradio as gr
 
     try:
@@ -321,19 +322,23 @@ def run_sweep(studio: Studio, key, points, on, audio, reference, present, progre
             clips, clips_key = bundled_clips(), "bundled"
         else:
             if not audio:
-                return gr.update(), "Upload, record or pick a clip first (or sweep on the bundled clips)."
+                yield gr.update(), "Upload, record or pick a clip first (or sweep on the bundled clips)."
+                return
             samples = studio.load_clip(audio)
             clips = [(samples, reference or None)]
             clips_key = f"{studio.digest(samples)}:{normalize_text(reference or '')}"
-        out = studio.sweep(spec, int(points), clips, clips_key, progress=progress)
-        fig = sweep_figure(out["points"], out["knob"], out["label"], PROJECTOR_FONT if present else FONT,
-                           baseline=out["baseline"])
-        scored = "the baseline's own transcript (no reference given)" if out["vs_baseline"] else "the reference"
-        return fig, (f"{len(out['points'])} points in {out['seconds']:.1f} s ({out['cached']} already computed); "
-                     f"greedy WER against {scored}, on {on}.")
+        for out in studio.sweep_steps(spec, int(points), clips, clips_key):
+            done = len(out["points"])
+            if progress is not None:
+                progress(done / out["total"], desc=f"{spec.label}: {done} of {out['total']} points")
+            fig = sweep_figure(out["points"], out["knob"], out["label"], PROJECTOR_FONT if present else FONT,
+                               baseline=out["baseline"])
+            scored = "the baseline's own transcript (no reference given)" if out["vs_baseline"] else "the reference"
+            verb = "points in" if done == out["total"] else f"of {out['total']} points so far,"
+            yield fig, (f"{done} {verb} {out['seconds']:.1f} s ({out['cached']} already computed); greedy WER "
+                        f"against {scored}, on {on}.")
     except Exception as err:  # noqa: BLE001
-        return gr.update(), f"⚠️ {friendly(err)}"
-
+        yield gr.update(), f"⚠️ {friendly(err)}"
 
 def api_transcribe(studio: Studio, audio, recipe: str = "") -> dict:
     """Transcribe with one variant (recipe "" = baseline): transcript, latency, RTF, size."""
@@ -622,7 +627,7 @@ def class_view(studio: Studio, audio, reference, knob_inputs, present) -> dict:
     present.change(shown, [method, layer, audio, present, *knob_inputs], outputs, api_visibility="private")
 
     def sweep_handler(key, n, where, clip, text, big, progress=gr.Progress()):  # positional: gradio finds it
-        return run_sweep(studio, key, n, where, clip, text, big, progress=progress)
+        yield from run_sweep(studio, key, n, where, clip, text, big, progress=progress)
 
     sweep.click(sweep_handler, [method, points, on, audio, reference, present], [sweep_plot, sweep_status],
                 api_visibility="private")

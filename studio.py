@@ -233,26 +233,34 @@ class Studio:
             self.sweep_points.popitem(last=False)
         return dict(point, cached=False)
 
-    def sweep(self, spec: VariantSpec, points: int, clips: list, clips_key: str, progress=None) -> dict:
-        """One method across ``points`` knob values, naive and calibrated: :meth:`sweep_point` each (cached, so
-        a repeated or overlapping sweep only builds what is new). A clip without a reference is scored against
-        the baseline's own transcript."""
+    def sweep_steps(self, spec: VariantSpec, points: int, clips: list, clips_key: str):
+        """One method across ``points`` knob values, naive and calibrated, one :meth:`sweep_point` at a time
+        (cached, so a repeated or overlapping sweep only builds what is new): yields the result so far after each
+        point, so the page can draw the lines as they grow. A clip without a reference is scored against the
+        baseline's own transcript."""
         values = spec.sweep_values(points)
-        if any(not (r and normalize_text(r)) for _, r in clips):
+        vs_baseline = any(not (r and normalize_text(r)) for _, r in clips)
+        if vs_baseline:
             baseline = self.cache[""].transcriber
             clips = [(x, r if r and normalize_text(r) else baseline.transcribe(x)) for x, r in clips]
             clips_key += ":vs-baseline"
         start = time.perf_counter()
         jobs = [(algo, value) for algo in ALGORITHMS[::-1] for value in values]  # naive first: it builds fastest
-        out = []
-        for n, (algo, value) in enumerate(jobs):
+        out = {"points": [], "baseline": self.sweep_point("", clips, clips_key), "knob": spec.knob,
+               "label": spec.label, "total": len(jobs), "vs_baseline": vs_baseline}
+        for algo, value in jobs:
+            out["points"].append({**self.sweep_point(spec.recipe(value, algo), clips, clips_key), "value": value,
+                                  "family": algo})
+            out.update(seconds=time.perf_counter() - start, cached=sum(p["cached"] for p in out["points"]))
+            yield out
+
+    def sweep(self, spec: VariantSpec, points: int, clips: list, clips_key: str, progress=None) -> dict:
+        """:meth:`sweep_steps` to the end; ``progress(share, desc=...)`` after each point."""
+        for out in self.sweep_steps(spec, points, clips, clips_key):
             if progress is not None:
-                progress(n / len(jobs), desc=f"{spec.label}: {spec.knob} = {value:g} ({algo})")
-            out.append({**self.sweep_point(spec.recipe(value, algo), clips, clips_key), "value": value,
-                        "family": algo})
-        return {"points": out, "baseline": self.sweep_point("", clips, clips_key), "knob": spec.knob,
-                "label": spec.label, "seconds": time.perf_counter() - start,
-                "cached": sum(p["cached"] for p in out), "vs_baseline": clips_key.endswith(":vs-baseline")}
+                progress(len(out["points"]) / out["total"], desc=f"{spec.label}: {len(out['points'])} of "
+                                                                  f"{out['total']} points")
+        return out
 
     def load_clip(self, audio) -> "numpy.ndarray":  # noqa: F821
         return load_audio(audio, max_seconds=self.max_seconds)

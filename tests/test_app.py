@@ -163,16 +163,17 @@ def test_the_class_view_explains_and_shows_each_method(studio, wav_file):
 
 def test_a_sweep_is_cached_and_leaves_the_page_cache_alone(studio, wav_file):
     before = list(studio.cache)
-    fig, status = app.run_sweep(studio, "prune", 3, app.SWEEP_ON[0], wav_file, "hello world", False)
-    assert "6 points" in status and "(0 already computed)" in status, status  # 3 knob values, two algorithms
+    sweep = lambda *a: list(app.run_sweep(studio, *a, False))  # noqa: E731 - every (chart, status) it yields
+    steps = sweep("prune", 3, app.SWEEP_ON[0], wav_file, "hello world")
+    fig, status = steps[-1]
+    assert len(steps) == 6 and "so far" in steps[0][1]  # the chart grows point by point
+    assert "6 points in" in status and "(0 already computed)" in status, status  # 3 knob values, two algorithms
     assert len(fig.data) >= 4  # WER and size, naive and calibrated
     assert list(studio.cache) == before  # the sweep built its points outside the variant cache
-    _, again = app.run_sweep(studio, "prune", 3, app.SWEEP_ON[0], wav_file, "hello world", False)
-    assert "(6 already computed)" in again
-    _, no_reference = app.run_sweep(studio, "prune", 3, app.SWEEP_ON[0], wav_file, "", False)
-    assert "baseline's own transcript" in no_reference
-    assert "no knob" in app.run_sweep(studio, "int8", 3, app.SWEEP_ON[0], wav_file, "", False)[1]
-    assert "clip first" in app.run_sweep(studio, "prune", 3, app.SWEEP_ON[0], None, "", False)[1]
+    assert "(6 already computed)" in sweep("prune", 3, app.SWEEP_ON[0], wav_file, "hello world")[-1][1]
+    assert "baseline's own transcript" in sweep("prune", 3, app.SWEEP_ON[0], wav_file, "")[-1][1]
+    assert "no knob" in sweep("int8", 3, app.SWEEP_ON[0], wav_file, "")[-1][1]
+    assert "clip first" in sweep("prune", 3, app.SWEEP_ON[0], None, "")[-1][1]
 
 
 def test_url_state_sets_valid_values_and_ignores_the_rest():
