@@ -261,6 +261,9 @@ def dataset_recompute(studio: Studio, use_lm, *knobs, progress=None):
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 FONT, PROJECTOR_FONT = 12, 18  # plot text, and in presentation mode
 SWEEP_ON = ("this clip", "the bundled clips")
+# Not drawn on page load (it would hold the shared queue for the time a variant takes to build): on the first
+# knob moved or variant picked, or when the URL names a view.
+PANEL_HINT = "Move a knob above, or pick a variant here: the panel explains it and shows what it did."
 
 
 def knob_recipe(key: str, knobs) -> str:
@@ -298,6 +301,15 @@ def explain_variant(studio: Studio, key, layer, audio, present, *knobs):
                 f"{spec.label}: pictures computed in {report['seconds']:.2f} s (cached with the variant).")
     except Exception as err:  # noqa: BLE001
         return (gr.update(),) * 7 + (f"⚠️ {friendly(err)}",)
+
+
+def redraw(studio: Studio, key, layer, audio, present, *knobs):
+    """Presentation mode switched: the panel redrawn at the new font size, if it shows anything yet."""
+    import gradio as gr
+
+    if not layer:  # nothing drawn yet: stay idle (the queue is shared with the measurements)
+        return (gr.update(),) * 8
+    return explain_variant(studio, key, layer, audio, present, *knobs)
 
 
 def explain_after_knob(studio: Studio, key, shown, layer, audio, present, *knobs):
@@ -604,7 +616,7 @@ def class_view(studio: Studio, audio, reference, knob_inputs, present) -> dict:
                                  label="Variant (at its knob and algorithm above)", scale=2)
             layer = gr.Dropdown([], value=None, label="Layer", elem_id="how-layer", scale=3,
                                 allow_custom_value=True)
-        how_status = gr.Markdown(elem_id="how-status")
+        how_status = gr.Markdown(PANEL_HINT, elem_id="how-status")
         text = gr.Markdown(latex_delimiters=LATEX, elem_id="how-text")
         with gr.Row(elem_classes="plot-row"):
             hist = gr.Plot(label="Weights before and after", elem_id="plot-hist")
@@ -624,7 +636,8 @@ def class_view(studio: Studio, audio, reference, knob_inputs, present) -> dict:
     method.input(lambda key, *a: shown(key, None, *a), [method, audio, present, *knob_inputs], outputs,
                  api_visibility="private")
     layer.input(shown, [method, layer, audio, present, *knob_inputs], outputs, api_visibility="private")
-    present.change(shown, [method, layer, audio, present, *knob_inputs], outputs, api_visibility="private")
+    present.change(functools.partial(redraw, studio), [method, layer, audio, present, *knob_inputs], outputs,
+                   api_visibility="private")
 
     def sweep_handler(key, n, where, clip, text, big, progress=gr.Progress()):  # positional: gradio finds it
         yield from run_sweep(studio, key, n, where, clip, text, big, progress=progress)
@@ -706,13 +719,19 @@ def page_state(demo, controls, view, present) -> None:
     fields = url_fields(controls, view["method"], view["layer"], present)
     components = [c for _, c, _ in fields]
 
+    asked = gr.State(False)  # whether the URL named a view: only then is the panel drawn on load
+
     def from_url(request):
-        return url_state(fields, dict(request.query_params) if request is not None else {})
+        query = dict(request.query_params) if request is not None else {}
+        return [*url_state(fields, query), "view" in query or "layer" in query]
     from_url.__annotations__ = {"request": gr.Request}  # gradio injects the request by this (a real class, not
     # the string `from __future__ import annotations` would leave)
 
-    demo.load(from_url, None, components, api_visibility="private").then(
-        view["show"], view["inputs"], view["outputs"], api_visibility="private")
+    def show_if_asked(wanted, *inputs):
+        return view["show"](*inputs) if wanted else (gr.update(),) * len(view["outputs"])
+
+    demo.load(from_url, None, [*components, asked], api_visibility="private").then(
+        show_if_asked, [asked, *view["inputs"]], view["outputs"], api_visibility="private")
     gr.on([c.change for c in components], fn=None, inputs=components, js=url_js(fields))
     present.change(fn=None, inputs=[present], js=PRESENT_JS)
 

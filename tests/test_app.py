@@ -187,3 +187,10 @@ def test_url_state_sets_valid_values_and_ignores_the_rest():
     assert updates["view"] == "kmeans" and updates["layer"] == "blocks.0.ffn1.linear1" and updates["present"] is True
     js = app.url_js(fields)
     assert "replaceState" in js and '"prune", "0.5"' in js  # only values off their default are written
+
+
+def test_presentation_mode_redraws_only_a_panel_already_drawn(studio, wav_file):
+    idle = app.redraw(studio, "int4", None, wav_file, True, *default_knobs())
+    assert all(u == {"__type__": "update"} for u in idle)  # nothing computed before the panel was first drawn
+    drawn = app.redraw(studio, "int4", "blocks.0.ffn1.linear1", wav_file, True, *default_knobs())
+    assert drawn[2].layout.font.size == app.PROJECTOR_FONT and drawn[0]["value"] == "blocks.0.ffn1.linear1"

@@ -116,6 +116,7 @@ def upload_and_run_all(d, url, clip=CLIP, reference=REFERENCE):
 
     d.get(url)
     wait_for(lambda: d.find_elements(By.ID, "run"))
+    assert plot_traces(d, "plot-hist") == 0  # the class view is not drawn on load (the URL names no view)
     upload = next(b for b in d.find_elements(By.CSS_SELECTOR, "#audio-input button")
                   if (b.get_attribute("aria-label") or "").lower().startswith("upload"))
     upload.click()
@@ -161,6 +162,8 @@ def test_upload_run_all_and_move_a_knob(server, browser):
     assert "sparsity=0.9" in after[0] and after[0] != before[0]
     assert after[7] != before[7]  # size on disk changed with sparsity
     assert len(after_rows) == len(rows)  # the rest of the table stayed
+    # the class view, idle until now, follows the knob that moved
+    wait_for(lambda: "sparsity=0.9" in element_text(d, "how-text") and plot_traces(d, "plot-hist") > 0)
     d.save_screenshot(str(ARTIFACTS / "studio_after_knob.png"))
 
 
