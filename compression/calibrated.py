@@ -21,7 +21,8 @@ from torch.nn.utils import parametrize
 from asr_core.errors import SettingsError
 
 from .calibration import CalibrationStats, LayerStats, cholesky_dampened, dampened
-from .obs import codebook_rounder, grid_rounder, row_mask, sparsegpt_mask_chooser, sweep, sweep_order
+from .obs import (codebook_rounder, grid_rounder, layer_factor, row_mask, sparsegpt_mask_chooser, sweep,
+                  sweep_order)
 from .quantize import GRID, FakeQuant, grouped, element_scales
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # shares of max|w| tried as the clipping range (int4, int8)
@@ -119,7 +120,7 @@ def gptq(layers, stats: CalibrationStats, kind: str, group: int = 64, act_order:
         scales = search_scales(w, h.diagonal(), kind, group)
         order = sweep_order(h, act_order)
         rounder = grid_rounder(element_scales(scales, kind, group, w.shape[1]), *GRID[kind], order, keep)
-        q, _ = sweep(w, h, rounder, order)
+        q, _ = sweep(w, h, rounder, order, factor=layer_factor(s, order))
         correct_bias(module, w, q, s)
         set_weight(module, q)
         parametrize.register_parametrization(module, "weight", FakeQuant(kind, group, scales, full_range))
@@ -142,7 +143,7 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
             continue
         centroids, _ = kmeans_1d(chosen(w), clusters, iterations, weights=chosen(importance))
         order = sweep_order(h, True)
-        q, _ = sweep(w, h, codebook_rounder(centroids, order, keep), order)
+        q, _ = sweep(w, h, codebook_rounder(centroids, order, keep), order, factor=layer_factor(s, order))
         correct_bias(module, w, q, s)
         indices = torch.bucketize(q, (centroids[1:] + centroids[:-1]) / 2)  # q holds centroid values exactly
         set_weight(module, q)
@@ -164,7 +165,8 @@ def prune(layers, stats: CalibrationStats, algo: str, sparsity: float, n: int = 
             q = w * keep
         else:
             h = s.hessian
-            q, pruned = sweep(w, h, lambda row, k: row.clone(), sweep_order(h, False),
+            order = sweep_order(h, False)
+            q, pruned = sweep(w, h, lambda row, k: row.clone(), order, factor=layer_factor(s, order),
                               choose_mask=sparsegpt_mask_chooser(sparsity, n, m))
             keep = ~pruned
             q = q * keep

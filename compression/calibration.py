@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,8 @@ class LayerStats:
     gram: torch.Tensor
     total: torch.Tensor
     n: int = 0
+    # factors of the Hessian computed from these statistics, by sweep order (compression.obs.layer_factor)
+    factors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from asr_core.errors import SettingsError
 
-from .calibration import dampened
+from .calibration import LayerStats, dampened
 
 BLOCK = 128
 # rounder(row, k): the k-th column in sweep order (a contiguous (out,) row of Wᵀ) -> its rounded value
@@ -69,20 +69,31 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.T
                         "give more (or more varied) calibration audio")
 
 
+def layer_factor(stats: LayerStats, order: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`inverse_cholesky` of the layer's Hessian in sweep ``order``, kept on the statistics: every build
+    from the same statistics (the studio's rows and knob sweeps, the benchmark's recipes) factors each layer once
+    per order. Costs one (in, in) float32 matrix per layer and order, as much as the statistics themselves."""
+    key = (damp, order.numel(), hash(order.numpy().tobytes()))
+    if key not in stats.factors:
+        stats.factors[key] = inverse_cholesky(stats.hessian[order][:, order], damp)
+    return stats.factors[key]
+
+
 @torch.no_grad()
 def sweep(weight: torch.Tensor, hessian: torch.Tensor, rounder: Rounder, order: torch.Tensor, *,
-          choose_mask: ChooseMask | None = None, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+          choose_mask: ChooseMask | None = None, damp: float = 0.01,
+          factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Round every column of ``weight``, in ``order`` (:func:`sweep_order`), with error feedback. Returns Ŵ
     (out, in) and the entries ``choose_mask`` pruned (bool (out, in); all False without it), in the original
     column order.
 
     Works on Wᵀ so that a column is a contiguous row. ``choose_mask(Bᵀ, d, k, start)`` (SparseGPT): called at
     each column k of the block that starts at sweep position ``start``, with the block's current weights
-    (b, out) and the diagonal d (b,) of its U; returns entries to prune (bool (b, out)) or None.
+    (b, out) and the diagonal d (b,) of its U; returns entries to prune (bool (b, out)) or None. ``factor``:
+    (U, dead) of this Hessian in this order when already computed (:func:`layer_factor`), else computed here.
     """
-    h = hessian.float()[order][:, order]
     wt = weight.detach().float()[:, order].T.contiguous()  # (in, out), sweep order
-    upper, dead = inverse_cholesky(h, damp)
+    upper, dead = factor if factor is not None else inverse_cholesky(hessian.float()[order][:, order], damp)
     wt[dead] = 0.0  # inputs that were always zero: the weight does not matter, zero is what stores best
     n = wt.shape[0]
     out = torch.zeros_like(wt)

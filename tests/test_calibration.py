@@ -123,6 +123,26 @@ def test_gptq_beats_round_to_nearest_on_a_random_layer():
         assert torch.equal(torch.round(q / full).clamp(low, high) * full, q)  # every weight on its grid
 
 
+def test_a_layers_factor_is_computed_once_per_order_and_changes_nothing():
+    """Builds from the same statistics (a knob sweep, the benchmark's recipes) reuse each layer's factor of the
+    Hessian: the same tensors come back, and a sweep with them equals one that factors on its own."""
+    from compression.calibration import LayerStats
+    from compression.obs import layer_factor
+
+    torch.manual_seed(0)
+    x = _correlated_inputs()
+    stats = LayerStats(x.T @ x, x.sum(0), x.shape[0])
+    w = torch.randn(32, x.shape[1])
+    natural, by_size = sweep_order(stats.hessian, False), sweep_order(stats.hessian, True)
+    first = layer_factor(stats, natural)
+    assert layer_factor(stats, natural)[0] is first[0] and layer_factor(stats, by_size)[0] is not first[0]
+    assert len(stats.factors) == 2
+    chooser = sparsegpt_mask_chooser(0.5)
+    alone = sweep(w, stats.hessian, lambda row, k: row.clone(), natural, choose_mask=chooser)
+    cached = sweep(w, stats.hessian, lambda row, k: row.clone(), natural, choose_mask=chooser, factor=first)
+    assert torch.equal(alone[0], cached[0]) and torch.equal(alone[1], cached[1])
+
+
 @pytest.mark.parametrize("recipe, twin", [
     ("int4:group=32", "int4:group=32,algo=rtn"),
     ("ternary", "ternary:algo=rtn"),
