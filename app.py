@@ -508,13 +508,23 @@ def url_state(fields, query: dict) -> list:
 
 
 # ------------------------------------------------------------------------------------------ the page
-def _with_progress(fn, studio: Studio):
-    """A gradio handler calling ``fn(studio, ...)`` with the page's progress bar (gradio injects it by default)."""
+def _with_progress(fn, studio: Studio, n_inputs: int, *bound):
+    """A gradio handler calling ``fn(studio, *bound, *inputs, progress=...)`` with the page's progress bar.
+
+    Gradio injects its bar only into a *positional* parameter whose default is ``gr.Progress()`` (a keyword-only
+    one after ``*args`` is never filled), so the handler declares ``n_inputs`` positional inputs and then it."""
+    import inspect
+
     import gradio as gr
 
-    @functools.wraps(fn)
-    def handler(*args, progress=gr.Progress()):
-        return fn(studio, *args, progress=progress)
+    def handler(*args):
+        *inputs, progress = args
+        return fn(studio, *bound, *inputs, progress=progress)
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    handler.__signature__ = inspect.Signature(
+        [inspect.Parameter(f"input_{i}", positional) for i in range(n_inputs)]
+        + [inspect.Parameter("progress", positional, default=gr.Progress())])
+    handler.__name__ = fn.__name__
     return handler
 
 
@@ -587,13 +597,13 @@ def compare_tab(studio: Studio, present):
         csv_file = gr.File(label="Download the table (CSV)", elem_classes="hide-in-present")
     knob_inputs = [c for _, on, knob, algo in controls for c in (on, knob, algo)]
     outputs = [table, plot, csv_file, status, results_state]
-    run.click(_with_progress(run_all, studio), [audio, reference, use_lm, peers, *knob_inputs], outputs,
-              api_visibility="private")
+    run_inputs = [audio, reference, use_lm, peers, *knob_inputs]
+    run.click(_with_progress(run_all, studio, len(run_inputs)), run_inputs, outputs, api_visibility="private")
     view = class_view(studio, audio, reference, knob_inputs, present)
     for spec, on, knob, algo in controls:
-        handler = _with_progress(lambda st, *a, key=spec.key, **k: rerun_one(st, key, *a, **k), studio)
-        args = dict(fn=handler, inputs=[audio, reference, use_lm, results_state, on, knob, algo], outputs=outputs,
-                    api_visibility="private")
+        row_inputs = [audio, reference, use_lm, results_state, on, knob, algo]
+        args = dict(fn=_with_progress(rerun_one, studio, len(row_inputs), spec.key), inputs=row_inputs,
+                    outputs=outputs, api_visibility="private")
         follow = dict(fn=functools.partial(explain_after_knob, studio, spec.key),
                       inputs=[view["method"], view["layer"], audio, present, *knob_inputs],
                       outputs=[view["method"], *view["outputs"]], api_visibility="private")
@@ -659,8 +669,8 @@ def dataset_tab(studio: Studio, use_lm, knob_inputs) -> None:
                                                       "CER", "Latency ms", "RTF", "Speed-up"],
                          interactive=False, elem_id="dataset-results")
     recompute = gr.Button("Recompute on the bundled clips")
-    recompute.click(_with_progress(dataset_recompute, studio), [use_lm, *knob_inputs], [table, status],
-                    api_visibility="private")
+    recompute.click(_with_progress(dataset_recompute, studio, 1 + len(knob_inputs)), [use_lm, *knob_inputs],
+                    [table, status], api_visibility="private")
 
 
 def model_card(model_dir: str) -> str:

@@ -194,3 +194,42 @@ def test_presentation_mode_redraws_only_a_panel_already_drawn(studio, wav_file):
     assert all(u == {"__type__": "update"} for u in idle)  # nothing computed before the panel was first drawn
     drawn = app.redraw(studio, "int4", "blocks.0.ffn1.linear1", wav_file, True, *default_knobs())
     assert drawn[2].layout.font.size == app.PROJECTOR_FONT and drawn[0]["value"] == "blocks.0.ffn1.linear1"
+
+
+def test_the_long_handlers_get_gradios_progress_bar():
+    """Gradio fills a progress bar only into a positional parameter defaulting to gr.Progress; the wrapped
+    handlers of "Run all variants", a row's knob and the Dataset recompute must declare one after their inputs."""
+    import gradio as gr
+    from gradio.helpers import special_args
+
+    seen = {}
+
+    def fn(studio, key, a, b, progress=None):
+        seen.update(studio=studio, key=key, a=a, b=b, progress=progress)
+        return "done"
+
+    handler = app._with_progress(fn, "STUDIO", 2, "prune")
+    inputs, progress_index, _, _ = special_args(handler, ["x", "y"])
+    assert progress_index == 2 and isinstance(inputs[2], gr.Progress)
+    assert handler(*inputs) == "done"
+    assert seen == {"studio": "STUDIO", "key": "prune", "a": "x", "b": "y", "progress": inputs[2]}
+
+
+def test_a_slow_decode_is_timed_fewer_times():
+    """Up to three timed runs (the median), but once the budget is spent no more: a damaged variant whose LM
+    decode takes seconds is timed once, so its knob change stays quick."""
+    from studio import median_seconds
+
+    calls = []
+
+    def timed(seconds):
+        def once():
+            calls.append(seconds)
+            return seconds
+        return once
+
+    assert median_seconds(timed(0.1), 3, budget=2.0) == 0.1 and len(calls) == 3
+    calls.clear()
+    assert median_seconds(timed(3.0), 3, budget=2.0) == 3.0 and len(calls) == 1
+    calls.clear()
+    assert median_seconds(timed(1.5), 3, budget=2.0) == 1.5 and len(calls) == 2
