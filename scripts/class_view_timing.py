@@ -20,11 +20,11 @@ from compression.inspect_figures import figures, sweep_figure
 KNOBS = (("prune", 0.7), ("kmeans", 64), ("int4", 128), ("structured", 0.5), ("svd", 0.8), ("combined", 0.6))
 
 
-def knob_changes(studio, samples, reference):
+def knob_changes(studio, samples, reference, knobs=KNOBS):
     start = time.perf_counter()
     studio._clip_capture(samples)  # the baseline's run with every layer's input kept: once per clip
     print(f"baseline capture of the clip (once per clip, with the first picture): {time.perf_counter() - start:.2f} s")
-    for key, value in KNOBS:
+    for key, value in knobs:
         for algorithm in app.ALGORITHMS:
             recipe = app.SPECS[key].recipe(value, algorithm)
             start = time.perf_counter()
@@ -63,6 +63,8 @@ def main():
     parser.add_argument("--sweep", default="prune", help="comma-separated rows to sweep (default prune)")
     parser.add_argument("--points", type=int, default=10)
     parser.add_argument("--no-knobs", action="store_true", help="only the sweep")
+    parser.add_argument("--defaults", action="store_true",
+                        help="move each row to its default knob value instead of the harsh ones in KNOBS")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -73,7 +75,8 @@ def main():
     reference = next((c["text"] for c in clips if args.clip.endswith(c["file"])), None)
     print(f"clip: {len(samples) / SAMPLE_RATE:.1f} s, {args.threads} threads, reference {'yes' if reference else 'no'}")
     if not args.no_knobs:
-        knob_changes(studio, samples, reference)
+        knobs = [(k, app.SPECS[k].default) for k, _ in KNOBS] if args.defaults else KNOBS
+        knob_changes(studio, samples, reference, knobs)
     for key in filter(None, args.sweep.split(",")):
         sweep(studio, samples, reference, key, args.points)
 
