@@ -303,6 +303,30 @@ def test_compare_tab_records_from_the_microphone(server, mic_browser):
     assert rows and all(row[5] for row in rows)  # every enabled variant measured the recording
 
 
+def test_a_denied_microphone_gets_a_message_and_the_page_keeps_working(server):
+    """Permission refused (no fake UI, prompts denied): Record shows Gradio's message asking for microphone
+    access, no live session starts, and the Compare tab still runs on an uploaded clip."""
+    from selenium.webdriver.common.by import By
+
+    d = start_chromium(["--use-fake-device-for-media-stream", "--deny-permission-prompts"])
+    if d is None:
+        pytest.skip("chromium/chromedriver not installed (Debian: apt-get install chromium chromium-driver)")
+    try:
+        d.get(server)
+        wait_for(lambda: d.find_elements(By.ID, "run"))
+        next(t for t in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text.strip() == "Live").click()
+        wait_for(lambda: d.find_elements(By.ID, "live-audio"), timeout=30)
+        wait_for(lambda: _button(d, "#live-audio", "record"), timeout=30).click()
+        toasts = wait_for(lambda: [e.text for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")
+                                   if "allow access to the microphone" in e.text], timeout=30)
+        assert toasts
+        assert "committed" not in d.find_element(By.ID, "live-status").text and not _captions(d).strip()
+        status, rows, _ = upload_and_run_all(d, server)
+        assert "Ran" in status and rows, status
+    finally:
+        d.quit()
+
+
 # ------------------------------------------------------------------------------------------ the class view
 def plot_traces(d, elem_id: str) -> int:
     """Traces in the plotly chart drawn inside #elem_id (0 while none is drawn)."""
