@@ -303,6 +303,33 @@ def test_compare_tab_records_from_the_microphone(server, mic_browser):
     assert rows and all(row[5] for row in rows)  # every enabled variant measured the recording
 
 
+def test_switching_the_live_variant_mid_stream_goes_on_with_the_new_model(server, mic_browser):
+    """Record, then pick another variant while the microphone streams: the next chunks go to the new model (the
+    status says so), and stopping commits the captions."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    d = mic_browser
+    d.get(server)
+    wait_for(lambda: d.find_elements(By.ID, "run"))
+    next(t for t in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text.strip() == "Live").click()
+    wait_for(lambda: d.find_elements(By.ID, "live-audio"), timeout=30)
+    wait_for(lambda: _button(d, "#live-audio", "record"), timeout=30).click()
+    status = lambda: d.find_element(By.ID, "live-status").text  # noqa: E731
+    wait_for(lambda: status().startswith("FP32 (baseline): heard"), timeout=60, every=0.2)
+    choice = d.find_element(By.CSS_SELECTOR, "#live-variant input")
+    choice.click()
+    choice.send_keys(Keys.CONTROL, "a")
+    choice.send_keys("INT8")
+    choice.send_keys(Keys.ENTER)
+    # the next chunks go to the new variant: its session reports what it heard (its label is its recipe)
+    wait_for(lambda: status().lower().startswith("int8") and "heard" in status(), timeout=60, every=0.2)
+    time.sleep(1)
+    _button(d, "#live-audio", "stop").click()
+    wait_for(lambda: "committed" in status(), timeout=90)
+    assert "⚠" not in status()
+
+
 def test_a_denied_microphone_gets_a_message_and_the_page_keeps_working(server):
     """Permission refused (no fake UI, prompts denied): Record shows Gradio's message asking for microphone
     access, no live session starts, and the Compare tab still runs on an uploaded clip."""
