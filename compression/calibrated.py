@@ -14,6 +14,8 @@ so the artifact format, the loader and recovery fine-tuning need nothing new.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -176,6 +178,18 @@ def prune(layers, stats: CalibrationStats, algo: str, sparsity: float, n: int = 
 
 
 # ----------------------------------------------------------------------------------------------- low rank
+def _whitened_svd(w: torch.Tensor, s: LayerStats):
+    """(S, U, Σ, Vᵀ of W S, the singular values of W) for C = S Sᵀ, kept on the statistics for this weight: they
+    do not depend on the rank, so moving the energy knob (or a sweep over it) factorises each layer once.
+    Keyed by the weight's bytes, since every build works on its own copy of the model."""
+    key = ("svd-llm", tuple(w.shape), hashlib.blake2b(w.numpy().tobytes(), digest_size=16).hexdigest())
+    if key not in s.factors:
+        lower = cholesky_dampened(s.covariance).float()
+        u, sigma, vh = torch.linalg.svd(w @ lower, full_matrices=False)  # float32: float64 costs 3x, same rank
+        s.factors[key] = (lower, u, sigma, vh, torch.linalg.svdvals(w))
+    return s.factors[key]
+
+
 def activation_svd(module: nn.Linear, s: LayerStats, energy: float | None, rank: int | None):
     """SVD-LLM: with C = S Sᵀ the input covariance, truncate the SVD of W S, so the kept directions are those
     that carry the most *output* variance on real inputs, and compensate the bias for the mean. ``energy``
@@ -185,10 +199,8 @@ def activation_svd(module: nn.Linear, s: LayerStats, energy: float | None, rank:
     factorisation would not save parameters."""
     w = module.weight.detach().float()
     out_f, in_f = w.shape
-    lower = cholesky_dampened(s.covariance).float()
-    u, sigma, vh = torch.linalg.svd(w @ lower, full_matrices=False)  # float32: float64 costs 3x, changes no rank
+    lower, u, sigma, vh, weight_sigma = _whitened_svd(w, s)
     if rank is None:  # the rank the weight's own spectrum keeps at this energy: the data-free twin's size
-        weight_sigma = torch.linalg.svdvals(w)
         share = torch.cumsum(weight_sigma ** 2, 0) / (weight_sigma ** 2).sum().clamp_min(1e-30)
         rank = int((share < energy - 1e-7).sum().item()) + 1
     rank = min(rank, sigma.numel())

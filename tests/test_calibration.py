@@ -143,6 +143,20 @@ def test_a_layers_factor_is_computed_once_per_order_and_changes_nothing():
     assert torch.equal(alone[0], cached[0]) and torch.equal(alone[1], cached[1])
 
 
+def test_svd_llm_factorises_a_layer_once_for_every_energy():
+    from compression.calibrated import activation_svd
+    from compression.calibration import LayerStats
+
+    torch.manual_seed(0)
+    x = _correlated_inputs()
+    layer = nn.Linear(x.shape[1], 48)
+    stats = LayerStats(x.T @ x, x.sum(0), x.shape[0])
+    low, high = activation_svd(layer, stats, 0.5, None), activation_svd(layer, stats, 0.9, None)
+    assert len([k for k in stats.factors if k[0] == "svd-llm"]) == 1 and low[0] < high[0]
+    fresh = activation_svd(layer, LayerStats(x.T @ x, x.sum(0), x.shape[0]), 0.9, None)
+    assert all(torch.equal(a, b) for a, b in zip(high[1:], fresh[1:]))
+
+
 @pytest.mark.parametrize("recipe, twin", [
     ("int4:group=32", "int4:group=32,algo=rtn"),
     ("ternary", "ternary:algo=rtn"),
