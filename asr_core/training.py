@@ -323,12 +323,11 @@ class Checkpointer:
         self.world, self.data = world, data or {}
         self.writes = bool(out_dir) and world.is_main
         self.snapshots: list[str] = []
-        self.saved_step: int | None = None
         self._log_file = None
         if self.writes:
             os.makedirs(out_dir, exist_ok=True)
 
-    def _read(self, device: str):
+    def _read(self):
         path = os.path.join(self.out_dir or "", STATE_FILE)
         if not self.world.is_main or not self.out_dir or not os.path.exists(path):
             return None
@@ -338,7 +337,7 @@ class Checkpointer:
     def resume(self, state: TrainState, device: str) -> bool:
         """Load last/ and train_state.pt (read by rank 0, sent to the others) into the model, optimizer, state and
         random generators; False when there is nothing to resume."""
-        payload = broadcast_object(self.world, self._read(device))
+        payload = broadcast_object(self.world, self._read())
         if payload is None:
             return False
         saved, last = payload
@@ -349,7 +348,6 @@ class Checkpointer:
             setattr(state, key, value)
         self.snapshots = list(saved["snapshots"])
         _restore_rng(saved, self.world, self.cfg.seed + state.step)
-        self.saved_step = state.step
         return True
 
     def _provenance(self, state: TrainState, metrics: dict | None = None, **details) -> Provenance:
@@ -376,7 +374,6 @@ class Checkpointer:
         if not self.out_dir:
             return
         rngs = gather_objects(self.world, (random.getstate(), torch.get_rng_state()))
-        self.saved_step = state.step
         if not self.writes:
             return
         self._save("last", self.model, self._provenance(state), half=False)
