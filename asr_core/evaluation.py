@@ -117,10 +117,10 @@ def _decode_shard(transcriber: Transcriber, utterances: list[Utterance], warmup:
     return out
 
 
-def latency_figures(audio: list, latencies: list[float]) -> dict:
+def latency_figures(sample_counts: list[int], latencies: list[float]) -> dict:
     """Audio and wall seconds, RTF, median and p90 latency (ms) of per-utterance timings: the figures every
-    evaluation reports, ours and the peers' alike. ``audio``: the clips (16 kHz arrays) or their sample counts."""
-    audio_seconds = sum(a if isinstance(a, int) else len(a) for a in audio) / SAMPLE_RATE
+    evaluation reports, ours and the peers' alike. ``sample_counts``: each clip's length at 16 kHz."""
+    audio_seconds = sum(sample_counts) / SAMPLE_RATE
     wall = sum(latencies)
     return {"audio_seconds": round(audio_seconds, 3), "wall_seconds": round(wall, 3),
             "rtf": wall / audio_seconds if audio_seconds else float("nan"),
@@ -128,8 +128,8 @@ def latency_figures(audio: list, latencies: list[float]) -> dict:
             "latency_ms_p90": 1000 * float(np.percentile(latencies, 90)) if latencies else float("nan")}
 
 
-def _timing(audio: list, latencies: list[float], model) -> dict:
-    return {**latency_figures(audio, latencies),
+def _timing(sample_counts: list[int], latencies: list[float], model) -> dict:
+    return {**latency_figures(sample_counts, latencies),
             "threads": getattr(model, "threads", None) or torch.get_num_threads(),
             "params": count_parameters(model)}
 

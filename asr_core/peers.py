@@ -105,7 +105,7 @@ def evaluate_peer(engine: PeerEngine, utterances, *, warmup: int = 2, progress: 
         latencies.append(time.perf_counter() - start)
     result = error_rates([u.text for u in utterances], hypotheses)
     result.update({"decoding": engine.note, "engine": engine.name, "n_utterances": len(utterances),
-                   **latency_figures(audio, latencies),
+                   **latency_figures([len(a) for a in audio], latencies),
                    "bytes_on_disk": engine.bytes_on_disk,
                    "utterances": [{"id": u.id, "reference": normalize_text(u.text), "hypothesis": h}
                                   for u, h in zip(utterances, hypotheses)]})
