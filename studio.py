@@ -285,15 +285,12 @@ class Studio:
         with self.lock:
             text = transcriber.transcribe(samples)  # warm-up
             latency = median_seconds(lambda: timed_decode(transcriber, samples)[2], self.timed_runs)
-        rates = error_rates([reference], [text]) if reference and normalize_text(reference) else None
-        return {"recipe": variant.recipe, "transcript": text, "wer": rates["wer"] if rates else None,
-                "cer": rates["cer"] if rates else None, "latency_ms": 1000 * latency,
-                "rtf": latency / (len(samples) / SAMPLE_RATE), "size_mb": variant.bytes_on_disk / 1e6,
-                "build_seconds": variant.build_seconds, "algorithm": variant.algorithm,
-                "decoding": "greedy" if decoder is variant.transcriber.greedy else "beam search + word LM"}
+        return _row(text, reference, latency, samples, variant.bytes_on_disk, recipe=variant.recipe,
+                    build_seconds=variant.build_seconds, algorithm=variant.algorithm,
+                    decoding="greedy" if decoder is variant.transcriber.greedy else "beam search + word LM")
 
     def measure_peer(self, name: str, samples, reference: str | None) -> dict:
-        """A peer (asr_core.peers) on the clip, timed like :meth:`Studio.measure` (median of ``timed_runs``)."""
+        """A peer (asr_core.peers) on the clip, timed like :meth:`Studio.measure`."""
         from asr_core.peers import load_peer
 
         with self.lock:
@@ -302,11 +299,17 @@ class Studio:
             engine = self.peers[name]
             text = engine.transcribe(samples)  # warm-up
             latency = median_seconds(lambda: _seconds(engine.transcribe, samples), self.timed_runs)
-        rates = error_rates([reference], [text]) if reference and normalize_text(reference) else None
-        return {"recipe": "", "transcript": text, "wer": rates["wer"] if rates else None,
-                "cer": rates["cer"] if rates else None, "latency_ms": 1000 * latency,
-                "rtf": latency / (len(samples) / SAMPLE_RATE), "size_mb": engine.bytes_on_disk / 1e6,
-                "build_seconds": 0.0, "algorithm": "peer", "decoding": engine.note}
+        return _row(text, reference, latency, samples, engine.bytes_on_disk, recipe="", build_seconds=0.0,
+                    algorithm="peer", decoding=engine.note)
+
+
+def _row(text: str, reference: str | None, latency: float, samples, size_bytes: int, **rest) -> dict:
+    """One row of the page's table: transcript, WER/CER against the reference (None without one), latency,
+    RTF, size; ``rest`` says what the row is (recipe, algorithm, decoding, build seconds)."""
+    rates = error_rates([reference], [text]) if reference and normalize_text(reference) else None
+    return {"transcript": text, "wer": rates["wer"] if rates else None, "cer": rates["cer"] if rates else None,
+            "latency_ms": 1000 * latency, "rtf": latency / (len(samples) / SAMPLE_RATE), "size_mb": size_bytes / 1e6,
+            **rest}
 
 
 def median_seconds(time_once, runs: int, budget: float = TIMING_BUDGET_S) -> float:
