@@ -19,42 +19,11 @@ import time
 import numpy as np
 
 from .audio import SAMPLE_RATE, load_audio
-from .decoding import GreedyDecoder
-from .errors import AudioError, EdgeASRError, SettingsError
+from .decoding import CHUNK_SECONDS, CONTEXT_SECONDS, GreedyDecoder, make_decoder, windows
+from .errors import AudioError, EdgeASRError
 from .features_np import log_mel
 from .onnx_model import OnnxCTC, load_onnx_model
 from .text import CharTokenizer
-
-# the same windows as asr_core.transcribe (not imported from there: it imports torch)
-CHUNK_SECONDS, CONTEXT_SECONDS = 30.0, 2.5
-
-
-def windows(n_samples: int, chunk: int, context: int, samples_per_frame: int) -> list[tuple[int, int, int, int]]:
-    """(start, end, first kept output frame, end of kept frames) per window, exactly as Transcriber.log_probs:
-    windows of ``chunk`` samples stepping by chunk - 2 * context; each keeps the output frames of its centre
-    (from ``context`` in, except the first; up to ``context`` before its end, except the last)."""
-    if n_samples <= chunk:
-        return [(0, n_samples, 0, -1)]  # -1: every frame
-    step, start, out = chunk - 2 * context, 0, []
-    while True:
-        end = min(start + chunk, n_samples)
-        keep_from = 0 if start == 0 else context
-        keep_to = (end - start) if end == n_samples else (end - start) - context
-        out.append((start, end, round(keep_from / samples_per_frame), round(keep_to / samples_per_frame)))
-        if end == n_samples:
-            return out
-        start += step
-
-
-def make_decoder(tokenizer: CharTokenizer, folder: str, decoding: str = "auto"):
-    """Greedy, or the word-LM beam search shipped in ``folder`` (as asr_core.transcribe.make_decoder)."""
-    from .beam_search import BeamSearchDecoder, has_lm
-
-    if decoding not in ("auto", "greedy", "lm"):
-        raise SettingsError(f"decoding must be auto, greedy or lm, got {decoding!r}")
-    if decoding == "greedy" or (decoding == "auto" and not has_lm(folder)):
-        return GreedyDecoder(tokenizer)
-    return BeamSearchDecoder.from_folder(folder, tokenizer)
 
 
 class LiteTranscriber:

@@ -6,13 +6,9 @@ import torch
 
 from .audio import SAMPLE_RATE, AudioSource, load_audio
 from .checkpoint import default_model_dir, load_model
-from .decoding import GreedyDecoder
-from .errors import SettingsError
+from .decoding import CHUNK_SECONDS, CONTEXT_SECONDS, GreedyDecoder, make_decoder, windows
 from .features import log_mel
 from .text import CharTokenizer
-
-CHUNK_SECONDS = 30.0  # longest window the model hears at once (Whisper's window; ~1500 encoder frames)
-CONTEXT_SECONDS = 2.5  # each window overlaps its neighbours by this much; only its centre is kept
 
 
 class Transcriber:
@@ -54,34 +50,13 @@ class Transcriber:
 
     def log_probs(self, samples: np.ndarray) -> torch.Tensor:
         """(n_samples,) 16 kHz -> (T', V) log-probs for the whole clip."""
-        if len(samples) <= self.chunk:
-            return self._window_log_probs(samples)
-        step = self.chunk - 2 * self.context
-        pieces, start = [], 0
-        while True:
-            end = min(start + self.chunk, len(samples))
+        pieces = []
+        for start, end, a, b in windows(len(samples), self.chunk, self.context, self.samples_per_frame):
             window = self._window_log_probs(samples[start:end])
-            keep_from = 0 if start == 0 else self.context
-            keep_to = (end - start) if end == len(samples) else (end - start) - self.context
-            a, b = round(keep_from / self.samples_per_frame), round(keep_to / self.samples_per_frame)
-            pieces.append(window[a:b])
-            if end == len(samples):
-                break
-            start += step
-        return torch.cat(pieces)
+            pieces.append(window if b == -1 else window[a:b])
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def transcribe(self, source: AudioSource, **load_kwargs) -> str:
         samples = source if isinstance(source, np.ndarray) and source.dtype == np.float32 and source.ndim == 1 \
             else load_audio(source, **load_kwargs)
         return self.decoder(self.log_probs(samples))
-
-
-def make_decoder(tokenizer: CharTokenizer, folder: str, decoding: str = "auto", beam_settings=None):
-    """Greedy, or beam search with the word LM (``lm.arpa.gz`` + ``decoding.json``) shipped in ``folder``."""
-    from .beam_search import BeamSearchDecoder, has_lm
-
-    if decoding not in ("auto", "greedy", "lm"):
-        raise SettingsError(f"decoding must be auto, greedy or lm, got {decoding!r}")
-    if decoding == "greedy" or (decoding == "auto" and not has_lm(folder)):
-        return GreedyDecoder(tokenizer)
-    return BeamSearchDecoder.from_folder(folder, tokenizer, beam_settings)
