@@ -93,8 +93,9 @@ def encode_linear(linear: nn.Linear) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, entry
 
 
-def decode_weight(tensors: dict[str, torch.Tensor], entry: dict) -> tuple[torch.Tensor, tuple | None]:
-    """Packed tensors -> (float weight (out, in x kernel), int8 (codes, scales) when stored as int8 else None)."""
+def _placer(tensors: dict[str, torch.Tensor], entry: dict):
+    """(place, n): ``place(values)`` puts a layer's n stored values at their places in (out, in x kernel),
+    ``fill`` where the stored mask prunes (all places without a mask)."""
     full_shape = tuple(entry["shape"])
     shape = (full_shape[0], math.prod(full_shape[1:]))
     mask = unpack_mask(tensors["mask"], shape) if "mask" in tensors else None
@@ -106,22 +107,39 @@ def decode_weight(tensors: dict[str, torch.Tensor], entry: dict) -> tuple[torch.
         full = torch.full(shape, fill, dtype=values.dtype)
         full[mask] = values
         return full
+    return place, n
 
+
+# bits of each grid encoding and the offset that makes its stored codes unsigned
+_GRID_CODES = {"int4": (4, 8), "ternary": (2, 1)}
+
+
+def integer_codes(tensors: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
+    """The signed codes (out, in x kernel) of an int4, ternary or int8 layer, 0 where pruned."""
+    place, n = _placer(tensors, entry)
+    encoding = entry["encoding"]
+    if encoding == "int8":
+        return place(tensors["codes"]).to(torch.int8)
+    bits, offset = _GRID_CODES[encoding]
+    return place(unpack_bits(tensors["codes"], bits, n) - offset)
+
+
+def decode_weight(tensors: dict[str, torch.Tensor], entry: dict) -> tuple[torch.Tensor, tuple | None]:
+    """Packed tensors -> (float weight (out, in x kernel), int8 (codes, scales) when stored as int8 else None)."""
     encoding = entry["encoding"]
     if encoding == "kmeans":
-        idx = unpack_bits(tensors["indices"], entry["bits"], n)
-        return place(tensors["codebook"].float()[idx]), None
+        place, n = _placer(tensors, entry)
+        return place(tensors["codebook"].float()[unpack_bits(tensors["indices"], entry["bits"], n)]), None
     if encoding == "int4":
-        codes = place(unpack_bits(tensors["codes"], 4, n) - 8)
-        return int4_dequantize(codes, tensors["scales"].float(), entry["group"]), None
+        return int4_dequantize(integer_codes(tensors, entry), tensors["scales"].float(), entry["group"]), None
     if encoding == "ternary":
-        codes = place(unpack_bits(tensors["codes"], 2, n) - 1)
+        codes = integer_codes(tensors, entry)
         return ternary_dequantize(codes, tensors["scales"].float(), entry.get("group")), None
     if encoding == "int8":
-        codes = place(tensors["codes"]).to(torch.int8)
-        scales = tensors["scales"].float()
+        codes, scales = integer_codes(tensors, entry), tensors["scales"].float()
         return int8_dequantize(codes, scales), (codes, scales)
     if encoding == "sparse":
+        place, _ = _placer(tensors, entry)
         return place(tensors["values"].float()), None
     raise CheckpointError(f"unknown layer encoding {encoding!r} in {MANIFEST}")
 

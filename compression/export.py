@@ -169,29 +169,19 @@ def runs_int8(entry: dict) -> bool:
 def artifact_codes(packed: dict[str, torch.Tensor], entry: dict) -> tuple[np.ndarray, np.ndarray]:
     """A layer -> (signed integer codes (out, in) int8, fp32 scales) as the torch artifact computes with them:
 
-    - int4: its 4-bit codes and (out, groups) scales, unpacked as :func:`compression.artifact.decode_weight`;
+    - int4: its 4-bit codes and (out, groups) scales (:func:`compression.artifact.integer_codes`);
     - int8: its int8 codes and (out,) scales;
     - another encoding followed by int8 (``prune+kmeans+int8``): the int8 rounding of the decoded weights with
       :func:`asr_core.weight_int8.int8_quantize`, exactly what ``quantized_int8_linear`` does on load.
     Pruned weights have code 0."""
     from asr_core.weight_int8 import int8_quantize
-    from compression.artifact import decode_weight
-    from compression.packing import unpack_bits, unpack_mask
+    from compression.artifact import decode_weight, integer_codes
 
     if entry["encoding"] != "int4":
         weight, int8 = decode_weight(packed, entry)
         codes, scales = int8 if int8 is not None else int8_quantize(weight)
         return codes.numpy().astype(np.int8), scales.float().numpy()
-    out, width = entry["shape"][0], int(np.prod(entry["shape"][1:]))
-    mask = unpack_mask(packed["mask"], (out, width)).numpy() if "mask" in packed else None
-    n = int(mask.sum()) if mask is not None else out * width
-    values = (unpack_bits(packed["codes"], 4, n) - 8).numpy().astype(np.int8)
-    codes = np.zeros((out, width), np.int8)
-    if mask is None:
-        codes[:] = values.reshape(out, width)
-    else:
-        codes[mask] = values
-    return codes, packed["scales"].float().numpy()
+    return integer_codes(packed, entry).numpy().astype(np.int8), packed["scales"].float().numpy()
 
 
 def int4_supported(entry: dict) -> bool:

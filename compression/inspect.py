@@ -33,6 +33,7 @@ from asr_core.errors import CheckpointError, SettingsError
 from .artifact import read_manifest
 from .compress import _dense
 from .methods import DEFAULT_SKIP, NAIVE, target_layers
+from .packing import unpack_mask
 
 DEFAULT_CLIP = Path(__file__).resolve().parents[1] / "assets" / "clips" / "1272-135031-0000.opus"  # 10.9 s
 MAX_SECONDS = 30.0  # the model hears at most 30 s at once (Whisper's positions): longer clips are cut for the views
@@ -85,8 +86,7 @@ def _mask_kept(packed: dict[str, torch.Tensor], entry: dict | None) -> int | Non
     """Weights the stored 1-bit mask keeps (None: no mask, all kept)."""
     if "weight.mask" not in packed or entry is None:
         return None
-    n = math.prod(entry["shape"])
-    return int(np.unpackbits(packed["weight.mask"].numpy())[:n].sum())
+    return int(unpack_mask(packed["weight.mask"], (math.prod(entry["shape"]),)).sum())
 
 
 def _flat(weight: torch.Tensor) -> torch.Tensor:
@@ -236,7 +236,7 @@ def histogram(before: torch.Tensor, after: torch.Tensor, entry: dict | None, pac
            "after": np.histogram(a.numpy(), edges)[0].tolist(), "levels": levels, "levels_note": levels_note,
            "threshold": None, "pruned": 0, "pruned_below_threshold": None}
     if "weight.mask" in packed and before.numel() == math.prod(entry["shape"]):
-        keep = torch.from_numpy(np.unpackbits(packed["weight.mask"].numpy())[: b.numel()].astype(bool))
+        keep = unpack_mask(packed["weight.mask"], (b.numel(),))
         pruned = int((~keep).sum())
         if pruned:
             tau = float(b.abs().kthvalue(pruned).values)
