@@ -324,7 +324,7 @@ def cmd_average(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .data import load_utterances
-    from .distributed import init_world, launched_world, leave_world
+    from .distributed import joined_world, launched_world
     from .evaluation import evaluate, summary_line
 
     utterances = load_utterances(args.data, args.limit)
@@ -338,11 +338,8 @@ def cmd_evaluate(args) -> int:
         result = evaluate_peer(load_peer(args.engine, torch.get_num_threads()), utterances)
     else:
         transcriber, model_dir = _transcriber(args)
-        world = init_world("cpu")  # under torchrun: each rank decodes a share; only hypotheses travel
-        try:
+        with joined_world("cpu") as world:  # under torchrun: each rank decodes a share; only hypotheses travel
             result = evaluate(transcriber, utterances, model_dir=model_dir, world=world)
-        finally:
-            leave_world(world)
         result["model"] = model_dir
         if not world.is_main:
             return 0

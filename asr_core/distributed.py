@@ -7,8 +7,10 @@ sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; NCCL is used on CUDA and gloo on CP
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +67,37 @@ def init_world(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
     return world
 
 
-def leave_world(world: World) -> None:
-    if world.active and torch.distributed.is_initialized():
+def leave_world(world: World, together: bool = True) -> None:
+    """Leave the process group. ``together``: first wait at a barrier until every rank is done (rank 0 may still
+    be writing files). Skipped after an error, where another rank may be gone and would make this wait out the
+    timeout.
+
+    Why the barrier: gloo's worker threads drop their last reference to a finished collective a moment after
+    it completes, and that frees Python tensors, which needs the GIL. A rank that leaves right after its last
+    collective can reach interpreter shutdown before then, and the worker thread aborts the process
+    ("terminate called without an active exception", exit -6). Waiting at the barrier releases the GIL, so
+    the worker finishes first.
+    """
+    if not (world.active and torch.distributed.is_initialized()):
+        return
+    try:
+        if together:
+            torch.distributed.barrier()
+    finally:
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined_world(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[World]:
+    """:func:`init_world` for the ``with`` block, then :func:`leave_world`: together when the block ended
+    normally, at once when it raised."""
+    world = init_world(device, timeout_s)
+    try:
+        yield world
+    except BaseException:
+        leave_world(world, together=False)
+        raise
+    leave_world(world)
 
 
 def rank_device(world: World, device: str) -> str:
