@@ -32,7 +32,7 @@ from compression.charts import tradeoff_figure
 from compression.inspect import explain, explain_storage
 from compression.inspect_figures import figures as class_figures
 from compression.inspect_figures import sweep_figure
-from studio import ALGORITHMS, MAX_SECONDS, SPECS, VARIANTS, LiveSession, Studio
+from studio import ALGORITHMS, MAX_SECONDS, RUNTIMES, SPECS, VARIANTS, LiveSession, Studio
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -72,7 +72,20 @@ def diff_html(reference: str | None, hypothesis: str) -> str:
 
 
 TABLE_HEADERS = ["Variant", "Algorithm", "Transcript (vs reference)", "WER", "CER", "Latency ms", "RTF", "Size MB",
-                 "Ratio", "Speed-up"]
+                 "RAM MB", "Ratio", "Speed-up"]
+# the page's runtime choice -> the runtimes each variant row is measured on
+RUNTIME_CHOICES = {"torch": ("torch",), "onnx": ("onnx",), "both": ("torch", "onnx")}
+ONNX_SUFFIX = "@onnx"  # result key of a variant's ONNX Runtime row (the PyTorch row's key is the variant's)
+PEER_PREFIX = "peer:"  # result keys of the peers (not ours), listed after our variants
+
+
+def result_key(key: str, runtime: str) -> str:
+    return key + ONNX_SUFFIX if runtime == "onnx" else key
+
+
+def baseline_row(results: dict) -> dict | None:
+    """What ratios and speed-ups are against: the PyTorch baseline row, else its ONNX Runtime row."""
+    return results.get("fp32") or results.get("fp32" + ONNX_SUFFIX)
 
 
 def versus_baseline(base: dict | None, row: dict) -> tuple[float | None, float | None]:
@@ -82,22 +95,23 @@ def versus_baseline(base: dict | None, row: dict) -> tuple[float | None, float |
     return base["size_mb"] / row["size_mb"], base["latency_ms"] / row["latency_ms"]
 
 
-PEER_PREFIX = "peer:"  # result keys of the peers (not ours), listed after our variants
-
-
 def row_keys(results: dict) -> list[str]:
-    return [v.key for v in VARIANTS if v.key in results] + sorted(k for k in results if k.startswith(PEER_PREFIX))
+    """Our variants in the page's order, each on PyTorch then ONNX Runtime; then the peers."""
+    return ([k for v in VARIANTS for k in (v.key, v.key + ONNX_SUFFIX) if k in results]
+            + sorted(k for k in results if k.startswith(PEER_PREFIX)))
 
 
 def row_label(key: str, r: dict) -> str:
     if key.startswith(PEER_PREFIX):
         return f"{key[len(PEER_PREFIX):]} (peer, not ours)"
-    return SPECS[key].label + (f" ({r['recipe']})" if r["recipe"] and SPECS[key].knob else "")
+    spec = SPECS[key.removesuffix(ONNX_SUFFIX)]
+    label = spec.label + (f" ({r['recipe']})" if r["recipe"] and spec.knob else "")
+    return label + (f" · {RUNTIMES['onnx']}" if key.endswith(ONNX_SUFFIX) else "")
 
 
 def table_rows(results: dict[str, dict], reference: str | None) -> list[list]:
     """Results keyed by variant -> display rows (ratio and speed-up against the baseline row)."""
-    base = results.get("fp32")
+    base = baseline_row(results)
     rows = []
     for key in row_keys(results):
         r = results[key]
@@ -106,7 +120,7 @@ def table_rows(results: dict[str, dict], reference: str | None) -> list[list]:
         ratio, speedup = versus_baseline(base, r)
         rows.append([label, r.get("algorithm") or "—", diff_html(reference, r["transcript"]), fmt(r["wer"], ".1%"),
                      fmt(r["cer"], ".1%"),
-                     f"{r['latency_ms']:.0f}", f"{r['rtf']:.3f}", f"{r['size_mb']:.2f}",
+                     f"{r['latency_ms']:.0f}", f"{r['rtf']:.3f}", f"{r['size_mb']:.2f}", fmt(r.get("ram_mb"), ".0f"),
                      fmt(ratio, ".1f") + ("x" if ratio else ""), fmt(speedup, ".2f") + ("x" if speedup else "")])
     return rows
 
@@ -121,17 +135,18 @@ def figure(results: dict[str, dict]):
 
 def write_csv(results: dict[str, dict], folder: str) -> str:
     path = os.path.join(folder, "edge_asr_results.csv")
-    base = results.get("fp32")
+    base = baseline_row(results)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "recipe", "algorithm", "transcript", "wer", "cer", "latency_ms", "rtf", "size_mb",
-                    "compression_ratio", "speedup"])
+        w.writerow(["variant", "recipe", "algorithm", "runtime", "transcript", "wer", "cer", "latency_ms", "rtf",
+                    "size_mb", "ram_mb", "compression_ratio", "speedup"])
         for key in row_keys(results):
             r = results[key]
             ratio, speedup = versus_baseline(base, r)
-            w.writerow([row_label(key, r), r["recipe"], r.get("algorithm", ""), r["transcript"], r["wer"], r["cer"],
-                        round(r["latency_ms"], 2),
-                        round(r["rtf"], 5), round(r["size_mb"], 4), "" if ratio is None else round(ratio, 3),
+            w.writerow([row_label(key, r), r["recipe"], r.get("algorithm", ""), r.get("runtime", "torch"),
+                        r["transcript"], r["wer"], r["cer"], round(r["latency_ms"], 2), round(r["rtf"], 5),
+                        round(r["size_mb"], 4), "" if r.get("ram_mb") is None else r["ram_mb"],
+                        "" if ratio is None else round(ratio, 3),
                         "" if speedup is None else round(speedup, 3)])
     return path
 
@@ -193,38 +208,56 @@ def _unchanged(message: str, results=None):
     return gr.update(), gr.update(), gr.update(), message, gr.update() if results is None else results
 
 
-def run_all(studio: Studio, audio, reference, use_lm, peers, *knobs, progress=None):
+def _runtimes(choice) -> tuple[str, ...]:
+    if choice not in RUNTIME_CHOICES:
+        raise SettingsError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {choice!r}")
+    return RUNTIME_CHOICES[choice]
+
+
+def _measure_variant(studio: Studio, results: dict, key: str, recipe: str, samples, reference, use_lm, runtimes,
+                     ram: bool) -> None:
+    """Row ``key`` on each of ``runtimes`` into ``results`` (an ONNX row is exported on its first run)."""
+    for runtime in runtimes:
+        results[result_key(key, runtime)] = studio.measure(recipe, samples, reference, use_lm, runtime, ram)
+
+
+def run_all(studio: Studio, audio, reference, use_lm, peers, runtime, ram, *knobs, progress=None):
     try:
         samples = studio.load_clip(audio)
-        recipes = enabled_recipes(knobs)
+        recipes, runtimes = enabled_recipes(knobs), _runtimes(runtime)
         results = {}
         for n, (key, recipe) in enumerate(recipes.items()):
             if progress is not None:
-                progress(n / len(recipes), desc=f"{SPECS[key].label}: compressing and timing")
-            results[key] = studio.measure(recipe, samples, reference, use_lm)
+                what = "compressing, exporting and timing" if "onnx" in runtimes else "compressing and timing"
+                progress(n / len(recipes), desc=f"{SPECS[key].label}: {what}")
+            _measure_variant(studio, results, key, recipe, samples, reference, use_lm, runtimes, ram)
         for name in peers or []:
-            results[PEER_PREFIX + name] = studio.measure_peer(name, samples, reference)
-        return _outputs(studio, results, reference, f"Ran {len(results)} variants on "
-                        f"{len(samples) / SAMPLE_RATE:.1f} s of audio ({studio.threads} threads, "
-                        f"{results['fp32']['decoding']} decoding).")
+            results[PEER_PREFIX + name] = studio.measure_peer(name, samples, reference, ram)
+        decoding = baseline_row(results)["decoding"]
+        where = " and ".join(RUNTIMES[r] for r in runtimes)
+        return _outputs(studio, results, reference, f"Ran {len(results)} rows on {len(samples) / SAMPLE_RATE:.1f} s "
+                        f"of audio ({studio.threads} threads, {where}, {decoding} decoding).")
     except Exception as err:  # noqa: BLE001 - every failure becomes a message in the page
         return _unchanged(f"⚠️ {friendly(err)}")
 
 
-def rerun_one(studio: Studio, key, audio, reference, use_lm, results, on, knob, algo, progress=None):
+def rerun_one(studio: Studio, key, audio, reference, use_lm, runtime, ram, results, on, knob, algo, progress=None):
     if not results:
         return _unchanged("Press **Run all variants** first.", results)
     try:
         results = dict(results)
+        for r in RUNTIMES:  # this row's old runs, on any runtime: none may stay at another knob
+            results.pop(result_key(key, r), None)
         if not on:
-            results.pop(key, None)
             return _outputs(studio, results, reference, f"{SPECS[key].label} switched off.")
         samples = studio.load_clip(audio)
         if progress is not None:
             progress(0.2, desc=f"{SPECS[key].label}: compressing")
         start = time.perf_counter()
-        results[key] = studio.measure(SPECS[key].recipe(knob, algo), samples, reference, use_lm)
-        return _outputs(studio, results, reference, f"{SPECS[key].label} re-run with {results[key]['recipe']} in "
+        recipe = SPECS[key].recipe(knob, algo)
+        _measure_variant(studio, results, key, recipe, samples, reference, use_lm, _runtimes(runtime), ram)
+        done = results[result_key(key, _runtimes(runtime)[0])]
+        return _outputs(studio, results, reference, f"{SPECS[key].label} re-run with {done['recipe']} in "
                         f"{time.perf_counter() - start:.1f} s.")
     except Exception as err:  # noqa: BLE001
         return _unchanged(f"⚠️ {friendly(err)}", results)
@@ -446,16 +479,18 @@ html.present .plot-row { flex-direction: column !important; }
 PRESENT_JS = "(on) => { document.documentElement.classList.toggle('present', !!on); return []; }"
 
 
-def url_fields(controls, method, layer, present) -> list[tuple[str, object, object]]:
+def url_fields(controls, method, layer, present, runtime, ram) -> list[tuple[str, object, object]]:
     """(query name, component, default) of everything the URL keeps: every row's on/off, knob and algorithm,
-    the class view's variant and layer, presentation mode. Only values off their default are written."""
+    the class view's variant and layer, presentation mode, the runtime and the RAM column. Only values off
+    their default are written."""
     fields = []
     for spec, on, knob, algo in controls:
         fields.append((f"{spec.key}.on", on, spec.enabled))
         if spec.knob:
             fields.append((spec.key, knob, spec.default))
         fields.append((f"{spec.key}.algo", algo, ALGORITHMS[0]))
-    return fields + [("view", method, "prune"), ("layer", layer, None), ("present", present, False)]
+    return fields + [("view", method, "prune"), ("layer", layer, None), ("present", present, False),
+                     ("runtime", runtime, "torch"), ("ram", ram, False)]
 
 
 def url_js(fields) -> str:
@@ -486,6 +521,8 @@ def _from_query(name: str, text: str, default):
         return text if text in SPECS and text != "fp32" else None
     if name == "layer":
         return text
+    if name == "runtime":
+        return text if text in RUNTIME_CHOICES else None
     spec = SPECS[name]
     try:
         value = float(text)
@@ -575,6 +612,28 @@ def _peer_choice():
                             info="; ".join(missing) or None, elem_id="peers")
 
 
+def onnx_missing() -> str | None:
+    """Why the ONNX Runtime choice is off (a package of the onnx extra is missing), or None."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    return f"needs {', '.join(missing)}: pip install -e \".[onnx]\"" if missing else None
+
+
+def _run_settings():
+    """Where each row runs (PyTorch, ONNX Runtime or both) and whether its RAM is measured."""
+    import gradio as gr
+
+    why = onnx_missing()
+    runtime = gr.Radio([("PyTorch", "torch"), ("ONNX Runtime", "onnx"), ("Both", "both")], value="torch",
+                       label="Runtime", interactive=why is None, elem_id="runtime",
+                       info=f"ONNX Runtime {why}" if why else "ONNX Runtime: each variant is exported once (about "
+                       "10 s) with its own int8/int4 codes and run as the torch-free device runner runs it")
+    ram = gr.Checkbox(False, label="RAM MB: peak resident memory of each variant, measured in a fresh process "
+                      "(1-3 s more per new variant)", elem_id="ram")
+    return runtime, ram
+
+
 def compare_tab(studio: Studio, present):
     """The clip, the variant rows, the results table, chart and CSV, the class view; returns what the other tabs
     and the page's URL state reuse."""
@@ -587,21 +646,22 @@ def compare_tab(studio: Studio, present):
         with gr.Column(scale=2):
             controls = _variant_controls()
             peers = _peer_choice()
+            runtime, ram = _run_settings()
     run = gr.Button("Run all variants", variant="primary", elem_id="run")
     status = gr.Markdown(elem_id="status")
-    table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "html"] + ["str"] * 7, interactive=False,
+    table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "html"] + ["str"] * 8, interactive=False,
                          wrap=True, elem_id="results", label="Results",
-                         column_widths=["12%", "9%", "35%", "6%", "6%", "7%", "6%", "6%", "6%", "7%"])
+                         column_widths=["12%", "9%", "32%", "6%", "6%", "7%", "5%", "6%", "6%", "5%", "6%"])
     with gr.Row():
         plot = gr.Plot(label="Size and latency vs WER")
         csv_file = gr.File(label="Download the table (CSV)", elem_classes="hide-in-present")
     knob_inputs = [c for _, on, knob, algo in controls for c in (on, knob, algo)]
     outputs = [table, plot, csv_file, status, results_state]
-    run_inputs = [audio, reference, use_lm, peers, *knob_inputs]
+    run_inputs = [audio, reference, use_lm, peers, runtime, ram, *knob_inputs]
     run.click(_with_progress(run_all, studio, len(run_inputs)), run_inputs, outputs, api_visibility="private")
     view = class_view(studio, audio, reference, knob_inputs, present)
     for spec, on, knob, algo in controls:
-        row_inputs = [audio, reference, use_lm, results_state, on, knob, algo]
+        row_inputs = [audio, reference, use_lm, runtime, ram, results_state, on, knob, algo]
         args = dict(fn=_with_progress(rerun_one, studio, len(row_inputs), spec.key), inputs=row_inputs,
                     outputs=outputs, api_visibility="private")
         follow = dict(fn=functools.partial(explain_after_knob, studio, spec.key),
@@ -611,7 +671,7 @@ def compare_tab(studio: Studio, present):
         algo.input(**args).then(**follow)
         if spec.knob:
             knob.release(**args).then(**follow)
-    return use_lm, knob_inputs, controls, view
+    return use_lm, knob_inputs, controls, view, (runtime, ram)
 
 
 def class_view(studio: Studio, audio, reference, knob_inputs, present) -> dict:
@@ -721,12 +781,12 @@ def api_endpoints(studio: Studio) -> None:
     gr.Button(visible=False).click(functools.partial(api_compare, studio), [audio, text], out, api_name="compare")
 
 
-def page_state(demo, controls, view, present) -> None:
+def page_state(demo, controls, view, present, settings) -> None:
     """URL state both ways (the query string sets the controls on load; every change rewrites it, client-side),
     presentation mode's class on <html>, and the class view drawn once the page has its settings."""
     import gradio as gr
 
-    fields = url_fields(controls, view["method"], view["layer"], present)
+    fields = url_fields(controls, view["method"], view["layer"], present, *settings)
     components = [c for _, c, _ in fields]
 
     asked = gr.State(False)  # whether the URL named a view: only then is the panel drawn on load
@@ -760,7 +820,7 @@ def build_app(studio: Studio):
                     "shows what the last variant you moved did; the address bar keeps the knobs, so a prepared "
                     "setting opens as it was.", elem_id="intro")
         with gr.Tab("Compare on a clip"):
-            use_lm, knob_inputs, controls, view = compare_tab(studio, present)
+            use_lm, knob_inputs, controls, view, settings = compare_tab(studio, present)
         with gr.Tab("Live"):
             live_tab(studio)
         with gr.Tab("Dataset"):
@@ -768,7 +828,7 @@ def build_app(studio: Studio):
         with gr.Tab("About the model"):
             about_tab(studio)
         api_endpoints(studio)
-        page_state(demo, controls, view, present)
+        page_state(demo, controls, view, present, settings)
     # One request at a time: on a 2-vCPU box two concurrent compress+measure jobs would halve each other's
     # speed, double peak memory and make every latency on the page wrong. Requests queue instead.
     demo.queue(default_concurrency_limit=1, max_size=32)

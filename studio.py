@@ -39,6 +39,9 @@ TIMED_RUNS = 3  # latency = median of up to this many runs, after one warm-up
 TIMING_BUDGET_S = 2.0
 # each variant is built by its method's calibrated algorithm (GPTQ, SparseGPT, ...) or its data-free twin
 ALGORITHMS = ("calibrated", "naive")
+# where a variant runs: in PyTorch (the artifact loaded back), or exported to ONNX (compression.export, with
+# the artifact's own int8/int4 codes) and run by ONNX Runtime as the torch-free device runner would
+RUNTIMES = {"torch": "PyTorch", "onnx": "ONNX Runtime"}
 VIEWS_PER_VARIANT = 8  # class-view reports (clip, layer) kept with each variant
 SWEEP_POINTS_KEPT = 500  # sweep points (a few numbers each) kept across sweeps
 
@@ -112,8 +115,19 @@ class Variant:
     bytes_on_disk: int
     build_seconds: float
     algorithm: str = ""  # per step: gptq, sparsegpt, rtn, magnitude, ...
-    folder: str = ""  # its artifact folder ("" for the baseline)
+    folder: str = ""  # its artifact folder (the baseline: its fp32 folder)
     views: OrderedDict = field(default_factory=OrderedDict)  # (clip, layer) -> class-view report, recent last
+    onnx: Transcriber | None = None  # the ONNX export of ``folder`` on ONNX Runtime, made on first use
+    onnx_seconds: float = 0.0  # what the export took
+    ram_mb: dict = field(default_factory=dict)  # runtime -> peak resident MB (asr_core.memory), measured once
+
+    @property
+    def onnx_folder(self) -> str:
+        return self.folder.rstrip("/") + ".onnx"
+
+    def remove_files(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        shutil.rmtree(self.onnx_folder, ignore_errors=True)
 
 
 class Studio:
@@ -130,13 +144,15 @@ class Studio:
         self.lock = threading.Lock()  # one compression/measurement at a time: timings stay honest
         self.workdir = tempfile.mkdtemp(prefix="edge-asr-studio-")
         self.peers: dict = {}  # peer name -> asr_core.peers.PeerEngine, loaded on first use
+        self.peer_ram_mb: dict[str, float] = {}  # peer name -> peak resident MB, measured once
         self.builds = 0  # artifact folders made so far (their names)
         self.clip: tuple | None = None  # (digest, features, the baseline's capture) of the class view's last clip
         self.sweep_points: OrderedDict[tuple, dict] = OrderedDict()  # (recipe key, clips) -> point, bounded
         fp32_dir = os.path.join(self.workdir, "fp32")
         # the baseline's size is measured in fp32, as a file (int8=False: an int8-stored frozen part too)
         save_model(fp32_dir, self.base, self.tokenizer, int8=False)
-        self.cache[""] = Variant("", Transcriber(self.base, self.tokenizer), folder_bytes(fp32_dir), 0.0)
+        self.cache[""] = Variant("", Transcriber(self.base, self.tokenizer), folder_bytes(fp32_dir), 0.0,
+                                 folder=fp32_dir)
         # one word-LM decoder for every variant (the LM ships with the baseline), so that rows differ only in
         # the acoustic model; None when the model folder has no lm.arpa.gz
         self.lm_decoder = make_decoder(self.tokenizer, self.model_dir, "lm") if has_lm(self.model_dir) else None
@@ -162,7 +178,7 @@ class Studio:
             self.cache[key] = variant
             while len(self.cache) > self.cache_size:
                 old_key = next(k for k in self.cache if k)  # never evict the baseline
-                shutil.rmtree(self.cache.pop(old_key).folder, ignore_errors=True)
+                self.cache.pop(old_key).remove_files()
             return variant
 
     def _build(self, parsed) -> Variant:
@@ -227,7 +243,7 @@ class Studio:
                 variant = self._build(parse_recipe(recipe))
             texts = [variant.transcriber.transcribe(samples) for samples, _ in clips]
         if transient:
-            shutil.rmtree(variant.folder, ignore_errors=True)
+            variant.remove_files()
         rates = error_rates([r for _, r in clips], texts)
         point = {"recipe": key[0], "algorithm": variant.algorithm, "wer": rates["wer"], "cer": rates["cer"],
                  "size_mb": variant.bytes_on_disk / 1e6, "build_seconds": variant.build_seconds}
@@ -272,25 +288,64 @@ class Studio:
         """The shared word-LM decoder when asked for and available, else the variant's greedy decoder."""
         return self.lm_decoder if use_lm and self.lm_decoder is not None else variant.transcriber.greedy
 
-    def measure(self, recipe: str, samples, reference: str | None, use_lm: bool = True) -> dict:
-        """Transcribe ``samples`` with one variant: text, WER/CER (with a reference), latency, RTF, size.
+    def runner(self, variant: Variant, runtime: str = "torch") -> Transcriber:
+        """The variant's greedy transcriber on ``runtime``: the loaded artifact, or (``"onnx"``) its ONNX export
+        on ONNX Runtime with the studio's threads, exported once (several seconds) and kept with the variant.
+        Call with the lock held. SettingsError for an unknown runtime or when the onnx extra is missing."""
+        if runtime not in RUNTIMES:
+            raise SettingsError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}", setting="runtime")
+        if runtime == "torch":
+            return variant.transcriber
+        if variant.onnx is None:
+            from asr_core.onnx_model import load_onnx_folder
+            from compression.export import export_onnx
+
+            start = time.perf_counter()
+            export_onnx(variant.folder, variant.onnx_folder, check=False)
+            variant.onnx = Transcriber(load_onnx_folder(variant.onnx_folder, threads=self.threads), self.tokenizer)
+            variant.onnx_seconds = time.perf_counter() - start
+        return variant.onnx
+
+    def ram_mb(self, variant: Variant, runtime: str = "torch") -> float:
+        """Peak resident MB of loading the variant's folder on ``runtime`` and transcribing a 6 s clip, in a fresh
+        process (asr_core.memory: what a device would need, not this server's share); about 1-3 s the first time,
+        then kept with the variant. Call with the lock held, after :meth:`runner` for ONNX."""
+        from asr_core.memory import peak_rss_mb
+
+        if runtime not in variant.ram_mb:
+            folder = variant.onnx_folder if runtime == "onnx" else variant.folder
+            variant.ram_mb[runtime] = peak_rss_mb(folder, runtime, threads=self.threads)["peak_mb"]
+        return variant.ram_mb[runtime]
+
+    def measure(self, recipe: str, samples, reference: str | None, use_lm: bool = True, runtime: str = "torch",
+                ram: bool = False) -> dict:
+        """Transcribe ``samples`` with one variant on ``runtime`` ("torch" or "onnx"): text, WER/CER (with a
+        reference), latency, RTF, size on disk (of what that runtime loads: the artifact, or model.onnx), and
+        with ``ram`` the peak resident memory (:meth:`ram_mb`; else None).
 
         Latency is :func:`asr_core.evaluation.timed_decode` (samples in memory -> text: features, model and
         decoder), as in ``edge-asr evaluate`` and the benchmark; one clip is noisier than a corpus, so it is the
         median of up to ``timed_runs`` runs after a warm-up (:func:`median_seconds`).
         """
         variant = self.variant(recipe)
-        decoder = self.decoder_for(variant, use_lm)
-        transcriber = Transcriber(variant.transcriber.model, self.tokenizer, decoder=decoder)
         with self.lock:
+            greedy = self.runner(variant, runtime)
+            decoder = self.lm_decoder if use_lm and self.lm_decoder is not None else greedy.greedy
+            transcriber = Transcriber(greedy.model, self.tokenizer, decoder=decoder)
             text = transcriber.transcribe(samples)  # warm-up
             latency = median_seconds(lambda: timed_decode(transcriber, samples)[2], self.timed_runs)
-        return _row(text, reference, latency, samples, variant.bytes_on_disk, recipe=variant.recipe,
-                    build_seconds=variant.build_seconds, algorithm=variant.algorithm,
-                    decoding="greedy" if decoder is variant.transcriber.greedy else "beam search + word LM")
+            ram_mb = self.ram_mb(variant, runtime) if ram else None
+        onnx = runtime == "onnx"
+        return _row(text, reference, latency, samples,
+                    folder_bytes(variant.onnx_folder) if onnx else variant.bytes_on_disk, recipe=variant.recipe,
+                    build_seconds=variant.build_seconds + (variant.onnx_seconds if onnx else 0.0),
+                    algorithm=variant.algorithm, runtime=runtime, ram_mb=ram_mb,
+                    decoding="greedy" if decoder is greedy.greedy else "beam search + word LM")
 
-    def measure_peer(self, name: str, samples, reference: str | None) -> dict:
-        """A peer (asr_core.peers) on the clip, timed like :meth:`Studio.measure`."""
+    def measure_peer(self, name: str, samples, reference: str | None, ram: bool = False) -> dict:
+        """A peer (asr_core.peers) on the clip, timed like :meth:`Studio.measure`; ``ram``: its peak resident
+        memory measured the same way (a fresh process, kept once measured)."""
+        from asr_core.memory import peak_rss_mb
         from asr_core.peers import load_peer
 
         with self.lock:
@@ -299,8 +354,11 @@ class Studio:
             engine = self.peers[name]
             text = engine.transcribe(samples)  # warm-up
             latency = median_seconds(lambda: _seconds(engine.transcribe, samples), self.timed_runs)
+            if ram and name not in self.peer_ram_mb:
+                self.peer_ram_mb[name] = peak_rss_mb(name, "peer", threads=self.threads)["peak_mb"]
         return _row(text, reference, latency, samples, engine.bytes_on_disk, recipe="", build_seconds=0.0,
-                    algorithm="peer", decoding=engine.note)
+                    algorithm="peer", decoding=engine.note, runtime="peer",
+                    ram_mb=self.peer_ram_mb.get(name) if ram else None)
 
 
 def _row(text: str, reference: str | None, latency: float, samples, size_bytes: int, **rest) -> dict:

@@ -23,7 +23,8 @@ def test_every_variant_measures(studio, wav_file):
         assert 0 <= r["wer"] and r["rtf"] > 0
     rows = app.table_rows(results, "hello world")
     assert all(row[0].startswith(s.label) for row, s in zip(rows, app.VARIANTS)) and len(rows) == len(app.VARIANTS)
-    assert rows[0][8] == "1.0x" and float(rows[1][8].rstrip("x")) > 2  # int8 is smaller than fp32
+    assert rows[0][9] == "1.0x" and float(rows[1][9].rstrip("x")) > 2  # int8 is smaller than fp32
+    assert rows[0][8] == "—"  # RAM is measured only when asked
     assert rows[0][1] == "—" and rows[1][1] == "gptq"  # the algorithm that built each row
     assert app.figure(results) is not None
     path = app.write_csv(results, studio.workdir)
@@ -50,6 +51,33 @@ def test_no_reference_shows_dash(studio, wav_file):
     results = {"fp32": studio.measure("", studio.load_clip(wav_file), None)}
     row = app.table_rows(results, None)[0]
     assert row[3] == "—" and row[4] == "—"
+
+
+def test_a_variant_runs_on_onnx_runtime_beside_pytorch_with_its_ram(studio, wav_file):
+    """"Both" gives each variant a PyTorch row and an ONNX Runtime row (exported once, from the artifact's own
+    codes); the ONNX row's size is model.onnx's and its text that of the torch row; RAM is measured on request."""
+    if app.onnx_missing():
+        pytest.skip(app.onnx_missing())
+    knobs = [v for spec in app.VARIANTS[1:] for v in (spec.key == "int8", spec.default, "calibrated")]
+    table, _, csv_path, status, results = app.run_all(studio, wav_file, "hello world", False, [], "both", True,
+                                                      *knobs)
+    assert list(results) == ["fp32", "fp32@onnx", "int8", "int8@onnx"], status
+    labels = [row[0] for row in table]
+    assert labels[1].endswith("· ONNX Runtime") and not labels[0].endswith("ONNX Runtime")
+    for key in ("fp32", "int8"):
+        torch_row, onnx_row = results[key], results[key + "@onnx"]
+        assert onnx_row["runtime"] == "onnx" and isinstance(onnx_row["transcript"], str)
+        assert torch_row["ram_mb"] > 0 and onnx_row["ram_mb"] > 0
+    assert results["fp32@onnx"]["transcript"] == results["fp32"]["transcript"]  # fp32: the same log-probs
+    assert results["int8@onnx"]["size_mb"] < 0.5 * results["fp32@onnx"]["size_mb"]  # int8 codes, not fp32
+    variant = studio.variant("int8")
+    assert variant.onnx is not None and set(variant.ram_mb) == {"torch", "onnx"}
+    assert "ram_mb" in open(csv_path).readline() and "PyTorch and ONNX Runtime" in status
+    # a knob change on PyTorch only drops that row's stale ONNX Runtime row
+    again = app.rerun_one(studio, "int8", wav_file, "hello world", False, "torch", False, results, True, None,
+                          "naive")[-1]
+    assert "int8@onnx" not in again and again["int8"]["algorithm"] == "rtn" and again["int8"]["ram_mb"] is None
+    assert "runtime must be one of" in app.run_all(studio, wav_file, "", False, [], "tpu", False, *knobs)[3]
 
 
 def test_cache_returns_the_same_variant(studio):
@@ -178,13 +206,15 @@ def test_a_sweep_is_cached_and_leaves_the_page_cache_alone(studio, wav_file):
 
 def test_url_state_sets_valid_values_and_ignores_the_rest():
     controls = [(spec, f"on-{spec.key}", f"knob-{spec.key}", f"algo-{spec.key}") for spec in app.VARIANTS[1:]]
-    fields = app.url_fields(controls, "method", "layer", "present")
+    fields = app.url_fields(controls, "method", "layer", "present", "runtime", "ram")
     query = {"prune": "0.7", "prune.algo": "naive", "int4.on": "false", "kmeans": "999", "view": "kmeans",
-             "layer": "blocks.0.ffn1.linear1", "present": "1", "svd.algo": "magic"}
+             "layer": "blocks.0.ffn1.linear1", "present": "1", "svd.algo": "magic", "runtime": "both", "ram": "on"}
     updates = {name: u.get("value") for (name, _, _), u in zip(fields, app.url_state(fields, query))}
     assert updates["prune"] == 0.7 and updates["prune.algo"] == "naive" and updates["int4.on"] is False
     assert updates["kmeans"] is None and updates["svd.algo"] is None  # out of range, unknown: left as they are
     assert updates["view"] == "kmeans" and updates["layer"] == "blocks.0.ffn1.linear1" and updates["present"] is True
+    assert updates["runtime"] == "both" and updates["ram"] is True
+    assert app.url_state(fields, {"runtime": "tpu"})[-2] == {"__type__": "update"}  # unknown runtime: unchanged
     js = app.url_js(fields)
     assert "replaceState" in js and '"prune", "0.5"' in js  # only values off their default are written
 
