@@ -263,3 +263,11 @@ def test_a_slow_decode_is_timed_fewer_times():
     assert median_seconds(timed(3.0), 3, budget=2.0) == 3.0 and len(calls) == 1
     calls.clear()
     assert median_seconds(timed(1.5), 3, budget=2.0) == 1.5 and len(calls) == 2
+
+
+def test_without_the_onnx_extra_the_runtime_choice_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert app.onnx_missing() == 'needs onnxruntime: pip install -e ".[onnx]"'
