@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .streaming import StreamingRecognizer, StreamSettings
+from .streaming import PARTIALS, StreamingRecognizer, StreamSettings
 
 
 class LiveTranscriber:
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="longest stretch of speech without a pause before a line is committed anyway "
                              "(default 12 s)")
     parser.add_argument("--step", type=_seconds, default=0.5, help="seconds between updates (default 0.5)")
+    parser.add_argument("--partials", choices=PARTIALS, default="greedy",
+                        help="decoder of the partial text shown before a line is committed: greedy (fast, the "
+                             "default) or the same as the committed lines' (the word LM's beam search)")
     args = parser.parse_args(argv)
     if args.step > args.window:
         parser.error(f"--step ({args.step:g} s) must not exceed --window ({args.window:g} s)")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from .transcribe import Transcriber
 
     try:
-        settings = StreamSettings(step_seconds=args.step, max_window_seconds=args.window)
+        settings = StreamSettings(step_seconds=args.step, max_window_seconds=args.window, partials=args.partials)
         transcriber = Transcriber.from_folder(args.model)
     except EdgeASRError as err:
         print(f"edge-asr listen: error: {err}", file=sys.stderr)

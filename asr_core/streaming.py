@@ -8,6 +8,11 @@ model's "nothing said here") that ends ``stable_seconds`` or more before the new
 ``commit_after_seconds`` of uncommitted audio, so committed words have been re-decoded with right context
 several times and no longer change. With no pause by ``max_window_seconds`` the window is cut at its stable part
 regardless, which bounds both the compute per update and the memory, however long the session runs.
+
+Committed lines are decoded by the transcriber's decoder (the word-LM beam search, when it has one); the partial
+text, re-decoded every step and replaced at the next, by greedy CTC unless ``partials="same"``: the beam search
+costs as much as the model's forward pass on each update, and on two cores that is the difference between
+captions trailing speech by about one second or by one and a half.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ from .audio import SAMPLE_RATE, SILENCE_PEAK
 from .errors import SettingsError
 
 
+PARTIALS = ("greedy", "same")
+
+
 @dataclass
 class StreamSettings:
     step_seconds: float = 0.5  # re-decode at most this often (new audio since the last decode)
@@ -30,8 +38,12 @@ class StreamSettings:
     pause_seconds: float = 0.2  # blank frames that make a pause
     max_window_seconds: float = 12.0  # uncommitted audio never exceeds this (forced cut)
     max_lines: int = 500  # committed lines kept in memory (the oldest dropped first)
+    partials: str = "greedy"  # the partial text's decoder: "greedy", or "same" as the committed lines'
 
     def __post_init__(self):
+        if self.partials not in PARTIALS:
+            raise SettingsError(f"partials must be one of {', '.join(PARTIALS)}, got {self.partials!r}",
+                                setting="partials")
         if not 0 < self.step_seconds <= 5:
             raise SettingsError(f"step_seconds must be in (0, 5], got {self.step_seconds}", setting="step")
         if not self.stable_seconds + 1 < self.max_window_seconds <= 30:
@@ -120,8 +132,8 @@ class StreamingRecognizer:
             if new_line:
                 self.committed = [*self.committed, new_line][-self.settings.max_lines:]
             log_probs = log_probs[cut:]
-        self.partial = "" if final or log_probs is None or len(log_probs) == 0 else \
-            self.transcriber.decoder(log_probs).strip()
+        partial_decoder = self.transcriber.greedy if self.settings.partials == "greedy" else self.transcriber.decoder
+        self.partial = "" if final or log_probs is None or len(log_probs) == 0 else partial_decoder(log_probs).strip()
         self.last_decode_seconds = time.perf_counter() - start
         return Update(list(self.committed), self.partial, new_line or None, self.last_decode_seconds,
                       self._seconds(len(window)), self._seconds(self.received))

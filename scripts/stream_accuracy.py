@@ -14,7 +14,7 @@ import torch
 
 from asr_core.audio import load_audio
 from asr_core.evaluation import error_rates
-from asr_core.streaming import StreamingRecognizer
+from asr_core.streaming import PARTIALS, StreamingRecognizer, StreamSettings
 from asr_core.transcribe import Transcriber
 
 CLIPS = Path(__file__).resolve().parent.parent / "assets" / "clips"
@@ -26,6 +26,8 @@ def main():
     parser.add_argument("--decoding", choices=("greedy", "lm"), default="lm")
     parser.add_argument("--block", type=float, default=0.5, help="seconds of audio per block")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--partials", choices=PARTIALS, default="greedy",
+                        help="the partial text's decoder: greedy (the default) or the same as the committed lines'")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transcriber = Transcriber.from_folder(args.model, decoding=args.decoding)
@@ -33,7 +35,7 @@ def main():
     references, offline, streamed, decode_seconds = [], [], [], []
     for clip in json.loads((CLIPS / "clips.json").read_text()):
         samples = load_audio(str(CLIPS / clip["file"]))
-        engine = StreamingRecognizer(transcriber)
+        engine = StreamingRecognizer(transcriber, StreamSettings(partials=args.partials))
         for start in range(0, len(samples), block):
             update = engine.feed(samples[start:start + block])
             if update is not None:
@@ -41,7 +43,8 @@ def main():
         references.append(clip["text"])
         offline.append(transcriber.transcribe(samples))
         streamed.append(" ".join(engine.finish().committed))
-    print(f"{len(references)} clips, {args.decoding}, {args.block:g} s blocks, {args.threads} threads")
+    print(f"{len(references)} clips, {args.decoding}, partials {args.partials}, {args.block:g} s blocks, "
+          f"{args.threads} threads")
     print(f"offline WER {error_rates(references, offline)['wer']:.2%}, "
           f"streamed WER {error_rates(references, streamed)['wer']:.2%}")
     print(f"decode per update: median {1000 * statistics.median(decode_seconds):.0f} ms, "

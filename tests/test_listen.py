@@ -34,6 +34,9 @@ class FakeTranscriber:
     def decoder(self, log_probs):
         return f"{int((log_probs.argmax(-1) == 1).sum())}w"
 
+    def greedy(self, log_probs):  # the fast decoder of the partial text
+        return "greedy " + self.decoder(log_probs)
+
 
 def test_pauses_are_found_in_the_middle_of_a_blank_run():
     lp = torch.zeros(20, 3)
@@ -62,11 +65,24 @@ def test_silence_is_not_decoded_into_words():
     assert engine.finish().committed == [] and len(engine.pending) == 0
 
 
+def test_partials_are_greedy_and_committed_lines_use_the_transcribers_decoder():
+    """The partial text (replaced every step) is decoded greedily, the committed lines by the transcriber's own
+    decoder (the LM's beam search in the app); partials="same" decodes both with the latter."""
+    block = np.full(8000, 0.01, np.float32)
+    for partials, prefix in (("greedy", "greedy "), ("same", "")):
+        engine = StreamingRecognizer(FakeTranscriber(), StreamSettings(partials=partials))
+        updates = [u for _ in range(20) if (u := engine.feed(block)) is not None]
+        assert updates[0].partial.startswith(prefix) and updates[0].partial.removeprefix(prefix).endswith("w")
+        assert engine.committed and not any(line.startswith("greedy") for line in engine.committed)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(SettingsError, match="step_seconds"):
         StreamSettings(step_seconds=0)
     with pytest.raises(SettingsError, match="max_window_seconds"):
         StreamSettings(max_window_seconds=60)
+    with pytest.raises(SettingsError, match="partials"):
+        StreamSettings(partials="lm")
 
 
 def test_committed_text_of_clips_in_half_second_blocks_is_as_good_as_offline():
