@@ -83,9 +83,10 @@ def result_key(key: str, runtime: str) -> str:
     return key + ONNX_SUFFIX if runtime == "onnx" else key
 
 
-def baseline_row(results: dict) -> dict | None:
-    """What ratios and speed-ups are against: the PyTorch baseline row, else its ONNX Runtime row."""
-    return results.get("fp32") or results.get("fp32" + ONNX_SUFFIX)
+def baseline_row(results: dict, runtime: str = "torch") -> dict | None:
+    """What a row's ratio and speed-up are against: the baseline on the row's own runtime (a peer: the PyTorch
+    baseline); None when that row is not on the page."""
+    return results.get(result_key("fp32", runtime))
 
 
 def versus_baseline(base: dict | None, row: dict) -> tuple[float | None, float | None]:
@@ -110,14 +111,13 @@ def row_label(key: str, r: dict) -> str:
 
 
 def table_rows(results: dict[str, dict], reference: str | None) -> list[list]:
-    """Results keyed by variant -> display rows (ratio and speed-up against the baseline row)."""
-    base = baseline_row(results)
+    """Results keyed by variant -> display rows (ratio and speed-up against the baseline on the same runtime)."""
     rows = []
     for key in row_keys(results):
         r = results[key]
         fmt = lambda x, f: "—" if x is None else format(x, f)  # noqa: E731
         label = row_label(key, r)
-        ratio, speedup = versus_baseline(base, r)
+        ratio, speedup = versus_baseline(baseline_row(results, r.get("runtime", "torch")), r)
         rows.append([label, r.get("algorithm") or "—", diff_html(reference, r["transcript"]), fmt(r["wer"], ".1%"),
                      fmt(r["cer"], ".1%"),
                      f"{r['latency_ms']:.0f}", f"{r['rtf']:.3f}", f"{r['size_mb']:.2f}", fmt(r.get("ram_mb"), ".0f"),
@@ -135,14 +135,13 @@ def figure(results: dict[str, dict]):
 
 def write_csv(results: dict[str, dict], folder: str) -> str:
     path = os.path.join(folder, "edge_asr_results.csv")
-    base = baseline_row(results)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["variant", "recipe", "algorithm", "runtime", "transcript", "wer", "cer", "latency_ms", "rtf",
                     "size_mb", "ram_mb", "compression_ratio", "speedup"])
         for key in row_keys(results):
             r = results[key]
-            ratio, speedup = versus_baseline(base, r)
+            ratio, speedup = versus_baseline(baseline_row(results, r.get("runtime", "torch")), r)
             w.writerow([row_label(key, r), r["recipe"], r.get("algorithm", ""), r.get("runtime", "torch"),
                         r["transcript"], r["wer"], r["cer"], round(r["latency_ms"], 2), round(r["rtf"], 5),
                         round(r["size_mb"], 4), "" if r.get("ram_mb") is None else r["ram_mb"],
@@ -233,7 +232,7 @@ def run_all(studio: Studio, audio, reference, use_lm, peers, runtime, ram, *knob
             _measure_variant(studio, results, key, recipe, samples, reference, use_lm, runtimes, ram)
         for name in peers or []:
             results[PEER_PREFIX + name] = studio.measure_peer(name, samples, reference, ram)
-        decoding = baseline_row(results)["decoding"]
+        decoding = next(iter(results.values()))["decoding"]  # the baseline's row, on the first runtime
         where = " and ".join(RUNTIMES[r] for r in runtimes)
         return _outputs(studio, results, reference, f"Ran {len(results)} rows on {len(samples) / SAMPLE_RATE:.1f} s "
                         f"of audio ({studio.threads} threads, {where}, {decoding} decoding).")
@@ -244,6 +243,7 @@ def run_all(studio: Studio, audio, reference, use_lm, peers, runtime, ram, *knob
 def rerun_one(studio: Studio, key, audio, reference, use_lm, runtime, ram, results, on, knob, algo, progress=None):
     if not results:
         return _unchanged("Press **Run all variants** first.", results)
+    shown = results  # what the table shows: kept as it is when this re-run fails
     try:
         results = dict(results)
         for r in RUNTIMES:  # this row's old runs, on any runtime: none may stay at another knob
@@ -260,7 +260,7 @@ def rerun_one(studio: Studio, key, audio, reference, use_lm, runtime, ram, resul
         return _outputs(studio, results, reference, f"{SPECS[key].label} re-run with {done['recipe']} in "
                         f"{time.perf_counter() - start:.1f} s.")
     except Exception as err:  # noqa: BLE001
-        return _unchanged(f"⚠️ {friendly(err)}", results)
+        return _unchanged(f"⚠️ {friendly(err)}", shown)
 
 
 def dataset_recompute(studio: Studio, use_lm, *knobs, progress=None):
@@ -273,7 +273,7 @@ def dataset_recompute(studio: Studio, use_lm, *knobs, progress=None):
                 progress(n / len(recipes), desc=f"{SPECS[key].label} on {len(utterances)} clips")
             variant = studio.variant(recipe)
             transcriber = Transcriber(variant.transcriber.model, studio.tokenizer,
-                                      decoder=studio.decoder_for(variant, use_lm))
+                                      decoder=studio.decoder_for(variant.transcriber, use_lm))
             with studio.lock:
                 r = evaluate(transcriber, utterances, warmup=1, progress=False)
             results[key] = {**r, "size_mb": variant.bytes_on_disk / 1e6, "algorithm": variant.algorithm}
@@ -521,8 +521,8 @@ def _from_query(name: str, text: str, default):
         return text if text in SPECS and text != "fp32" else None
     if name == "layer":
         return text
-    if name == "runtime":
-        return text if text in RUNTIME_CHOICES else None
+    if name == "runtime":  # ONNX Runtime only where the page offers it (the onnx extra installed)
+        return text if text in RUNTIME_CHOICES and (text == "torch" or not onnx_missing()) else None
     spec = SPECS[name]
     try:
         value = float(text)

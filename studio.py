@@ -11,6 +11,7 @@ import statistics
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ ALGORITHMS = ("calibrated", "naive")
 # where a variant runs: in PyTorch (the artifact loaded back), or exported to ONNX (compression.export, with
 # the artifact's own int8/int4 codes) and run by ONNX Runtime as the torch-free device runner would
 RUNTIMES = {"torch": "PyTorch", "onnx": "ONNX Runtime"}
+RAM_TIMEOUT_S = 120  # a RAM measurement (a fresh process: 1-3 s here) that takes longer is given up with a message
 VIEWS_PER_VARIANT = 8  # class-view reports (clip, layer) kept with each variant
 SWEEP_POINTS_KEPT = 500  # sweep points (a few numbers each) kept across sweeps
 
@@ -141,8 +143,11 @@ class Studio:
         self.max_seconds, self.timed_runs = max_seconds, timed_runs
         self.cache_size = cache_size
         self.cache: OrderedDict[str, Variant] = OrderedDict()
-        self.lock = threading.Lock()  # one compression/measurement at a time: timings stay honest
+        # one compression/measurement at a time, so timings stay honest; re-entrant, so a measurement can hold it
+        # from fetching its variant to its last figure (no other request evicts the variant's files meanwhile)
+        self.lock = threading.RLock()
         self.workdir = tempfile.mkdtemp(prefix="edge-asr-studio-")
+        weakref.finalize(self, shutil.rmtree, self.workdir, True)  # artifacts and exports go with the studio
         self.peers: dict = {}  # peer name -> asr_core.peers.PeerEngine, loaded on first use
         self.peer_ram_mb: dict[str, float] = {}  # peer name -> peak resident MB, measured once
         self.builds = 0  # artifact folders made so far (their names)
@@ -212,8 +217,8 @@ class Studio:
         back at once."""
         if not recipe:
             raise SettingsError("the baseline has nothing to inspect: choose a compressed variant")
-        variant = self.variant(recipe)
         with self.lock:
+            variant = self.variant(recipe)
             start = time.perf_counter()
             digest, feats, base_capture = self._clip_capture(samples)
             key = (digest, layer)
@@ -284,16 +289,15 @@ class Studio:
     def load_clip(self, audio) -> "numpy.ndarray":  # noqa: F821
         return load_audio(audio, max_seconds=self.max_seconds)
 
-    def decoder_for(self, variant: Variant, use_lm: bool):
-        """The shared word-LM decoder when asked for and available, else the variant's greedy decoder."""
-        return self.lm_decoder if use_lm and self.lm_decoder is not None else variant.transcriber.greedy
+    def decoder_for(self, transcriber: Transcriber, use_lm: bool):
+        """The shared word-LM decoder when asked for and available, else ``transcriber``'s greedy decoder."""
+        return self.lm_decoder if use_lm and self.lm_decoder is not None else transcriber.greedy
 
     def runner(self, variant: Variant, runtime: str = "torch") -> Transcriber:
         """The variant's greedy transcriber on ``runtime``: the loaded artifact, or (``"onnx"``) its ONNX export
         on ONNX Runtime with the studio's threads, exported once (several seconds) and kept with the variant.
         Call with the lock held. SettingsError for an unknown runtime or when the onnx extra is missing."""
-        if runtime not in RUNTIMES:
-            raise SettingsError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}", setting="runtime")
+        _check_runtime(runtime)
         if runtime == "torch":
             return variant.transcriber
         if variant.onnx is None:
@@ -314,7 +318,8 @@ class Studio:
 
         if runtime not in variant.ram_mb:
             folder = variant.onnx_folder if runtime == "onnx" else variant.folder
-            variant.ram_mb[runtime] = peak_rss_mb(folder, runtime, threads=self.threads)["peak_mb"]
+            variant.ram_mb[runtime] = peak_rss_mb(folder, runtime, threads=self.threads,
+                                                  timeout=RAM_TIMEOUT_S)["peak_mb"]
         return variant.ram_mb[runtime]
 
     def measure(self, recipe: str, samples, reference: str | None, use_lm: bool = True, runtime: str = "torch",
@@ -327,10 +332,11 @@ class Studio:
         decoder), as in ``edge-asr evaluate`` and the benchmark; one clip is noisier than a corpus, so it is the
         median of up to ``timed_runs`` runs after a warm-up (:func:`median_seconds`).
         """
-        variant = self.variant(recipe)
+        _check_runtime(runtime)  # before any compression
         with self.lock:
+            variant = self.variant(recipe)
             greedy = self.runner(variant, runtime)
-            decoder = self.lm_decoder if use_lm and self.lm_decoder is not None else greedy.greedy
+            decoder = self.decoder_for(greedy, use_lm)
             transcriber = Transcriber(greedy.model, self.tokenizer, decoder=decoder)
             text = transcriber.transcribe(samples)  # warm-up
             latency = median_seconds(lambda: timed_decode(transcriber, samples)[2], self.timed_runs)
@@ -355,10 +361,16 @@ class Studio:
             text = engine.transcribe(samples)  # warm-up
             latency = median_seconds(lambda: _seconds(engine.transcribe, samples), self.timed_runs)
             if ram and name not in self.peer_ram_mb:
-                self.peer_ram_mb[name] = peak_rss_mb(name, "peer", threads=self.threads)["peak_mb"]
+                self.peer_ram_mb[name] = peak_rss_mb(name, "peer", threads=self.threads,
+                                                     timeout=RAM_TIMEOUT_S)["peak_mb"]
         return _row(text, reference, latency, samples, engine.bytes_on_disk, recipe="", build_seconds=0.0,
                     algorithm="peer", decoding=engine.note, runtime="peer",
                     ram_mb=self.peer_ram_mb.get(name) if ram else None)
+
+
+def _check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise SettingsError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}", setting="runtime")
 
 
 def _row(text: str, reference: str | None, latency: float, samples, size_bytes: int, **rest) -> dict:
@@ -405,7 +417,7 @@ class LiveSession:
         self.key = (variant.recipe, use_lm)
         self.label = variant.recipe or "FP32 (baseline)"
         transcriber = Transcriber(variant.transcriber.model, studio.tokenizer,
-                                  decoder=studio.decoder_for(variant, use_lm))
+                                  decoder=studio.decoder_for(variant.transcriber, use_lm))
         self.engine = StreamingRecognizer(transcriber)
         self.lock = studio.lock  # decodes take turns with the Compare tab's measurements
         self.resampler, self.rate = None, None

@@ -129,7 +129,11 @@ def peak_rss_mb(folder: str, runtime: str = "torch", clip: str | None = None, th
                *(["--low-memory"] if low_memory else [])]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise SettingsError(f"memory measurement of {folder} ({runtime}) took over {timeout:g} s and was stopped") \
+            from None
     if run.returncode != 0:
         last = (run.stderr.strip().splitlines() or ["no output"])[-1]
         raise SettingsError(f"memory measurement of {folder} ({runtime}) failed: {last}")

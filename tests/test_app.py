@@ -64,6 +64,7 @@ def test_a_variant_runs_on_onnx_runtime_beside_pytorch_with_its_ram(studio, wav_
     assert list(results) == ["fp32", "fp32@onnx", "int8", "int8@onnx"], status
     labels = [row[0] for row in table]
     assert labels[1].endswith("· ONNX Runtime") and not labels[0].endswith("ONNX Runtime")
+    assert table[1][9] == "1.0x" and table[1][10] == "1.00x"  # the ONNX rows against the ONNX baseline
     for key in ("fp32", "int8"):
         torch_row, onnx_row = results[key], results[key + "@onnx"]
         assert onnx_row["runtime"] == "onnx" and isinstance(onnx_row["transcript"], str)
@@ -77,6 +78,8 @@ def test_a_variant_runs_on_onnx_runtime_beside_pytorch_with_its_ram(studio, wav_
     again = app.rerun_one(studio, "int8", wav_file, "hello world", False, "torch", False, results, True, None,
                           "naive")[-1]
     assert "int8@onnx" not in again and again["int8"]["algorithm"] == "rtn" and again["int8"]["ram_mb"] is None
+    failed = app.rerun_one(studio, "int8", wav_file, "hello world", False, "tpu", False, again, True, None, "naive")
+    assert "runtime must be one of" in failed[3] and failed[-1] is again  # the table's rows stay as shown
     assert "runtime must be one of" in app.run_all(studio, wav_file, "", False, [], "tpu", False, *knobs)[3]
 
 
@@ -271,3 +274,6 @@ def test_without_the_onnx_extra_the_runtime_choice_says_what_to_install(monkeypa
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     assert app.onnx_missing() == 'needs onnxruntime: pip install -e ".[onnx]"'
+    controls = [(spec, f"on-{spec.key}", f"knob-{spec.key}", f"algo-{spec.key}") for spec in app.VARIANTS[1:]]
+    fields = app.url_fields(controls, "method", "layer", "present", "runtime", "ram")
+    assert app.url_state(fields, {"runtime": "onnx"})[-2] == {"__type__": "update"}  # not offered: not set

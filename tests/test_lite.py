@@ -137,3 +137,5 @@ def test_memory_is_measured_in_a_fresh_process(lite_dir, tiny_model_dir):
     assert torch_side["text"] == onnx_side["text"]  # the same clip through the same weights
     with pytest.raises(SettingsError, match="runtime must be"):
         peak_rss_mb(lite_dir, runtime="tflite")
+    with pytest.raises(SettingsError, match="took over 0.01 s and was stopped"):
+        peak_rss_mb(lite_dir, runtime="onnx", timeout=0.01)
