@@ -109,13 +109,14 @@ def result_rows(d):
     """)
 
 
-def upload_and_run_all(d, url, clip=CLIP, reference=REFERENCE):
-    """Open the page, upload ``clip``, type ``reference``, press "Run all variants" and wait for the table.
+def upload_and_run_all(d, url, clip=CLIP, reference=REFERENCE, n_rows=8, ready=None):
+    """Open the page, upload ``clip``, type ``reference``, press "Run all variants" and wait for the table (at
+    least ``n_rows`` rows); ``ready(d)``: also wait for it before uploading (e.g. the URL's settings applied).
     Returns (status line, result rows, seconds from the click to the table)."""
     from selenium.webdriver.common.by import By
 
     d.get(url)
-    wait_for(lambda: d.find_elements(By.ID, "run"))
+    wait_for(lambda: d.find_elements(By.ID, "run") and (ready is None or ready(d)))
     assert plot_traces(d, "plot-hist") == 0  # the class view is not drawn on load (the URL names no view)
     upload = next(b for b in d.find_elements(By.CSS_SELECTOR, "#audio-input button")
                   if (b.get_attribute("aria-label") or "").lower().startswith("upload"))
@@ -129,7 +130,7 @@ def upload_and_run_all(d, url, clip=CLIP, reference=REFERENCE):
     d.find_element(By.ID, "run").click()
     wait_for(lambda: "Ran" in d.find_element(By.ID, "status").text or "⚠" in d.find_element(By.ID, "status").text)
     status = d.find_element(By.ID, "status").text
-    rows = wait_for(lambda: result_rows(d) if len(result_rows(d)) >= 8 else None) if "Ran" in status else []
+    rows = wait_for(lambda: result_rows(d) if len(result_rows(d)) >= n_rows else None) if "Ran" in status else []
     return status, rows, time.perf_counter() - start
 
 
@@ -165,6 +166,27 @@ def test_upload_run_all_and_move_a_knob(server, browser):
     # the class view, idle until now, follows the knob that moved
     wait_for(lambda: "sparsity=0.9" in element_text(d, "how-text") and plot_traces(d, "plot-hist") > 0)
     d.save_screenshot(str(ARTIFACTS / "studio_after_knob.png"))
+
+
+def test_both_runtimes_and_the_ram_column_set_from_the_url(server, browser):
+    """A shared link with runtime=both and ram=on (every row but int8 off): the baseline and int8 each get a
+    PyTorch row and an ONNX Runtime row, each with its RAM and against its own runtime's baseline."""
+    import app
+
+    if app.onnx_missing():
+        pytest.skip(app.onnx_missing())
+    off = "&".join(f"{s.key}.on=false" for s in app.VARIANTS[1:] if s.key != "int8")
+    ram_on = "return document.querySelector('#ram input[type=checkbox]').checked"
+    status, rows, _ = upload_and_run_all(browser, f"{server}/?runtime=both&ram=on&{off}", n_rows=4,
+                                         ready=lambda d: d.execute_script(ram_on))
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "runtimes.png"))
+    assert "PyTorch and ONNX Runtime" in status, status
+    labels = [row[0] for row in rows]
+    assert len(rows) == 4 and labels[0].startswith("FP32") and labels[2].startswith("INT8"), labels
+    assert labels[1].endswith("ONNX Runtime") and labels[3].endswith("ONNX Runtime"), labels
+    assert all(float(row[8]) > 0 for row in rows), rows  # RAM MB
+    assert rows[1][9] == "1.0x" and rows[1][10] == "1.00x"  # the ONNX baseline against itself
 
 
 def test_gradio_client_endpoints(server, tmp_path):
