@@ -138,6 +138,7 @@ class Studio:
     def __init__(self, model_dir: str | None = None, *, cache_size: int = 10,
                  max_seconds: float = MAX_SECONDS, timed_runs: int = TIMED_RUNS, calib: str | None = None):
         self.model_dir = model_dir or default_model_dir()
+        _refuse_onnx_baseline(self.model_dir)
         self.base, self.tokenizer = load_model(self.model_dir)
         self.threads = torch.get_num_threads()  # the entry point sets them (app.main: --threads)
         self.max_seconds, self.timed_runs = max_seconds, timed_runs
@@ -366,6 +367,20 @@ class Studio:
         return _row(text, reference, latency, samples, engine.bytes_on_disk, recipe="", build_seconds=0.0,
                     algorithm="peer", decoding=engine.note, runtime="peer",
                     ram_mb=self.peer_ram_mb.get(name) if ram else None)
+
+
+def _refuse_onnx_baseline(model_dir: str) -> None:
+    """The studio compresses its baseline, which needs the PyTorch weights: an exported ONNX folder is refused
+    with the way to the same model on ONNX Runtime (its source folder, and the page's Runtime choice)."""
+    from asr_core.onnx_model import is_onnx_folder, read_onnx_config
+
+    if not is_onnx_folder(model_dir):
+        return
+    source = read_onnx_config(model_dir).get("onnx", {}).get("source")
+    raise SettingsError(f"{model_dir} is an exported ONNX model: the studio compresses a PyTorch model folder. "
+                        f"Start it on {'the folder it was exported from, ' + source if source else 'its source'} "
+                        f"and pick Runtime: ONNX Runtime on the page (each variant is exported and run there)",
+                        setting="model")
 
 
 def _check_runtime(runtime: str) -> None:

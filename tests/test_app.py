@@ -277,3 +277,14 @@ def test_without_the_onnx_extra_the_runtime_choice_says_what_to_install(monkeypa
     controls = [(spec, f"on-{spec.key}", f"knob-{spec.key}", f"algo-{spec.key}") for spec in app.VARIANTS[1:]]
     fields = app.url_fields(controls, "method", "layer", "present", "runtime", "ram")
     assert app.url_state(fields, {"runtime": "onnx"})[-2] == {"__type__": "update"}  # not offered: not set
+
+
+def test_an_onnx_folder_as_the_baseline_is_refused_with_the_way_to_onnx_runtime(tmp_path):
+    """The studio compresses its baseline's PyTorch weights: an exported folder gets one message naming the folder
+    it came from, before anything loads."""
+    import json
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps({"format": "edge-asr-onnx", "onnx": {"source": "ckpt/base"}}))
+    with pytest.raises(SettingsError, match="exported ONNX model.*ckpt/base.*Runtime: ONNX Runtime"):
+        app.Studio(str(tmp_path))
