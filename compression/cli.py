@@ -291,17 +291,31 @@ def cmd_inspect(args) -> int:
 
 def _write_figures(figs: dict, out: str) -> list[str]:
     """Each figure as an HTML file (plotly.min.js written once beside them, so the folder opens offline), and as
-    PNG when kaleido is importable (else one line says so)."""
+    PNG when kaleido is importable and can start its Chrome (else one line says why)."""
     try:
         import kaleido  # noqa: F401
+        png = True
     except ImportError:
-        kaleido = None
+        png = False
         print("PNG figures skipped: kaleido is not installed (pip install kaleido); the HTML figures are complete")
     written = []
     for stem, fig in figs.items():
         fig.write_html(os.path.join(out, f"{stem}.html"), include_plotlyjs="directory")
         written.append(f"{stem}.html")
-        if kaleido is not None:
-            fig.write_image(os.path.join(out, f"{stem}.png"), width=1200, scale=1)
-            written.append(f"{stem}.png")
+        if png:
+            png = _write_png(fig, os.path.join(out, f"{stem}.png"))
+            written += [f"{stem}.png"] if png else []
     return written
+
+
+def _write_png(fig, path: str) -> bool:
+    """Whether ``fig`` was written as PNG; kaleido renders in a headless Chrome (or Chromium), which may be
+    missing or fail to start: then one line says so, and the HTML figures stand."""
+    try:
+        fig.write_image(path, width=1200, scale=1)
+        return True
+    except Exception as err:  # noqa: BLE001 - kaleido and choreographer raise their own types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"PNG figures skipped: kaleido could not render ({first[:200]}); install Chrome or Chromium, or "
+              f"run `plotly_get_chrome`; the HTML figures are complete")
+        return False
