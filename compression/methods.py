@@ -296,12 +296,14 @@ def apply_prune(model: nn.Module, s: PruneSettings, layers, stats=None) -> nn.Mo
     return model
 
 
-def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30,
-              weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30, weights: torch.Tensor | None = None,
+              perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact Lloyd's k-means in one dimension: (n,) -> centroids (k,) sorted, indices (n,).
 
     ``weights`` (n,), optional: each value counts that much in its centroid's mean (SqueezeLLM's
     sensitivity-weighted k-means: a weight whose input carries more energy pulls its centroid harder).
+    ``perm`` (n,), optional: the permutation that sorts ``values``, when already known (the sort is most of the
+    time: a caller that clusters the same weights again, at another k, keeps it).
 
     Written out rather than sklearn.cluster.KMeans because 1-D allows an exact shortcut: after one sort,
     every cluster is a contiguous run of the sorted values, so an iteration is a binary search of the k-1
@@ -309,7 +311,10 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30,
     Linear initialisation over [min, max], which Han et al. (Deep Compression) found best for accuracy.
     """
     values = values.detach().float().reshape(-1)
-    ordered, perm = values.sort()
+    if perm is None:
+        ordered, perm = values.sort()
+    else:
+        ordered = values[perm]
     ordered = ordered.double()
     mass = torch.ones_like(ordered) if weights is None else weights.detach().reshape(-1)[perm].double().clamp_min(0)
     prefix_w = torch.cat([torch.zeros(1, dtype=torch.float64), mass.cumsum(0)])
@@ -374,7 +379,8 @@ def apply_svd(model: nn.Module, s: SVDSettings, layers, stats=None) -> nn.Module
     for name, linear in layers:
         out_f, in_f = linear.weight.shape
         if s.algo == "activation":
-            factors = calibrated.activation_svd(linear, calibrated.layer_stats(stats, name, linear), s.energy, s.rank)
+            factors = calibrated.activation_svd(linear, calibrated.layer_stats(stats, name, linear), s.energy, s.rank,
+                                                name)
         else:
             factors = _weight_svd(linear, s)
         if factors is None:

@@ -152,9 +152,40 @@ def test_svd_llm_factorises_a_layer_once_for_every_energy():
     layer = nn.Linear(x.shape[1], 48)
     stats = LayerStats(x.T @ x, x.sum(0), x.shape[0])
     low, high = activation_svd(layer, stats, 0.5, None), activation_svd(layer, stats, 0.9, None)
-    assert len([k for k in stats.factors if k[0] == "svd-llm"]) == 1 and low[0] < high[0]
+    kept = stats.factors[("svd-llm", "")]
+    assert low[0] < high[0]
     fresh = activation_svd(layer, LayerStats(x.T @ x, x.sum(0), x.shape[0]), 0.9, None)
     assert all(torch.equal(a, b) for a, b in zip(high[1:], fresh[1:]))
+    assert activation_svd(layer, stats, 0.7, None) and stats.factors[("svd-llm", "")] is kept  # reused
+    with torch.no_grad():
+        layer.weight.mul_(0.5)  # other weights (e.g. an earlier step of a chain): replaced, not added
+    activation_svd(layer, stats, 0.9, None)
+    assert stats.factors[("svd-llm", "")] is not kept and len(stats.factors) == 1
+
+
+def test_kept_factors_are_one_per_layer_and_follow_the_weights():
+    """What a knob change would recompute on the same weights is kept per layer (layers sharing their input share
+    the statistics, so the slot names the layer); other weights replace it; k-means with the kept sort clusters
+    exactly as sorting again."""
+    from compression.calibrated import kept_for_layer, weight_digest
+    from compression.calibration import LayerStats
+    from compression.methods import kmeans_1d
+
+    torch.manual_seed(0)
+    values, mass = torch.randn(5000), torch.rand(5000)
+    stats, calls = LayerStats(torch.eye(4), torch.zeros(4), 1), []
+
+    def sort_of(v, name):
+        return kept_for_layer(stats, ("kmeans-sort", name), weight_digest(v),
+                              lambda: calls.append(name) or v.argsort().to(torch.int32)).long()
+    for k in (4, 16):
+        cached = kmeans_1d(values, k, 30, weights=mass, perm=sort_of(values, "q"))
+        plain = kmeans_1d(values, k, 30, weights=mass)
+        assert torch.equal(cached[0], plain[0]) and torch.equal(cached[1], plain[1])
+    sort_of(values * 2, "k")  # a sibling layer on the same statistics: its own slot
+    assert calls == ["q", "k"] and sort_of(values, "q") is not None and calls == ["q", "k"]
+    sort_of(values * 3, "q")  # other weights in the same layer: recomputed, replacing the old sort
+    assert calls == ["q", "k", "q"] and len(stats.factors) == 2
 
 
 @pytest.mark.parametrize("recipe, twin", [
