@@ -15,6 +15,7 @@ so the artifact format, the loader and recovery fine-tuning need nothing new.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -144,7 +145,7 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
         if chosen(w).numel() == 0:
             continue
         values = chosen(w).float()
-        # the sort is most of k-means' time; int32, 4 bytes per weight (about 80 MB for the shipped baseline)
+        # the sort is most of k-means' time; int32, 4 bytes per weight (up to 2 x 80 MB for the shipped baseline)
         perm = kept_for_layer(s, ("kmeans-sort", name), weight_digest(values),
                               lambda: values.argsort().to(torch.int32)).long()
         centroids, _ = kmeans_1d(values, clusters, iterations, weights=chosen(importance), perm=perm)
@@ -158,15 +159,19 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
                                         None if keep is None else keep.reshape(module.weight.shape)), unsafe=True)
 
 
-def kept_for_layer(s: LayerStats, slot: tuple, key, compute):
-    """``compute()``, kept on the statistics in ``slot`` (one per layer: layers that share their input also
-    share the statistics) while ``key`` (a digest of the weights it was computed from) stays the same: a knob
-    change or a sweep on the same weights computes it once, and a chain whose earlier step changes the weights at
-    each knob value replaces it instead of piling up copies."""
-    kept = s.factors.get(slot)
-    if kept is None or kept[0] != key:
-        kept = s.factors[slot] = (key, compute())
-    return kept[1]
+def kept_for_layer(s: LayerStats, slot: tuple, key, compute, keep: int = 2):
+    """``compute()``, kept on the statistics in ``slot`` (per layer: layers that share their input also share the
+    statistics) for the last ``keep`` weights it was computed from (``key``: their digest). A knob change or a
+    sweep on the same weights computes it once; a chain whose earlier step changes the weights at each knob value
+    replaces the oldest entry instead of piling up copies. Two, because the studio's rows hold a method alone
+    and the same method inside the combined chain."""
+    kept = s.factors.setdefault(slot, OrderedDict())
+    if key not in kept:
+        kept[key] = compute()
+        while len(kept) > keep:
+            kept.popitem(last=False)
+    kept.move_to_end(key)
+    return kept[key]
 
 
 def weight_digest(w: torch.Tensor) -> tuple:

@@ -152,15 +152,16 @@ def test_svd_llm_factorises_a_layer_once_for_every_energy():
     layer = nn.Linear(x.shape[1], 48)
     stats = LayerStats(x.T @ x, x.sum(0), x.shape[0])
     low, high = activation_svd(layer, stats, 0.5, None), activation_svd(layer, stats, 0.9, None)
-    kept = stats.factors[("svd-llm", "")]
+    kept = next(iter(stats.factors[("svd-llm", "")].values()))
     assert low[0] < high[0]
     fresh = activation_svd(layer, LayerStats(x.T @ x, x.sum(0), x.shape[0]), 0.9, None)
     assert all(torch.equal(a, b) for a, b in zip(high[1:], fresh[1:]))
-    assert activation_svd(layer, stats, 0.7, None) and stats.factors[("svd-llm", "")] is kept  # reused
-    with torch.no_grad():
-        layer.weight.mul_(0.5)  # other weights (e.g. an earlier step of a chain): replaced, not added
-    activation_svd(layer, stats, 0.9, None)
-    assert stats.factors[("svd-llm", "")] is not kept and len(stats.factors) == 1
+    assert activation_svd(layer, stats, 0.7, None) and len(stats.factors[("svd-llm", "")]) == 1  # reused
+    for scale in (0.5, 0.5, 0.5):  # other weights (e.g. an earlier step of a chain): at most two kept
+        with torch.no_grad():
+            layer.weight.mul_(scale)
+        activation_svd(layer, stats, 0.9, None)
+    assert len(stats.factors[("svd-llm", "")]) == 2 and all(v is not kept for v in stats.factors[("svd-llm", "")].values())
 
 
 def test_kept_factors_are_one_per_layer_and_follow_the_weights():
@@ -184,8 +185,12 @@ def test_kept_factors_are_one_per_layer_and_follow_the_weights():
         assert torch.equal(cached[0], plain[0]) and torch.equal(cached[1], plain[1])
     sort_of(values * 2, "k")  # a sibling layer on the same statistics: its own slot
     assert calls == ["q", "k"] and sort_of(values, "q") is not None and calls == ["q", "k"]
-    sort_of(values * 3, "q")  # other weights in the same layer: recomputed, replacing the old sort
-    assert calls == ["q", "k", "q"] and len(stats.factors) == 2
+    sort_of(values * 3, "q")  # other weights in the same layer (a chain's): kept beside the first
+    sort_of(values, "q")
+    assert calls == ["q", "k", "q"]
+    sort_of(values * 4, "q")  # a third: the least recently used goes
+    sort_of(values, "q")
+    assert calls == ["q", "k", "q", "q"] and len(stats.factors[("kmeans-sort", "q")]) == 2
 
 
 @pytest.mark.parametrize("recipe, twin", [
