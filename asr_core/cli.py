@@ -324,7 +324,7 @@ def cmd_average(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .data import load_utterances
-    from .distributed import DistributedError, joined_world, launched_world, lost_contact
+    from .distributed import joined_world, launched_world
     from .evaluation import evaluate, summary_line
 
     utterances = load_utterances(args.data, args.limit)
@@ -338,15 +338,8 @@ def cmd_evaluate(args) -> int:
         result = evaluate_peer(load_peer(args.engine, torch.get_num_threads()), utterances)
     else:
         transcriber, model_dir = _transcriber(args)
-        world = launched_world()
-        try:
-            with joined_world("cpu") as world:  # under torchrun: each rank decodes a share; only hypotheses travel
-                result = evaluate(transcriber, utterances, model_dir=model_dir, world=world)
-        except RuntimeError as err:
-            if lost_contact(world, err):
-                raise DistributedError(f"rank {world.rank} lost contact with the other evaluation process(es): "
-                                       f"{str(err).splitlines()[0]}") from None
-            raise
+        with joined_world("cpu", role="evaluation") as world:  # torchrun: each rank decodes a share, sends texts
+            result = evaluate(transcriber, utterances, model_dir=model_dir, world=world)
         result["model"] = model_dir
         if not world.is_main:
             return 0

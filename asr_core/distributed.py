@@ -88,16 +88,26 @@ def leave_world(world: World, together: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def joined_world(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[World]:
+def joined_world(device: str, timeout_s: float = DEFAULT_TIMEOUT_S, role: str = "data-parallel",
+                 then: str = "") -> Iterator[World]:
     """:func:`init_world` for the ``with`` block, then :func:`leave_world`: together when the block ended
-    normally, at once when it raised."""
+    normally, at once when it raised. A collective that failed because another rank is gone (in the block or
+    at the closing barrier) becomes one DistributedError line: "rank R lost contact with the other N ``role``
+    process(es) ...", then ``then`` (what to do about it)."""
     world = init_world(device, timeout_s)
     try:
-        yield world
-    except BaseException:
-        leave_world(world, together=False)
+        try:
+            yield world
+        except BaseException:
+            leave_world(world, together=False)
+            raise
+        leave_world(world)
+    except RuntimeError as err:
+        if lost_contact(world, err):
+            raise DistributedError(f"rank {world.rank} lost contact with the other {world.size - 1} {role} "
+                                   f"process(es): one died or stopped answering ({str(err).splitlines()[0]})."
+                                   + (f" {then}" if then else "")) from None
         raise
-    leave_world(world)
 
 
 def rank_device(world: World, device: str) -> str:

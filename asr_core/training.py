@@ -34,8 +34,8 @@ from .augment import spec_augment
 from .checkpoint import read_state, save_model
 from .data import BucketBatchSampler, RankBatchSampler, SpeechDataset, Utterance, collate
 from .decoding import GreedyDecoder
-from .distributed import (DEFAULT_TIMEOUT_S, DistributedError, World, agree, broadcast_object, gather_objects,
-                          joined_world, launched_world, lost_contact, rank_device, shard_bounds, sum_values)
+from .distributed import (DEFAULT_TIMEOUT_S, World, agree, broadcast_object, gather_objects, joined_world,
+                          rank_device, shard_bounds, sum_values)
 from .errors import SettingsError
 from .evaluation import decode_batches, error_rates
 from .model import ConformerCTC, valid_mask
@@ -572,18 +572,9 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
     Under torchrun every rank calls this with the same arguments (checked); see the module docstring.
     """
     _check_distill(cfg, model, teacher)
-    world = launched_world()
-    try:  # around the block: the closing barrier can lose contact too
-        with joined_world(_resolve_device(cfg.device), cfg.dist_timeout) as world:
-            return _train(model, tokenizer, train_utts, dev_utts, cfg, out_dir, world, resume, progress, teacher,
-                          on_step)
-    except RuntimeError as err:
-        if lost_contact(world, err):
-            raise DistributedError(
-                f"rank {world.rank} lost contact with the other {world.size - 1} training process(es): one died "
-                f"or stopped answering ({str(err).splitlines()[0]}). Rerun the same command with --resume to "
-                f"continue from the last save") from None
-        raise
+    with joined_world(_resolve_device(cfg.device), cfg.dist_timeout, "training",
+                      "Rerun the same command with --resume to continue from the last save") as world:
+        return _train(model, tokenizer, train_utts, dev_utts, cfg, out_dir, world, resume, progress, teacher, on_step)
 
 
 def _train(model, tokenizer, train_utts, dev_utts, cfg: TrainConfig, out_dir, world: World, resume: bool,
