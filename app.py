@@ -29,6 +29,7 @@ from asr_core.evaluation import evaluate
 from asr_core.text import normalize_text
 from asr_core.transcribe import Transcriber
 from compression.charts import tradeoff_figure
+from compression.export import onnx_missing  # why the page's ONNX Runtime choice is off, or None
 from compression.inspect import explain, explain_storage
 from compression.inspect_figures import figures as class_figures
 from compression.inspect_figures import sweep_figure
@@ -254,9 +255,9 @@ def rerun_one(studio: Studio, key, audio, reference, use_lm, runtime, ram, resul
         if progress is not None:
             progress(0.2, desc=f"{SPECS[key].label}: compressing")
         start = time.perf_counter()
-        recipe = SPECS[key].recipe(knob, algo)
-        _measure_variant(studio, results, key, recipe, samples, reference, use_lm, _runtimes(runtime), ram)
-        done = results[result_key(key, _runtimes(runtime)[0])]
+        recipe, runtimes = SPECS[key].recipe(knob, algo), _runtimes(runtime)
+        _measure_variant(studio, results, key, recipe, samples, reference, use_lm, runtimes, ram)
+        done = results[result_key(key, runtimes[0])]
         return _outputs(studio, results, reference, f"{SPECS[key].label} re-run with {done['recipe']} in "
                         f"{time.perf_counter() - start:.1f} s.")
     except Exception as err:  # noqa: BLE001
@@ -610,14 +611,6 @@ def _peer_choice():
     missing = [f"{name}: {why}" for name, why in available_peers().items() if why]
     return gr.CheckboxGroup(ready, value=[], label="Peers, not ours (measured the same way)",
                             info="; ".join(missing) or None, elem_id="peers")
-
-
-def onnx_missing() -> str | None:
-    """Why the ONNX Runtime choice is off (a package of the onnx extra is missing), or None."""
-    import importlib.util
-
-    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
-    return f"needs {', '.join(missing)}: pip install -e \".[onnx]\"" if missing else None
 
 
 def _run_settings():

@@ -142,9 +142,9 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
         h = s.hessian
         importance = h.diagonal()[None, :].expand_as(w)
         chosen = (lambda t: t[keep]) if keep is not None else (lambda t: t.reshape(-1))
-        if chosen(w).numel() == 0:
-            continue
         values = chosen(w).float()
+        if values.numel() == 0:
+            continue
         # the sort is most of k-means' time; int32, 4 bytes per weight (up to 2 x 80 MB for the shipped baseline)
         perm = kept_for_layer(s, ("kmeans-sort", name), weight_digest(values),
                               lambda: values.argsort().to(torch.int32)).long()

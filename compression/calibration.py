@@ -55,7 +55,9 @@ class LayerStats:
     gram: torch.Tensor
     total: torch.Tensor
     n: int = 0
-    # factors of the Hessian computed from these statistics, by sweep order (compression.obs.layer_factor)
+    # what builds derive from these statistics and keep: the Hessian's factors by sweep order
+    # (compression.obs.layer_factor), and per layer the weights' SVD-LLM factors and k-means sort
+    # (compression.calibrated.kept_for_layer)
     factors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

@@ -55,6 +55,18 @@ COPIED = ("lm.arpa.gz", "decoding.json")
 INSTALL_HINT = 'pip install -e ".[onnx]"'
 
 
+ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")  # the onnx extra: the exporter needs all three
+
+
+def onnx_missing() -> str | None:
+    """Why exporting cannot work here ("needs onnxscript: pip install ..."), found without importing anything;
+    None when every package of the extra is installed."""
+    import importlib.util
+
+    missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
+    return f"needs {', '.join(missing)}: {INSTALL_HINT}" if missing else None
+
+
 def require_onnx():
     """Import onnx, onnxruntime and onnxscript (the exporter needs all three); SettingsError naming the fix."""
     try:
