@@ -121,6 +121,7 @@ class Variant:
     views: OrderedDict = field(default_factory=OrderedDict)  # (clip, layer) -> class-view report, recent last
     onnx: Transcriber | None = None  # the ONNX export of ``folder`` on ONNX Runtime, made on first use
     onnx_seconds: float = 0.0  # what the export took
+    onnx_bytes: int = 0  # the export's size on disk
     ram_mb: dict = field(default_factory=dict)  # runtime -> peak resident MB (asr_core.memory), measured once
 
     @property
@@ -309,6 +310,7 @@ class Studio:
             export_onnx(variant.folder, variant.onnx_folder, check=False)
             variant.onnx = Transcriber(load_onnx_folder(variant.onnx_folder, threads=self.threads), self.tokenizer)
             variant.onnx_seconds = time.perf_counter() - start
+            variant.onnx_bytes = folder_bytes(variant.onnx_folder)
         return variant.onnx
 
     def ram_mb(self, variant: Variant, runtime: str = "torch") -> float:
@@ -343,8 +345,8 @@ class Studio:
             latency = median_seconds(lambda: timed_decode(transcriber, samples)[2], self.timed_runs)
             ram_mb = self.ram_mb(variant, runtime) if ram else None
         onnx = runtime == "onnx"
-        return _row(text, reference, latency, samples,
-                    folder_bytes(variant.onnx_folder) if onnx else variant.bytes_on_disk, recipe=variant.recipe,
+        return _row(text, reference, latency, samples, variant.onnx_bytes if onnx else variant.bytes_on_disk,
+                    recipe=variant.recipe,
                     build_seconds=variant.build_seconds + (variant.onnx_seconds if onnx else 0.0),
                     algorithm=variant.algorithm, runtime=runtime, ram_mb=ram_mb,
                     decoding="greedy" if decoder is greedy.greedy else "beam search + word LM")
