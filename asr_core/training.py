@@ -35,7 +35,7 @@ from .checkpoint import read_state, save_model
 from .data import BucketBatchSampler, RankBatchSampler, SpeechDataset, Utterance, collate
 from .decoding import GreedyDecoder
 from .distributed import (DEFAULT_TIMEOUT_S, World, agree, broadcast_object, gather_objects, joined_world,
-                          rank_device, shard_bounds, sum_values)
+                          launched_world, rank_device, shard_bounds, sum_values)
 from .errors import SettingsError
 from .evaluation import decode_batches, error_rates
 from .model import ConformerCTC, valid_mask
@@ -454,10 +454,12 @@ class _StopRequested(Exception):
 
 class StopSignals:
     """Ctrl-C / SIGTERM set a flag the loop checks after each step (so the run stops cleanly and resumes), while
-    the ``with`` block lasts; elsewhere the process's handlers stay as they were."""
+    the ``with`` block lasts; elsewhere the process's handlers stay as they were. A second signal stops at once
+    (the handler from before runs), for a step or a final validation that takes too long to wait for."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.requested = False
+        self.announce = announce  # say so on stderr (rank 0 only: every rank of a torchrun gets the signal)
         self._old: dict = {}
 
     def __enter__(self):
@@ -465,12 +467,23 @@ class StopSignals:
             self._old = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
-    def _request(self, *_):
+    def _request(self, signum, _frame):
+        if self.requested:
+            self._restore()
+            signal.raise_signal(signum)
+            return
         self.requested = True
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving; send it again to stop "
+                  f"at once", file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc):
+    def _restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)
+        self._old = {}
+
+    def __exit__(self, *exc):
+        self._restore()
         return False
 
 
@@ -572,13 +585,18 @@ def train(model: ConformerCTC, tokenizer: CharTokenizer, train_utts: list[Uttera
     Under torchrun every rank calls this with the same arguments (checked); see the module docstring.
     """
     _check_distill(cfg, model, teacher)
-    with joined_world(_resolve_device(cfg.device), cfg.dist_timeout, "training",
-                      "Rerun the same command with --resume to continue from the last save") as world:
-        return _train(model, tokenizer, train_utts, dev_utts, cfg, out_dir, world, resume, progress, teacher, on_step)
+    # The signals are caught outside the process group so that they stay caught while it is torn down: torchrun
+    # SIGTERMs every surviving rank the moment one dies, and rank 0, already unwinding from the failed
+    # collective, must live to say "lost contact ..." rather than vanish with exit -15.
+    with StopSignals(announce=launched_world().is_main) as signals, joined_world(
+            _resolve_device(cfg.device), cfg.dist_timeout, "training",
+            "Rerun the same command with --resume to continue from the last save") as world:
+        return _train(model, tokenizer, train_utts, dev_utts, cfg, out_dir, world, resume, progress, teacher, on_step,
+                      signals)
 
 
 def _train(model, tokenizer, train_utts, dev_utts, cfg: TrainConfig, out_dir, world: World, resume: bool,
-           progress: bool, teacher, on_step) -> dict:
+           progress: bool, teacher, on_step, signals: StopSignals) -> dict:
     device = rank_device(world, _resolve_device(cfg.device))
     data = data_fingerprint(train_utts)
     agree(world, {"batch_seconds": cfg.batch_seconds, "accumulate": cfg.accumulate, "seed": cfg.seed,
@@ -606,7 +624,7 @@ def _train(model, tokenizer, train_utts, dev_utts, cfg: TrainConfig, out_dir, wo
     _train_mode(model, opt.frozen)
     release_teacher = _freeze_teacher(teacher, device)
     reason = "finished"
-    run = _Run(step, state, ckpt, validate, cfg, total, world, sampler.per_step, bar, on_step, opt, device)
+    run = _Run(step, state, ckpt, validate, cfg, total, world, sampler.per_step, bar, on_step, opt, device, signals)
     try:
         _loop(run, _batches(loader, sampler, state, cfg))
     except _StopRequested as why:
@@ -633,6 +651,7 @@ class _Run:
     on_step: object
     opt: Optimization
     device: str
+    signals: StopSignals  # Ctrl-C / SIGTERM asked the run to stop
 
 
 def _loop(run: _Run, groups) -> None:
@@ -641,27 +660,27 @@ def _loop(run: _Run, groups) -> None:
     state, cfg = run.state, run.cfg
     start_time, seconds_before = time.time(), state.train_seconds
     minutes = seconds_before / 60  # agreed by all ranks (their mean), so they share one learning rate
-    with StopSignals() as signals:
-        t_prev = time.time()
-        for group in groups:
-            if run.total is not None and state.step >= run.total:
-                raise _StopRequested("max steps")
-            waited = time.time() - t_prev  # waiting for the loader: the data bottleneck
-            loss, seconds = run.step(group, state.step, minutes / cfg.max_minutes if cfg.max_minutes else None)
-            loss, seconds, minutes, interrupted = sum_values(
-                run.world, [loss, seconds, (time.time() - start_time + seconds_before) / 60, float(signals.requested)],
-                run.device)
-            loss, minutes = loss / run.world.size, minutes / run.world.size
-            state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + run.batches_per_step
-            state.audio_seconds += seconds
-            state.data_wait_seconds += waited
-            state.train_seconds += time.time() - t_prev  # data loading included: the speed a user waits for
-            _after_step(run, loss)
-            if cfg.max_minutes is not None and minutes >= cfg.max_minutes:
-                raise _StopRequested("max minutes")
-            if interrupted:
-                raise _StopRequested("interrupted")
-            t_prev = time.time()  # validation and saving are not training speed
+    signals = run.signals
+    t_prev = time.time()
+    for group in groups:
+        if run.total is not None and state.step >= run.total:
+            raise _StopRequested("max steps")
+        waited = time.time() - t_prev  # waiting for the loader: the data bottleneck
+        loss, seconds = run.step(group, state.step, minutes / cfg.max_minutes if cfg.max_minutes else None)
+        loss, seconds, minutes, interrupted = sum_values(
+            run.world, [loss, seconds, (time.time() - start_time + seconds_before) / 60, float(signals.requested)],
+            run.device)
+        loss, minutes = loss / run.world.size, minutes / run.world.size
+        state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + run.batches_per_step
+        state.audio_seconds += seconds
+        state.data_wait_seconds += waited
+        state.train_seconds += time.time() - t_prev  # data loading included: the speed a user waits for
+        _after_step(run, loss)
+        if cfg.max_minutes is not None and minutes >= cfg.max_minutes:
+            raise _StopRequested("max minutes")
+        if interrupted:
+            raise _StopRequested("interrupted")
+        t_prev = time.time()  # validation and saving are not training speed
 
 
 def _after_step(run: _Run, loss: float) -> None:

@@ -1,5 +1,7 @@
 """The slower end-to-end test: a tiny model trained for a few dozen steps on a handful of real utterances."""
 import csv
+import os
+import signal
 
 import pytest
 import torch
@@ -109,3 +111,36 @@ def test_slow_layers_learn_at_a_fraction_of_the_rate(dev_dir, tmp_path):
     with pytest.raises(SettingsError, match="slow_layers"):
         train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, [], TrainConfig(max_steps=1, slow_layers=9), None,
               progress=False)
+
+
+def _interrupt_at(step: int, times: int):
+    """An ``on_step`` that sends this process ``times`` SIGINTs (Ctrl-C) after ``step``."""
+    def on_step(state):
+        if state["step"] == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+    return on_step
+
+
+def test_ctrl_c_stops_after_the_step_saves_and_resumes(dev_dir, tmp_path, capsys):
+    utts = sorted(load_utterances(str(dev_dir / "1272")), key=lambda u: u.duration)[:2]
+    cfg = TrainConfig(max_steps=50, batch_seconds=12, warmup_steps=1, speed_factors=(1.0,), spec_augment=False,
+                      save_every=100, eval_every=100)
+    summary = train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, utts[:1], cfg, str(tmp_path), progress=False,
+                    on_step=_interrupt_at(2, 1))
+    assert (summary["reason"], summary["step"]) == ("interrupted", 3)  # the signal came after step 2: step 3 ends
+    assert "SIGINT: stopping after this step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler from before is back
+    cfg.max_steps = 4
+    summary = train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, [], cfg, str(tmp_path), resume=True,
+                    progress=False)
+    assert (summary["reason"], summary["step"]) == ("max steps", 4)
+
+
+def test_a_second_ctrl_c_stops_at_once(dev_dir, tmp_path):
+    utts = sorted(load_utterances(str(dev_dir / "1272")), key=lambda u: u.duration)[:2]
+    cfg = TrainConfig(max_steps=50, batch_seconds=12, warmup_steps=1, speed_factors=(1.0,), spec_augment=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, [], cfg, None, progress=False,
+              on_step=_interrupt_at(2, 2))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
