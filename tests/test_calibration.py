@@ -123,6 +123,41 @@ def test_gptq_beats_round_to_nearest_on_a_random_layer():
         assert torch.equal(torch.round(q / full).clamp(low, high) * full, q)  # every weight on its grid
 
 
+def _eager_sweep(w, upper, rounder, n_m=None):
+    """The sweep as the papers state it: one column at a time, its error pushed at once onto every later column."""
+    wt, out = w.T.clone(), torch.zeros(w.shape[1], w.shape[0])
+    pruned = torch.zeros_like(wt, dtype=torch.bool)
+    for k in range(wt.shape[0]):
+        if n_m and k % n_m[1] == 0:
+            rows = slice(k, k + n_m[1])
+            score = wt[rows] ** 2 / upper.diagonal()[rows][:, None] ** 2
+            pruned[rows].scatter_(0, score.topk(n_m[0], dim=0, largest=False).indices, True)
+        out[k] = rounder(wt[k], k).masked_fill(pruned[k], 0.0)
+        wt[k:] -= torch.outer(upper[k, k:], (wt[k] - out[k]) / upper[k, k])
+    return out.T, pruned.T
+
+
+def test_blocked_sweep_is_the_column_by_column_sweep():
+    """The blocks and sub-blocks only defer updates: the result is the plain column-at-a-time sweep's, for a
+    grid (GPTQ) and for a 2:4 mask chosen as it goes (SparseGPT), on a width that fills no block evenly."""
+    from compression.obs import inverse_cholesky
+
+    torch.manual_seed(0)
+    x = _correlated_inputs(width=300)
+    h = x.T @ x / x.shape[0]
+    w = torch.randn(48, 300)
+    order = torch.arange(300)
+    upper, _ = inverse_cholesky(h)
+    scales = torch.full_like(w, 0.25)
+    grid = grid_rounder(scales, -8, 7, order)
+    blocked, _ = sweep(w, h, grid, order)
+    assert torch.allclose(blocked, _eager_sweep(w, upper, grid)[0], atol=1e-4)
+    identity = lambda row, k: row.clone()  # noqa: E731
+    blocked, mask = sweep(w, h, identity, order, choose_mask=sparsegpt_mask_chooser(0.5, 2, 4))
+    eager, eager_mask = _eager_sweep(w, upper, identity, (2, 4))
+    assert torch.equal(mask, eager_mask) and torch.allclose(blocked, eager, atol=1e-4)
+
+
 def test_a_layers_factor_is_computed_once_per_order_and_changes_nothing():
     """Builds from the same statistics (a knob sweep, the benchmark's recipes) reuse each layer's factor of the
     Hessian: the same tensors come back, and a sweep with them equals one that factors on its own."""
