@@ -3,7 +3,7 @@
 Both minimise the layer's output error on calibration inputs, ‖(W − Ŵ) X‖², one input column at a time: a
 column is rounded (to a grid, a codebook, or zero where the mask prunes), and its error is pushed onto the
 columns not yet rounded through the upper Cholesky factor U of H⁻¹ (H = E[x xᵀ], dampened). Columns are taken
-in blocks of 128 with lazy updates, as in the reference implementations (and sub-blocks of 32 within them); written here from the papers (the
+in blocks of 128 with lazy updates, as in the reference implementations; written here from the papers (the
 reference code is written for GPUs and Hugging Face layers, and our quantizers and masks are our own).
 
 Shapes: W (out, in) -- a convolution's weight viewed as (out, in x kernel); H (in, in).
@@ -19,11 +19,6 @@ from asr_core.errors import SettingsError
 from .calibration import LayerStats, dampened
 
 BLOCK = 128
-# Within a block, a column's error reaches the rest of its sub-block at once and the block's later columns in one
-# matrix product per sub-block: the same arithmetic (the updates are linear and a column is read only when its
-# turn comes), with a quarter of the rank-1 updates, which on a CPU cost more than the rounding itself.
-# A multiple of every N:M group width (m = 4, 8), so a group never straddles two sub-blocks.
-SUB_BLOCK = 32
 # rounder(row, k): the k-th column in sweep order (a contiguous (out,) row of Wᵀ) -> its rounded value
 Rounder = Callable[[torch.Tensor, int], torch.Tensor]
 ChooseMask = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor | None]
@@ -109,22 +104,19 @@ def sweep(weight: torch.Tensor, hessian: torch.Tensor, rounder: Rounder, order: 
         errors = torch.empty_like(block)
         pruned = torch.zeros_like(block, dtype=torch.bool)
         d = u.diagonal()
-        for j1 in range(0, i2 - i1, SUB_BLOCK):
-            j2 = min(j1 + SUB_BLOCK, i2 - i1)
-            for k in range(j1, j2):
-                if choose_mask is not None:
-                    chosen = choose_mask(block, d, k, i1)
-                    if chosen is not None:
-                        pruned |= chosen
-                row = block[k]
-                q = rounder(row, i1 + k)
-                if choose_mask is not None:
-                    q = q.masked_fill(pruned[k], 0.0)
-                out[i1 + k] = q
-                err = errors[k]
-                torch.sub(row, q, out=err).div_(d[k])
-                block[k:j2].addr_(u[k, k:j2], err, alpha=-1.0)
-            block[j2:].addmm_(u[j1:j2, j2:].T, errors[j1:j2], alpha=-1.0)
+        for k in range(i2 - i1):
+            if choose_mask is not None:
+                chosen = choose_mask(block, d, k, i1)
+                if chosen is not None:
+                    pruned |= chosen
+            row = block[k]
+            q = rounder(row, i1 + k)
+            if choose_mask is not None:
+                q = q.masked_fill(pruned[k], 0.0)
+            out[i1 + k] = q
+            err = errors[k]
+            torch.sub(row, q, out=err).div_(d[k])
+            block[k:].addr_(u[k, k:], err, alpha=-1.0)
         pruned_all[i1:i2] = pruned
         wt[i2:].addmm_(upper[i1:i2, i2:].T, errors, alpha=-1.0)
     back = torch.argsort(order)

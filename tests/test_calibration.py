@@ -138,7 +138,7 @@ def _eager_sweep(w, upper, rounder, n_m=None):
 
 
 def test_blocked_sweep_is_the_column_by_column_sweep():
-    """The blocks and sub-blocks only defer updates: the result is the plain column-at-a-time sweep's, for a
+    """The blocks only defer updates: the result is the plain column-at-a-time sweep's, for a
     grid (GPTQ) and for a 2:4 mask chosen as it goes (SparseGPT), on a width that fills no block evenly."""
     from compression.obs import inverse_cholesky
 
