@@ -24,8 +24,8 @@ from torch.nn.utils import parametrize
 from asr_core.errors import SettingsError
 
 from .calibration import CalibrationStats, LayerStats, cholesky_dampened, dampened
-from .obs import (codebook_rounder, grid_rounder, layer_factor, row_mask, sparsegpt_mask_chooser, sweep,
-                  sweep_order)
+from .obs import (SweepJob, codebook_rounder, grid_rounder, layer_factor, row_mask, sparsegpt_mask_chooser,
+                  sweep_layers, sweep_order)
 from .quantize import GRID, FakeQuant, grouped, element_scales
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # shares of max|w| tried as the clipping range (int4, int8)
@@ -115,18 +115,30 @@ def gptq(layers, stats: CalibrationStats, kind: str, group: int = 64, act_order:
          full_range: bool = False) -> None:
     """GPTQ to ``kind``'s grid with searched scales (static groups, so act-order keeps contiguous groups),
     keeping an earlier pruning mask's zeros, then bias correction; registers FakeQuant(kind, scales)."""
+    for same_shape in by_shape(layers):
+        prepared = []
+        for name, module in same_shape:
+            s = layer_stats(stats, name, module)
+            w = effective_weight(module)
+            h = s.hessian
+            scales = search_scales(w, h.diagonal(), kind, group)
+            order = sweep_order(h, act_order)
+            rounder = grid_rounder(element_scales(scales, kind, group, w.shape[1]), *GRID[kind], order,
+                                   current_keep(module))
+            prepared.append(((module, s, w, scales), SweepJob(w, order, layer_factor(s, order), rounder)))
+        for (module, s, w, scales), (q, _) in zip((p for p, _ in prepared), sweep_layers([j for _, j in prepared])):
+            correct_bias(module, w, q, s)
+            set_weight(module, q)
+            parametrize.register_parametrization(module, "weight", FakeQuant(kind, group, scales, full_range))
+
+
+def by_shape(layers) -> list[list[tuple[str, nn.Module]]]:
+    """``layers`` grouped by weight shape (in order within a group): each group is swept side by side
+    (:func:`compression.obs.sweep_layers`), one group's working copies in memory at a time."""
+    groups: dict[tuple, list] = {}
     for name, module in layers:
-        s = layer_stats(stats, name, module)
-        w = effective_weight(module)
-        keep = current_keep(module)
-        h = s.hessian
-        scales = search_scales(w, h.diagonal(), kind, group)
-        order = sweep_order(h, act_order)
-        rounder = grid_rounder(element_scales(scales, kind, group, w.shape[1]), *GRID[kind], order, keep)
-        q, _ = sweep(w, h, rounder, order, factor=layer_factor(s, order))
-        correct_bias(module, w, q, s)
-        set_weight(module, q)
-        parametrize.register_parametrization(module, "weight", FakeQuant(kind, group, scales, full_range))
+        groups.setdefault(tuple(module.weight.shape), []).append((name, module))
+    return list(groups.values())
 
 
 # ----------------------------------------------------------------------------------------------- k-means
@@ -135,28 +147,34 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
     each column to the nearest centroid; then bias correction. Registers Clustered."""
     from .methods import Clustered, kmeans_1d
 
-    for name, module in layers:
-        s = layer_stats(stats, name, module)
-        w = effective_weight(module)
-        keep = current_keep(module)
-        h = s.hessian
-        importance = h.diagonal()[None, :].expand_as(w)
-        chosen = (lambda t: t[keep]) if keep is not None else (lambda t: t.reshape(-1))
-        values = chosen(w).float()
-        if values.numel() == 0:
-            continue
-        # the sort is most of k-means' time; int32, 4 bytes per weight (up to 2 x 80 MB for the shipped baseline)
-        perm = kept_for_layer(s, ("kmeans-sort", name), weight_digest(values),
-                              lambda: values.argsort().to(torch.int32)).long()
-        centroids, _ = kmeans_1d(values, clusters, iterations, weights=chosen(importance), perm=perm)
-        order = sweep_order(h, True)
-        q, _ = sweep(w, h, codebook_rounder(centroids, order, keep), order, factor=layer_factor(s, order))
-        correct_bias(module, w, q, s)
-        indices = torch.bucketize(q, (centroids[1:] + centroids[:-1]) / 2)  # q holds centroid values exactly
-        set_weight(module, q)
-        parametrize.register_parametrization(
-            module, "weight", Clustered(centroids, indices.reshape(module.weight.shape),
-                                        None if keep is None else keep.reshape(module.weight.shape)), unsafe=True)
+    for same_shape in by_shape(layers):
+        prepared = []
+        for name, module in same_shape:
+            s = layer_stats(stats, name, module)
+            w = effective_weight(module)
+            keep = current_keep(module)
+            h = s.hessian
+            importance = h.diagonal()[None, :].expand_as(w)
+            chosen = (lambda t: t[keep]) if keep is not None else (lambda t: t.reshape(-1))
+            values = chosen(w).float()
+            if values.numel() == 0:
+                continue
+            # the sort is most of k-means' time; int32, 4 bytes per weight (up to 2 x 80 MB for the shipped model)
+            perm = kept_for_layer(s, ("kmeans-sort", name), weight_digest(values),
+                                  lambda: values.argsort().to(torch.int32)).long()
+            centroids, _ = kmeans_1d(values, clusters, iterations, weights=chosen(importance), perm=perm)
+            order = sweep_order(h, True)
+            job = SweepJob(w, order, layer_factor(s, order), codebook_rounder(centroids, order, keep))
+            prepared.append(((module, s, w, keep, centroids), job))
+        for (module, s, w, keep, centroids), (q, _) in zip((p for p, _ in prepared),
+                                                           sweep_layers([j for _, j in prepared])):
+            correct_bias(module, w, q, s)
+            indices = torch.bucketize(q, (centroids[1:] + centroids[:-1]) / 2)  # q holds centroid values exactly
+            set_weight(module, q)
+            parametrize.register_parametrization(
+                module, "weight", Clustered(centroids, indices.reshape(module.weight.shape),
+                                            None if keep is None else keep.reshape(module.weight.shape)),
+                unsafe=True)
 
 
 def kept_for_layer(s: LayerStats, slot: tuple, key, compute, keep: int = 2):
@@ -183,24 +201,28 @@ def weight_digest(w: torch.Tensor) -> tuple:
 # ----------------------------------------------------------------------------------------------- pruning
 def prune(layers, stats: CalibrationStats, algo: str, sparsity: float, n: int = 0, m: int = 0) -> None:
     """Wanda or SparseGPT per layer, exactly ``sparsity`` per row (or n of every m), then bias correction."""
+    for same_shape in by_shape(layers):
+        prepared = []
+        for name, module in same_shape:
+            s = layer_stats(stats, name, module)
+            w = effective_weight(module)
+            if algo == "wanda":
+                keep = row_mask(w.abs() * s.channel_norms[None, :], sparsity, n, m)
+                _finish_prune(module, s, w, w * keep, keep)
+                continue
+            order = sweep_order(s.hessian, False)
+            job = SweepJob(w, order, layer_factor(s, order), None, sparsegpt_mask_chooser(sparsity, n, m))
+            prepared.append(((module, s, w), job))
+        for (module, s, w), (q, pruned) in zip((p for p, _ in prepared), sweep_layers([j for _, j in prepared])):
+            _finish_prune(module, s, w, q * ~pruned, ~pruned)
+
+
+def _finish_prune(module: nn.Module, s: LayerStats, w: torch.Tensor, q: torch.Tensor, keep: torch.Tensor) -> None:
     from .methods import Mask
 
-    for name, module in layers:
-        s = layer_stats(stats, name, module)
-        w = effective_weight(module)
-        if algo == "wanda":
-            keep = row_mask(w.abs() * s.channel_norms[None, :], sparsity, n, m)
-            q = w * keep
-        else:
-            h = s.hessian
-            order = sweep_order(h, False)
-            q, pruned = sweep(w, h, lambda row, k: row.clone(), order, factor=layer_factor(s, order),
-                              choose_mask=sparsegpt_mask_chooser(sparsity, n, m))
-            keep = ~pruned
-            q = q * keep
-        correct_bias(module, w, q, s)
-        set_weight(module, q)
-        parametrize.register_parametrization(module, "weight", Mask(keep.reshape(module.weight.shape)))
+    correct_bias(module, w, q, s)
+    set_weight(module, q)
+    parametrize.register_parametrization(module, "weight", Mask(keep.reshape(module.weight.shape)))
 
 
 # ----------------------------------------------------------------------------------------------- low rank

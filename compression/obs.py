@@ -1,4 +1,5 @@
-"""Optimal-brain-surgeon sweeps: GPTQ (Frantar et al. 2022) and SparseGPT (Frantar & Alistarh 2023) on one layer.
+"""Optimal-brain-surgeon sweeps: GPTQ (Frantar et al. 2022) and SparseGPT (Frantar & Alistarh 2023), one layer
+or a batch of same-shaped layers at a time.
 
 Both minimise the layer's output error on calibration inputs, ‖(W − Ŵ) X‖², one input column at a time: a
 column is rounded (to a grid, a codebook, or zero where the mask prunes), and its error is pushed onto the
@@ -6,11 +7,12 @@ columns not yet rounded through the upper Cholesky factor U of H⁻¹ (H = E[x x
 in blocks of 128 with lazy updates, as in the reference implementations; written here from the papers (the
 reference code is written for GPUs and Hugging Face layers, and our quantizers and masks are our own).
 
-Shapes: W (out, in) -- a convolution's weight viewed as (out, in x kernel); H (in, in).
+Shapes: W (out, in) -- a convolution's weight viewed as (out, in x kernel); H (in, in). A batch of L layers
+adds a leading L to every tensor of the sweep (:func:`sweep_layers`).
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -19,39 +21,69 @@ from asr_core.errors import SettingsError
 from .calibration import LayerStats, dampened
 
 BLOCK = 128
-# rounder(row, k): the k-th column in sweep order (a contiguous (out,) row of Wᵀ) -> its rounded value
-Rounder = Callable[[torch.Tensor, int], torch.Tensor]
-ChooseMask = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor | None]
+BATCH_BYTES = 64 * 2 ** 20  # layers swept together hold their (in, in) factors side by side: at most this much
+
+
+class GridRounder:
+    """Round to the uniform grid scale x {low..high} (``scales`` one per weight, (out, in)); pruned entries
+    (``keep`` False) to 0. Laid out in sweep order once, so each column reads one row."""
+
+    def __init__(self, scales: torch.Tensor, low: int, high: int, order: torch.Tensor,
+                 keep: torch.Tensor | None = None):
+        self.key = ("grid", low, high)
+        self.low, self.high = low, high
+        self.scales = scales[:, order].T.contiguous()  # (in, out) in sweep order; (L, in, out) once stacked
+        self.keep = None if keep is None else keep[:, order].T.contiguous().float()
+
+    def __call__(self, rows: torch.Tensor, k: int) -> torch.Tensor:
+        """rows (L, out): column k of each layer in the batch -> its rounded values."""
+        q = (rows / self.scales[:, k]).round_().clamp_(self.low, self.high).mul_(self.scales[:, k])
+        return q if self.keep is None else q.mul_(self.keep[:, k])
+
+
+class CodebookRounder:
+    """Round to the nearest of sorted ``centroids`` (C,); pruned entries to 0."""
+
+    def __init__(self, centroids: torch.Tensor, order: torch.Tensor, keep: torch.Tensor | None = None):
+        self.key = ("codebook", centroids.numel())
+        self.centroids = centroids.float().contiguous()  # (C,); (L, C) once stacked
+        self.mids = ((self.centroids[1:] + self.centroids[:-1]) / 2).contiguous()
+        self.keep = None if keep is None else keep[:, order].T.contiguous().float()
+
+    def __call__(self, rows: torch.Tensor, k: int) -> torch.Tensor:
+        q = self.centroids.gather(1, torch.searchsorted(self.mids, rows.contiguous()))
+        return q if self.keep is None else q.mul_(self.keep[:, k])
+
+
+def grid_rounder(scales, low, high, order, keep=None) -> GridRounder:
+    return GridRounder(scales, low, high, order, keep)
+
+
+def codebook_rounder(centroids, order, keep=None) -> CodebookRounder:
+    return CodebookRounder(centroids, order, keep)
+
+
+def _stacked(rounders: list):
+    """The rounders of a batch of layers as one, their tensors stacked on a leading layer dimension (a layer
+    without a keep mask keeps everything)."""
+    first = rounders[0]
+    if first is None:
+        return None
+    batch = object.__new__(type(first))
+    batch.__dict__.update(first.__dict__)
+    for field in ("scales", "centroids", "mids"):
+        if field in first.__dict__:
+            setattr(batch, field, torch.stack([getattr(r, field) for r in rounders]))
+    if any(r.keep is not None for r in rounders):
+        like = next(r.keep for r in rounders if r.keep is not None)
+        batch.keep = torch.stack([torch.ones_like(like) if r.keep is None else r.keep for r in rounders])
+    return batch
 
 
 def sweep_order(hessian: torch.Tensor, act_order: bool) -> torch.Tensor:
     """Column order of a sweep: largest H diagonal first (GPTQ's activation order), or as they are."""
     n = hessian.shape[0]
     return torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(n)
-
-
-def grid_rounder(scales: torch.Tensor, low: int, high: int, order: torch.Tensor,
-                 keep: torch.Tensor | None = None) -> Rounder:
-    """Round to the uniform grid scale x {low..high} (``scales`` one per weight, (out, in)); pruned entries
-    (``keep`` False) to 0. Scales and mask are laid out in sweep order once, so each call reads one row."""
-    s_t = scales[:, order].T.contiguous()
-    keep_t = None if keep is None else keep[:, order].T.contiguous().float()
-
-    def rounder(row: torch.Tensor, k: int) -> torch.Tensor:
-        q = (row / s_t[k]).round_().clamp_(low, high).mul_(s_t[k])
-        return q if keep_t is None else q.mul_(keep_t[k])
-    return rounder
-
-
-def codebook_rounder(centroids: torch.Tensor, order: torch.Tensor, keep: torch.Tensor | None = None) -> Rounder:
-    """Round to the nearest of sorted ``centroids``; pruned entries to 0."""
-    mids = ((centroids[1:] + centroids[:-1]) / 2).contiguous()
-    keep_t = None if keep is None else keep[:, order].T.contiguous().float()
-
-    def rounder(row: torch.Tensor, k: int) -> torch.Tensor:
-        q = centroids[torch.bucketize(row, mids)]
-        return q if keep_t is None else q.mul_(keep_t[k])
-    return rounder
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,76 +111,126 @@ def layer_factor(stats: LayerStats, order: torch.Tensor, damp: float = 0.01) -> 
     return stats.factors[key]
 
 
-@torch.no_grad()
-def sweep(weight: torch.Tensor, hessian: torch.Tensor, rounder: Rounder, order: torch.Tensor, *,
-          choose_mask: ChooseMask | None = None, damp: float = 0.01,
-          factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round every column of ``weight``, in ``order`` (:func:`sweep_order`), with error feedback. Returns Ŵ
-    (out, in) and the entries ``choose_mask`` pruned (bool (out, in); all False without it), in the original
-    column order.
+@dataclass
+class SweepJob:
+    """One layer to sweep: its weight (out, in), column ``order`` (:func:`sweep_order`), (U, dead) of its Hessian
+    in that order (:func:`layer_factor` or :func:`inverse_cholesky`), what a column is rounded to (None: kept as
+    it is, for pruning alone) and SparseGPT's mask chooser (None: nothing pruned)."""
 
-    Works on Wᵀ so that a column is a contiguous row. ``choose_mask(Bᵀ, d, k, start)`` (SparseGPT): called at
-    each column k of the block that starts at sweep position ``start``, with the block's current weights
-    (b, out) and the diagonal d (b,) of its U; returns entries to prune (bool (b, out)) or None. ``factor``:
-    (U, dead) of this Hessian in this order when already computed (:func:`layer_factor`), else computed here.
-    """
-    wt = weight.detach().float()[:, order].T.contiguous()  # (in, out), sweep order
-    upper, dead = factor if factor is not None else inverse_cholesky(hessian.float()[order][:, order], damp)
-    wt[dead] = 0.0  # inputs that were always zero: the weight does not matter, zero is what stores best
-    n = wt.shape[0]
+    weight: torch.Tensor
+    order: torch.Tensor
+    factor: tuple[torch.Tensor, torch.Tensor]
+    rounder: GridRounder | CodebookRounder | None = None
+    choose_mask: "SparseGPTChooser | None" = None
+
+    def batch_key(self) -> tuple:
+        return (tuple(self.weight.shape), None if self.rounder is None else self.rounder.key,
+                None if self.choose_mask is None else self.choose_mask.key)
+
+
+def sweep_layers(jobs: list[SweepJob]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sweep` for many layers, the same-shaped ones side by side (a batch dimension on every operation):
+    the sweep is a long chain of small operations per column, so on a CPU their count, not their size, sets
+    the time, and a batch of L layers costs about as much as one. Results equal sweeping each layer alone (up
+    to float rounding), in the jobs' order."""
+    results: list = [None] * len(jobs)
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(job.batch_key(), []).append(i)
+    for indices in groups.values():
+        width = jobs[indices[0]].weight.shape[1]
+        size = max(1, BATCH_BYTES // (4 * width * width))
+        for c in range(0, len(indices), size):
+            chunk = [jobs[i] for i in indices[c:c + size]]
+            for i, result in zip(indices[c:c + size], _sweep_batch(chunk)):
+                results[i] = result
+    return results
+
+
+def sweep(weight: torch.Tensor, hessian: torch.Tensor, rounder, order: torch.Tensor, *,
+          choose_mask=None, damp: float = 0.01,
+          factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round every column of one layer's ``weight``, in ``order``, with error feedback. Returns Ŵ (out, in) and
+    the entries ``choose_mask`` pruned (bool (out, in); all False without it), in the original column order.
+    ``factor``: (U, dead) of this Hessian in this order when already computed, else computed here."""
+    factor = factor if factor is not None else inverse_cholesky(hessian.float()[order][:, order], damp)
+    return sweep_layers([SweepJob(weight, order, factor, rounder, choose_mask)])[0]
+
+
+@torch.no_grad()
+def _sweep_batch(jobs: list[SweepJob]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The sweep of L same-shaped layers at once. Works on Wᵀ (L, in, out) so that a column is a contiguous
+    row; U (L, in, in)."""
+    wt = torch.stack([j.weight.detach().float()[:, j.order].T for j in jobs]).contiguous()
+    upper = torch.stack([j.factor[0] for j in jobs])
+    wt[torch.stack([j.factor[1] for j in jobs])] = 0.0  # inputs that were always zero: zero is what stores best
+    rounder, choose = _stacked([j.rounder for j in jobs]), jobs[0].choose_mask
+    n = wt.shape[1]
     out = torch.zeros_like(wt)
     pruned_all = torch.zeros_like(wt, dtype=torch.bool)
     for i1 in range(0, n, BLOCK):
         i2 = min(i1 + BLOCK, n)
-        block, u = wt[i1:i2].clone(), upper[i1:i2, i1:i2]
+        block, u = wt[:, i1:i2].clone(), upper[:, i1:i2, i1:i2]
         errors = torch.empty_like(block)
         pruned = torch.zeros_like(block, dtype=torch.bool)
-        d = u.diagonal()
+        d = u.diagonal(dim1=1, dim2=2)  # (L, b)
         for k in range(i2 - i1):
-            if choose_mask is not None:
-                chosen = choose_mask(block, d, k, i1)
+            if choose is not None:
+                chosen = choose(block, d, k, i1)
                 if chosen is not None:
                     pruned |= chosen
-            row = block[k]
-            q = rounder(row, i1 + k)
-            if choose_mask is not None:
-                q = q.masked_fill(pruned[k], 0.0)
-            out[i1 + k] = q
-            err = errors[k]
-            torch.sub(row, q, out=err).div_(d[k])
-            block[k:].addr_(u[k, k:], err, alpha=-1.0)
-        pruned_all[i1:i2] = pruned
-        wt[i2:].addmm_(upper[i1:i2, i2:].T, errors, alpha=-1.0)
-    back = torch.argsort(order)
-    return out[back].T.contiguous(), pruned_all[back].T.contiguous()
+            row = block[:, k]
+            q = row.clone() if rounder is None else rounder(row, i1 + k)
+            if choose is not None:
+                q = q.masked_fill(pruned[:, k], 0.0)
+            out[:, i1 + k] = q
+            err = errors[:, k]
+            torch.sub(row, q, out=err).div_(d[:, k:k + 1])
+            block[:, k:].baddbmm_(u[:, k, k:].unsqueeze(2), err.unsqueeze(1), alpha=-1.0)
+        pruned_all[:, i1:i2] = pruned
+        wt[:, i2:].baddbmm_(upper[:, i1:i2, i2:].transpose(1, 2), errors, alpha=-1.0)
+    results = []
+    for b, job in enumerate(jobs):
+        back = torch.argsort(job.order)
+        results.append((out[b, back].T.contiguous(), pruned_all[b, back].T.contiguous()))
+    return results
 
 
-def sparsegpt_mask_chooser(sparsity: float, n: int = 0, m: int = 0) -> ChooseMask:
+class SparseGPTChooser:
     """SparseGPT's adaptive mask selection: prune the lowest w² / d² (the OBS saliency) of each row.
 
     Unstructured: at the start of each block, per row, as many as the cumulative count round(sparsity x end)
     asks -- so every row ends with exactly round(sparsity x width) zeros. N:M (n > 0): every m consecutive
-    columns, the n lowest of each row.
+    columns, the n lowest of each row. Called at each column k of the block that starts at sweep position
+    ``start`` with the block's current weights (L, b, out) and the diagonal d (L, b) of its U; returns the
+    entries to prune (bool (L, b, out)) or None.
     """
-    def choose(block: torch.Tensor, d: torch.Tensor, k: int, start: int) -> torch.Tensor | None:
-        """block (b, out): the rows are columns of W."""
-        if n:
-            if k % m:
+
+    def __init__(self, sparsity: float, n: int = 0, m: int = 0):
+        self.sparsity, self.n, self.m = sparsity, n, m
+        self.key = ("sparsegpt", sparsity, n, m)
+
+    def __call__(self, block: torch.Tensor, d: torch.Tensor, k: int, start: int) -> torch.Tensor | None:
+        if self.n:
+            if k % self.m:
                 return None
             mask = torch.zeros_like(block, dtype=torch.bool)
-            rows = slice(k, min(k + m, block.shape[0]))
-            score = block[rows] ** 2 / d[rows][:, None] ** 2
-            mask[rows].scatter_(0, score.topk(min(n, score.shape[0]), dim=0, largest=False).indices, True)
+            rows = slice(k, min(k + self.m, block.shape[1]))
+            score = block[:, rows] ** 2 / d[:, rows, None] ** 2
+            mask[:, rows].scatter_(1, score.topk(min(self.n, score.shape[1]), dim=1, largest=False).indices, True)
             return mask
         if k:
             return None
-        count = round(sparsity * (start + block.shape[0])) - round(sparsity * start)
+        count = round(self.sparsity * (start + block.shape[1])) - round(self.sparsity * start)
         mask = torch.zeros_like(block, dtype=torch.bool)
         if count > 0:
-            score = block ** 2 / d[:, None] ** 2
-            mask.scatter_(0, score.topk(count, dim=0, largest=False).indices, True)
+            score = block ** 2 / d[:, :, None] ** 2
+            mask.scatter_(1, score.topk(count, dim=1, largest=False).indices, True)
         return mask
-    return choose
+
+
+def sparsegpt_mask_chooser(sparsity: float, n: int = 0, m: int = 0) -> SparseGPTChooser:
+    return SparseGPTChooser(sparsity, n, m)
 
 
 def row_mask(score: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) -> torch.Tensor:

@@ -15,7 +15,8 @@ from compression.calibration import (BUNDLED, CalibrationSet, collect_stats, dam
                                      load_calibration)
 from compression.compress import apply_recipe
 from compression.methods import LowRankLinear, target_layers
-from compression.obs import grid_rounder, inverse_cholesky, row_mask, sparsegpt_mask_chooser, sweep, sweep_order
+from compression.obs import (SweepJob, _stacked, codebook_rounder, grid_rounder, inverse_cholesky, row_mask,
+                             sparsegpt_mask_chooser, sweep, sweep_layers, sweep_order)
 from compression.quantize import fake_quantize
 from compression.recipe import parse_recipe
 
@@ -132,7 +133,8 @@ def _eager_sweep(w, upper, rounder, n_m=None):
             rows = slice(k, k + n_m[1])
             score = wt[rows] ** 2 / upper.diagonal()[rows][:, None] ** 2
             pruned[rows].scatter_(0, score.topk(n_m[0], dim=0, largest=False).indices, True)
-        out[k] = rounder(wt[k], k).masked_fill(pruned[k], 0.0)
+        row = wt[k].clone() if rounder is None else rounder(wt[k][None], k)[0]
+        out[k] = row.masked_fill(pruned[k], 0.0)
         wt[k:] -= torch.outer(upper[k, k:], (wt[k] - out[k]) / upper[k, k])
     return out.T, pruned.T
 
@@ -151,11 +153,35 @@ def test_blocked_sweep_is_the_column_by_column_sweep():
     scales = torch.full_like(w, 0.25)
     grid = grid_rounder(scales, -8, 7, order)
     blocked, _ = sweep(w, h, grid, order)
-    assert torch.allclose(blocked, _eager_sweep(w, upper, grid)[0], atol=1e-4)
-    identity = lambda row, k: row.clone()  # noqa: E731
-    blocked, mask = sweep(w, h, identity, order, choose_mask=sparsegpt_mask_chooser(0.5, 2, 4))
-    eager, eager_mask = _eager_sweep(w, upper, identity, (2, 4))
+    assert torch.allclose(blocked, _eager_sweep(w, upper, _stacked([grid]))[0], atol=1e-4)
+    blocked, mask = sweep(w, h, None, order, choose_mask=sparsegpt_mask_chooser(0.5, 2, 4))
+    eager, eager_mask = _eager_sweep(w, upper, None, (2, 4))
     assert torch.equal(mask, eager_mask) and torch.allclose(blocked, eager, atol=1e-4)
+
+
+def test_layers_swept_side_by_side_equal_each_swept_alone():
+    """sweep_layers batches same-shaped layers (each with its own Hessian, order, scales, codebook or mask) and
+    gives what sweeping each alone gives; layers of other shapes are swept in their own batch."""
+    torch.manual_seed(0)
+    jobs = []
+    for i, (out_f, width) in enumerate(((24, 160), (24, 160), (24, 160), (16, 96))):
+        x = _correlated_inputs(width=width, seed=i)
+        h = x.T @ x / x.shape[0]
+        w = torch.randn(out_f, width)
+        order = sweep_order(h, act_order=i % 2 == 0)
+        keep = torch.rand(out_f, width) > 0.3 if i == 1 else None
+        jobs.append((w, h, order, keep))
+    for make in (lambda w, order, keep: (grid_rounder(torch.full_like(w, 0.2), -8, 7, order, keep), None),
+                 lambda w, order, keep: (codebook_rounder(torch.linspace(-2, 2, 8), order, keep), None),
+                 lambda w, order, keep: (None, sparsegpt_mask_chooser(0.5))):
+        batch = [SweepJob(w, order, inverse_cholesky(h[order][:, order]), *make(w, order, keep))
+                 for w, h, order, keep in jobs]
+        together = sweep_layers(batch)
+        for job, (q, pruned) in zip(batch, together):
+            alone, alone_pruned = sweep_layers([job])[0]
+            assert torch.allclose(q, alone, atol=1e-5) and torch.equal(pruned, alone_pruned)
+        if batch[1].rounder is not None:  # the layer with a mask from an earlier step keeps its zeros
+            assert torch.equal(together[1][0][~jobs[1][3]], torch.zeros(int((~jobs[1][3]).sum())))
 
 
 def test_a_layers_factor_is_computed_once_per_order_and_changes_nothing():
@@ -173,8 +199,8 @@ def test_a_layers_factor_is_computed_once_per_order_and_changes_nothing():
     assert layer_factor(stats, natural)[0] is first[0] and layer_factor(stats, by_size)[0] is not first[0]
     assert len(stats.factors) == 2
     chooser = sparsegpt_mask_chooser(0.5)
-    alone = sweep(w, stats.hessian, lambda row, k: row.clone(), natural, choose_mask=chooser)
-    cached = sweep(w, stats.hessian, lambda row, k: row.clone(), natural, choose_mask=chooser, factor=first)
+    alone = sweep(w, stats.hessian, None, natural, choose_mask=chooser)
+    cached = sweep(w, stats.hessian, None, natural, choose_mask=chooser, factor=first)
     assert torch.equal(alone[0], cached[0]) and torch.equal(alone[1], cached[1])
 
 
@@ -265,7 +291,7 @@ def test_sparsegpt_mask_and_row_mask_counts():
     w = torch.randn(16, 200)
     x = _correlated_inputs(width=200)
     h = x.T @ x / x.shape[0]
-    q, pruned = sweep(w, h, lambda row, k: row.clone(), sweep_order(h, False), choose_mask=sparsegpt_mask_chooser(0.3))
+    q, pruned = sweep(w, h, None, sweep_order(h, False), choose_mask=sparsegpt_mask_chooser(0.3))
     assert bool((pruned.sum(1) == round(0.3 * 200)).all()) and bool((q[pruned] == 0).all())
     keep = row_mask(torch.rand(16, 10), 0.0, 2, 4)
     assert bool(((~keep[:, :8]).reshape(16, 2, 4).sum(2) == 2).all()) and int((~keep[:, 8:]).sum(1)[0]) == 1
