@@ -225,6 +225,28 @@ def test_svd_llm_factorises_a_layer_once_for_every_energy():
     assert len(stats.factors[("svd-llm", "")]) == 2 and all(v is not kept for v in stats.factors[("svd-llm", "")].values())
 
 
+@pytest.mark.parametrize("recipes, slot", [(("svd:energy=0.8,algo=weight", "svd:energy=0.9,algo=weight"), "weight-svd"),
+                                           (("kmeans:clusters=8,algo=lloyd", "kmeans:clusters=12,algo=lloyd"),
+                                            "kmeans-sort")])
+def test_data_free_builds_keep_what_a_knob_change_repeats(model, calibration, recipes, slot):
+    """With statistics at hand (the studio, the benchmark), the data-free SVD and k-means keep each layer's SVD /
+    sort with them, as their calibrated twins do: the second knob value computes none again, and every build is
+    exactly what it is without statistics."""
+    stats = collect_stats(model, calibration)  # a fresh one: nothing kept yet
+    first = None
+    for recipe in recipes:
+        kept = apply_recipe(model, parse_recipe(recipe), stats=stats)
+        alone = apply_recipe(model, parse_recipe(recipe))
+        assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), alone.state_dict().values()))
+        entries = {key: next(iter(kept_one.values())) for layer in stats.layers.values()
+                   for key, kept_one in layer.factors.items() if key[0] == slot and len(kept_one) == 1}
+        assert entries, recipe
+        if first is None:
+            first = entries
+        else:  # the same objects: the second knob value computed none of them again
+            assert entries.keys() == first.keys() and all(entries[k] is first[k] for k in first)
+
+
 def test_kept_factors_are_one_per_layer_and_follow_the_weights():
     """What a knob change would recompute on the same weights is kept per layer (layers sharing their input share
     the statistics, so the slot names the layer); other weights replace it; k-means with the kept sort clusters
