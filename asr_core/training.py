@@ -464,7 +464,9 @@ class StopSignals:
 
     def __enter__(self):
         if _in_main_thread():
-            self._old = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)}
+            # a signal the process was told to ignore (e.g. SIGINT in a background job) stays ignored
+            self._old = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)
+                         if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def _request(self, signum, _frame):
@@ -473,13 +475,13 @@ class StopSignals:
             signal.raise_signal(signum)
             return
         self.requested = True
-        if self.announce:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving; send it again to stop "
-                  f"at once", file=sys.stderr, flush=True)
+        if self.announce:  # os.write, not print: the signal may land while tqdm is inside a write to stderr
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving; send it again to "
+                        f"stop at once\n".encode())
 
     def _restore(self):
         for s, h in self._old.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: a handler installed outside Python
         self._old = {}
 
     def __exit__(self, *exc):

@@ -21,7 +21,8 @@ from asr_core.errors import SettingsError
 from .calibration import LayerStats, dampened
 
 BLOCK = 128
-BATCH_BYTES = 64 * 2 ** 20  # layers swept together hold their (in, in) factors side by side: at most this much
+# layers swept together hold their (in, in) factors and four (in, out) working copies side by side: at most this
+BATCH_BYTES = 256 * 2 ** 20
 
 
 class GridRounder:
@@ -138,8 +139,8 @@ def sweep_layers(jobs: list[SweepJob]) -> list[tuple[torch.Tensor, torch.Tensor]
     for i, job in enumerate(jobs):
         groups.setdefault(job.batch_key(), []).append(i)
     for indices in groups.values():
-        width = jobs[indices[0]].weight.shape[1]
-        size = max(1, BATCH_BYTES // (4 * width * width))
+        out_f, width = jobs[indices[0]].weight.shape
+        size = max(1, BATCH_BYTES // (4 * width * (width + 4 * out_f)))
         for c in range(0, len(indices), size):
             chunk = [jobs[i] for i in indices[c:c + size]]
             for i, result in zip(indices[c:c + size], _sweep_batch(chunk)):

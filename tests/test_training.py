@@ -122,14 +122,14 @@ def _interrupt_at(step: int, times: int):
     return on_step
 
 
-def test_ctrl_c_stops_after_the_step_saves_and_resumes(dev_dir, tmp_path, capsys):
+def test_ctrl_c_stops_after_the_step_saves_and_resumes(dev_dir, tmp_path, capfd):
     utts = sorted(load_utterances(str(dev_dir / "1272")), key=lambda u: u.duration)[:2]
     cfg = TrainConfig(max_steps=50, batch_seconds=12, warmup_steps=1, speed_factors=(1.0,), spec_augment=False,
                       save_every=100, eval_every=100)
     summary = train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, utts[:1], cfg, str(tmp_path), progress=False,
                     on_step=_interrupt_at(2, 1))
     assert (summary["reason"], summary["step"]) == ("interrupted", 3)  # the signal came after step 2: step 3 ends
-    assert "SIGINT: stopping after this step" in capsys.readouterr().err
+    assert "SIGINT: stopping after this step" in capfd.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler from before is back
     cfg.max_steps = 4
     summary = train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, [], cfg, str(tmp_path), resume=True,
@@ -144,3 +144,18 @@ def test_a_second_ctrl_c_stops_at_once(dev_dir, tmp_path):
         train(ConformerCTC(preset("tiny")), CharTokenizer(), utts, [], cfg, None, progress=False,
               on_step=_interrupt_at(2, 2))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    """A background job started by a shell ignores SIGINT; training must not start stopping on it."""
+    from asr_core.training import StopSignals
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals(announce=False) as signals:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == signals._request  # SIGTERM is still caught
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before)
