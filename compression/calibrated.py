@@ -162,7 +162,8 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
             # the sort is most of k-means' time; int32, 4 bytes per weight (up to 2 x 80 MB for the shipped model)
             perm = kept_for_layer(s, ("kmeans-sort", name), weight_digest(values),
                                   lambda: values.argsort().to(torch.int32)).long()
-            centroids, _ = kmeans_1d(values, clusters, iterations, weights=chosen(importance), perm=perm)
+            # the sweep assigns every weight to a centroid itself (with error feedback)
+            centroids, _ = kmeans_1d(values, clusters, iterations, weights=chosen(importance), perm=perm, assign=False)
             order = sweep_order(h, True)
             job = SweepJob(w, order, layer_factor(s, order), codebook_rounder(centroids, order, keep))
             prepared.append(((module, s, w, keep, centroids), job))

@@ -297,13 +297,14 @@ def apply_prune(model: nn.Module, s: PruneSettings, layers, stats=None) -> nn.Mo
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30, weights: torch.Tensor | None = None,
-              perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              perm: torch.Tensor | None = None, assign: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact Lloyd's k-means in one dimension: (n,) -> centroids (k,) sorted, indices (n,).
 
     ``weights`` (n,), optional: each value counts that much in its centroid's mean (SqueezeLLM's
     sensitivity-weighted k-means: a weight whose input carries more energy pulls its centroid harder).
     ``perm`` (n,), optional: the permutation that sorts ``values``, when already known (the sort is most of the
-    time: a caller that clusters the same weights again, at another k, keeps it).
+    time: a caller that clusters the same weights again, at another k, keeps it). ``assign`` False: the centroids
+    only (indices None), for a caller that assigns the weights itself.
 
     Written out rather than sklearn.cluster.KMeans because 1-D allows an exact shortcut: after one sort,
     every cluster is a contiguous run of the sorted values, so an iteration is a binary search of the k-1
@@ -331,7 +332,7 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30, weights: torch
         if converged:
             break
     centroids = centroids.float().sort().values
-    return centroids, torch.bucketize(values, (centroids[1:] + centroids[:-1]) / 2)
+    return centroids, torch.bucketize(values, (centroids[1:] + centroids[:-1]) / 2) if assign else None
 
 
 def apply_kmeans(model: nn.Module, s: KMeansSettings, layers, stats=None) -> nn.Module:
@@ -371,7 +372,8 @@ def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def svd_rank(weight: torch.Tensor, s: SVDSettings, factors=None) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_rank(weight: torch.Tensor, s: SVDSettings,
+             factors=None) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rank the settings keep, U, Σ, Vᵀ) of ``weight``; ``factors``: its (U, Σ, Vᵀ) when already known."""
     u, sigma, vh = factors if factors is not None else torch.linalg.svd(weight.float(), full_matrices=False)
     if s.rank is not None:
