@@ -24,8 +24,8 @@ from torch.nn.utils import parametrize
 from asr_core.errors import SettingsError
 
 from .calibration import CalibrationStats, LayerStats, cholesky_dampened, dampened
-from .obs import (SweepJob, codebook_rounder, grid_rounder, layer_factor, row_mask, sparsegpt_mask_chooser,
-                  sweep_layers, sweep_order)
+from .obs import (CodebookRounder, GridRounder, SparseGPTChooser, SweepJob, layer_factor, row_mask, sweep_layers,
+                  sweep_order)
 from .quantize import GRID, FakeQuant, grouped, element_scales
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # shares of max|w| tried as the clipping range (int4, int8)
@@ -37,12 +37,19 @@ def layer_stats(stats: CalibrationStats | None, name: str, module: nn.Module) ->
     if stats is None:
         raise SettingsError(f"{name}: a calibrated algorithm needs calibration statistics (give --calib, or "
                             "algo=the data-free one)")
-    s = stats.get(name)
-    width = module.weight.reshape(module.weight.shape[0], -1).shape[1]
-    if s is None or s.gram.shape[0] != width:
-        raise SettingsError(f"{name}: no calibration statistics for this layer as it is now (width {width}); "
-                            "re-collect them on the model after the earlier steps")
+    s = matching_stats(stats, name, module)
+    if s is None:
+        raise SettingsError(f"{name}: no calibration statistics for this layer as it is now (width "
+                            f"{module.weight.reshape(module.weight.shape[0], -1).shape[1]}); re-collect them on the "
+                            "model after the earlier steps")
     return s
+
+
+def matching_stats(stats: CalibrationStats | None, name: str, module: nn.Module) -> LayerStats | None:
+    """Layer ``name``'s statistics when there are some and they were collected at its current width, else None."""
+    s = stats.get(name) if stats is not None else None
+    width = module.weight.reshape(module.weight.shape[0], -1).shape[1]
+    return s if s is not None and s.gram.shape[0] == width else None
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -123,8 +130,8 @@ def gptq(layers, stats: CalibrationStats, kind: str, group: int = 64, act_order:
             h = s.hessian
             scales = search_scales(w, h.diagonal(), kind, group)
             order = sweep_order(h, act_order)
-            rounder = grid_rounder(element_scales(scales, kind, group, w.shape[1]), *GRID[kind], order,
-                                   current_keep(module))
+            rounder = GridRounder(element_scales(scales, kind, group, w.shape[1]), *GRID[kind], order,
+                                  current_keep(module))
             prepared.append(((module, s, w, scales), SweepJob(w, order, layer_factor(s, order), rounder)))
         for (module, s, w, scales), (q, _) in zip((p for p, _ in prepared), sweep_layers([j for _, j in prepared])):
             correct_bias(module, w, q, s)
@@ -159,13 +166,11 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
             values = chosen(w).float()
             if values.numel() == 0:
                 continue
-            # the sort is most of k-means' time; int32, 4 bytes per weight (up to 2 x 80 MB for the shipped model)
-            perm = kept_for_layer(s, ("kmeans-sort", name), weight_digest(values),
-                                  lambda: values.argsort().to(torch.int32)).long()
+            perm = kept_sort(s, name, values)
             # the sweep assigns every weight to a centroid itself (with error feedback)
             centroids, _ = kmeans_1d(values, clusters, iterations, weights=chosen(importance), perm=perm, assign=False)
             order = sweep_order(h, True)
-            job = SweepJob(w, order, layer_factor(s, order), codebook_rounder(centroids, order, keep))
+            job = SweepJob(w, order, layer_factor(s, order), CodebookRounder(centroids, order, keep))
             prepared.append(((module, s, w, keep, centroids), job))
         for (module, s, w, keep, centroids), (q, _) in zip((p for p, _ in prepared),
                                                            sweep_layers([j for _, j in prepared])):
@@ -193,6 +198,15 @@ def kept_for_layer(s: LayerStats, slot: tuple, key, compute, keep: int = 2):
     return kept[key]
 
 
+def kept_sort(s: LayerStats, name: str, values: torch.Tensor) -> torch.Tensor:
+    """The permutation sorting ``values`` (a layer's weights, flattened), kept with its statistics: the sort is
+    most of k-means' time, the same at every clusters knob and for both k-means algorithms on the same weights.
+    Kept as int32, 4 bytes per weight (up to 2 x 80 MB for the shipped model)."""
+    values = values.detach().float().reshape(-1)
+    return kept_for_layer(s, ("kmeans-sort", name), weight_digest(values),
+                          lambda: values.argsort().to(torch.int32)).long()
+
+
 def weight_digest(w: torch.Tensor) -> tuple:
     """Every build works on its own copy of the model: weights are recognised by their bytes."""
     w = w.detach().float()
@@ -212,7 +226,7 @@ def prune(layers, stats: CalibrationStats, algo: str, sparsity: float, n: int = 
                 _finish_prune(module, s, w, w * keep, keep)
                 continue
             order = sweep_order(s.hessian, False)
-            job = SweepJob(w, order, layer_factor(s, order), None, sparsegpt_mask_chooser(sparsity, n, m))
+            job = SweepJob(w, order, layer_factor(s, order), None, SparseGPTChooser(sparsity, n, m))
             prepared.append(((module, s, w), job))
         for (module, s, w), (q, pruned) in zip((p for p, _ in prepared), sweep_layers([j for _, j in prepared])):
             _finish_prune(module, s, w, q * ~pruned, ~pruned)

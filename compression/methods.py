@@ -345,7 +345,9 @@ def apply_kmeans(model: nn.Module, s: KMeansSettings, layers, stats=None) -> nn.
         chosen = w[mask] if mask is not None else w.reshape(-1)
         if chosen.numel() == 0:  # pruned away entirely (e.g. an all-zero identity projection): nothing to cluster
             continue
-        centroids, idx = kmeans_1d(chosen, s.clusters, s.iterations, perm=_kept_sort(stats, name, linear, chosen))
+        kept = calibrated.matching_stats(stats, name, linear)  # with statistics at hand, the sort is kept there
+        centroids, idx = kmeans_1d(chosen, s.clusters, s.iterations,
+                                   perm=None if kept is None else calibrated.kept_sort(kept, name, chosen))
         indices = torch.zeros(w.shape, dtype=torch.long)
         if mask is not None:
             indices[mask] = idx
@@ -353,18 +355,6 @@ def apply_kmeans(model: nn.Module, s: KMeansSettings, layers, stats=None) -> nn.
             indices = idx.reshape(w.shape)
         parametrize.register_parametrization(linear, "weight", Clustered(centroids, indices, mask), unsafe=True)
     return model
-
-
-def _kept_sort(stats, name: str, linear: nn.Module, values: torch.Tensor) -> torch.Tensor | None:
-    """The sort of ``values`` (a layer's weights), kept with the layer's calibration statistics when there are
-    some (the studio, the benchmark): the sort is most of k-means' time, the same for every clusters knob, and
-    shared with the weighted algorithm on the same weights. None without statistics (sorted where used)."""
-    layer_stats = stats.get(name) if stats is not None else None
-    if layer_stats is None or layer_stats.gram.shape[0] != linear.weight.reshape(linear.weight.shape[0], -1).shape[1]:
-        return None
-    values = values.detach().float().reshape(-1)
-    return calibrated.kept_for_layer(layer_stats, ("kmeans-sort", name), calibrated.weight_digest(values),
-                                     lambda: values.argsort().to(torch.int32)).long()
 
 
 def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -397,7 +387,7 @@ def apply_svd(model: nn.Module, s: SVDSettings, layers, stats=None) -> nn.Module
             factors = calibrated.activation_svd(linear, calibrated.layer_stats(stats, name, linear), s.energy, s.rank,
                                                 name)
         else:
-            factors = _weight_svd(linear, s, stats.get(name) if stats is not None else None, name)
+            factors = _weight_svd(linear, s, calibrated.matching_stats(stats, name, linear), name)
         if factors is None:
             continue  # factorising would not save parameters: keep the layer whole
         rank, up, down, bias = factors
@@ -413,13 +403,14 @@ def apply_svd(model: nn.Module, s: SVDSettings, layers, stats=None) -> nn.Module
 
 def _weight_svd(linear: nn.Linear, s: SVDSettings, layer_stats=None, name: str = ""):
     """Truncated SVD of the weight alone: (rank, up, down, bias) or None when it would not save parameters.
-    With the layer's calibration statistics at hand (the studio, the benchmark), the SVD is kept with them, as
+    With the layer's calibration statistics at hand (``layer_stats``, at its current width:
+    :func:`calibrated.matching_stats`; the studio, the benchmark), the SVD is kept with them, as
     the calibrated algorithm's is: it does not depend on the energy knob, so a knob change or a sweep factorises
     each layer once (the statistics are not otherwise used: this is still the data-free algorithm)."""
     out_f, in_f = linear.weight.shape
     w = _effective(linear).float()
     factors = None
-    if layer_stats is not None and layer_stats.gram.shape[0] == in_f:
+    if layer_stats is not None:
         factors = calibrated.kept_for_layer(layer_stats, ("weight-svd", name), calibrated.weight_digest(w),
                                             lambda: torch.linalg.svd(w, full_matrices=False))
     rank, u, sigma, vh = svd_rank(w, s, factors)

@@ -12,6 +12,7 @@ adds a leading L to every tensor of the sweep (:func:`sweep_layers`).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -56,22 +57,13 @@ class CodebookRounder:
         return q if self.keep is None else q.mul_(self.keep[:, k])
 
 
-def grid_rounder(scales, low, high, order, keep=None) -> GridRounder:
-    return GridRounder(scales, low, high, order, keep)
-
-
-def codebook_rounder(centroids, order, keep=None) -> CodebookRounder:
-    return CodebookRounder(centroids, order, keep)
-
-
 def _stacked(rounders: list):
     """The rounders of a batch of layers as one, their tensors stacked on a leading layer dimension (a layer
     without a keep mask keeps everything)."""
     first = rounders[0]
     if first is None:
         return None
-    batch = object.__new__(type(first))
-    batch.__dict__.update(first.__dict__)
+    batch = copy.copy(first)
     for field in ("scales", "centroids", "mids"):
         if field in first.__dict__:
             setattr(batch, field, torch.stack([getattr(r, field) for r in rounders]))
@@ -181,7 +173,7 @@ def _sweep_batch(jobs: list[SweepJob]) -> list[tuple[torch.Tensor, torch.Tensor]
                 if chosen is not None:
                     pruned |= chosen
             row = block[:, k]
-            q = row.clone() if rounder is None else rounder(row, i1 + k)
+            q = row if rounder is None else rounder(row, i1 + k)  # row is only read below: no copy needed
             if choose is not None:
                 q = q.masked_fill(pruned[:, k], 0.0)
             out[:, i1 + k] = q
@@ -228,10 +220,6 @@ class SparseGPTChooser:
             score = block ** 2 / d[:, :, None] ** 2
             mask.scatter_(1, score.topk(count, dim=1, largest=False).indices, True)
         return mask
-
-
-def sparsegpt_mask_chooser(sparsity: float, n: int = 0, m: int = 0) -> SparseGPTChooser:
-    return SparseGPTChooser(sparsity, n, m)
 
 
 def row_mask(score: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) -> torch.Tensor:

@@ -15,8 +15,8 @@ from compression.calibration import (BUNDLED, CalibrationSet, collect_stats, dam
                                      load_calibration)
 from compression.compress import apply_recipe
 from compression.methods import LowRankLinear, target_layers
-from compression.obs import (SweepJob, _stacked, codebook_rounder, grid_rounder, inverse_cholesky, row_mask,
-                             sparsegpt_mask_chooser, sweep, sweep_layers, sweep_order)
+from compression.obs import (CodebookRounder, GridRounder, SparseGPTChooser, SweepJob, _stacked, inverse_cholesky,
+                             row_mask, sweep, sweep_layers, sweep_order)
 from compression.quantize import fake_quantize
 from compression.recipe import parse_recipe
 
@@ -118,7 +118,7 @@ def test_gptq_beats_round_to_nearest_on_a_random_layer():
         full = element_scales(scales, kind, group or 64, w.shape[1])
         low, high = GRID[kind]
         order = sweep_order(h, True)
-        q, _ = sweep(w, h, grid_rounder(full, low, high, order), order)
+        q, _ = sweep(w, h, GridRounder(full, low, high, order), order)
         err = lambda q_: float(((x @ (w - q_).T) ** 2).sum())  # noqa: E731
         assert err(q) < 0.6 * err(rtn), (kind, err(q), err(rtn))
         assert torch.equal(torch.round(q / full).clamp(low, high) * full, q)  # every weight on its grid
@@ -151,10 +151,10 @@ def test_blocked_sweep_is_the_column_by_column_sweep():
     order = torch.arange(300)
     upper, _ = inverse_cholesky(h)
     scales = torch.full_like(w, 0.25)
-    grid = grid_rounder(scales, -8, 7, order)
+    grid = GridRounder(scales, -8, 7, order)
     blocked, _ = sweep(w, h, grid, order)
     assert torch.allclose(blocked, _eager_sweep(w, upper, _stacked([grid]))[0], atol=1e-4)
-    blocked, mask = sweep(w, h, None, order, choose_mask=sparsegpt_mask_chooser(0.5, 2, 4))
+    blocked, mask = sweep(w, h, None, order, choose_mask=SparseGPTChooser(0.5, 2, 4))
     eager, eager_mask = _eager_sweep(w, upper, None, (2, 4))
     assert torch.equal(mask, eager_mask) and torch.allclose(blocked, eager, atol=1e-4)
 
@@ -171,9 +171,9 @@ def test_layers_swept_side_by_side_equal_each_swept_alone():
         order = sweep_order(h, act_order=i % 2 == 0)
         keep = torch.rand(out_f, width) > 0.3 if i == 1 else None
         jobs.append((w, h, order, keep))
-    for make in (lambda w, order, keep: (grid_rounder(torch.full_like(w, 0.2), -8, 7, order, keep), None),
-                 lambda w, order, keep: (codebook_rounder(torch.linspace(-2, 2, 8), order, keep), None),
-                 lambda w, order, keep: (None, sparsegpt_mask_chooser(0.5))):
+    for make in (lambda w, order, keep: (GridRounder(torch.full_like(w, 0.2), -8, 7, order, keep), None),
+                 lambda w, order, keep: (CodebookRounder(torch.linspace(-2, 2, 8), order, keep), None),
+                 lambda w, order, keep: (None, SparseGPTChooser(0.5))):
         batch = [SweepJob(w, order, inverse_cholesky(h[order][:, order]), *make(w, order, keep))
                  for w, h, order, keep in jobs]
         together = sweep_layers(batch)
@@ -198,7 +198,7 @@ def test_a_layers_factor_is_computed_once_per_order_and_changes_nothing():
     first = layer_factor(stats, natural)
     assert layer_factor(stats, natural)[0] is first[0] and layer_factor(stats, by_size)[0] is not first[0]
     assert len(stats.factors) == 2
-    chooser = sparsegpt_mask_chooser(0.5)
+    chooser = SparseGPTChooser(0.5)
     alone = sweep(w, stats.hessian, None, natural, choose_mask=chooser)
     cached = sweep(w, stats.hessian, None, natural, choose_mask=chooser, factor=first)
     assert torch.equal(alone[0], cached[0]) and torch.equal(alone[1], cached[1])
@@ -313,7 +313,7 @@ def test_sparsegpt_mask_and_row_mask_counts():
     w = torch.randn(16, 200)
     x = _correlated_inputs(width=200)
     h = x.T @ x / x.shape[0]
-    q, pruned = sweep(w, h, None, sweep_order(h, False), choose_mask=sparsegpt_mask_chooser(0.3))
+    q, pruned = sweep(w, h, None, sweep_order(h, False), choose_mask=SparseGPTChooser(0.3))
     assert bool((pruned.sum(1) == round(0.3 * 200)).all()) and bool((q[pruned] == 0).all())
     keep = row_mask(torch.rand(16, 10), 0.0, 2, 4)
     assert bool(((~keep[:, :8]).reshape(16, 2, 4).sum(2) == 2).all()) and int((~keep[:, 8:]).sum(1)[0]) == 1
