@@ -172,10 +172,11 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
             order = sweep_order(h, True)
             job = SweepJob(w, order, layer_factor(s, order), CodebookRounder(centroids, order, keep))
             prepared.append(((module, s, w, keep, centroids), job))
-        for (module, s, w, keep, centroids), (q, _) in zip((p for p, _ in prepared),
-                                                           sweep_layers([j for _, j in prepared])):
+        swept = sweep_layers([j for _, j in prepared])
+        rounder_codes = [j.rounder.codes for _, j in prepared]
+        for (module, s, w, keep, centroids), (q, _) in zip((p for p, _ in prepared), swept):
             correct_bias(module, w, q, s)
-            indices = torch.bucketize(q, (centroids[1:] + centroids[:-1]) / 2)  # q holds centroid values exactly
+            indices = rounder_codes.pop(0).long()  # the centroid each weight was rounded to in the sweep
             set_weight(module, q)
             parametrize.register_parametrization(
                 module, "weight", Clustered(centroids, indices.reshape(module.weight.shape),
@@ -209,8 +210,8 @@ def kept_sort(s: LayerStats, name: str, values: torch.Tensor) -> torch.Tensor:
 
 def weight_digest(w: torch.Tensor) -> tuple:
     """Every build works on its own copy of the model: weights are recognised by their bytes."""
-    w = w.detach().float()
-    return tuple(w.shape), hashlib.blake2b(w.numpy().tobytes(), digest_size=16).hexdigest()
+    w = w.detach().float().contiguous()
+    return tuple(w.shape), hashlib.sha256(w.numpy()).hexdigest()  # the buffer itself: no copy; sha256: CPU-accelerated
 
 
 # ----------------------------------------------------------------------------------------------- pruning

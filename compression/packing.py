@@ -1,4 +1,4 @@
-"""Bit packing: n codes of b bits each stored in ceil(n * b / 8) bytes (numpy's packbits does the bytes)."""
+"""Bit packing: n codes of b bits each stored in ceil(n * b / 8) bytes (numpy's packbits does the masks)."""
 from __future__ import annotations
 
 import math
@@ -17,25 +17,38 @@ def packed_nbytes(n: int, bits: int) -> int:
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes in [0, 2**bits) of any shape -> uint8 tensor of packed_nbytes(numel, bits) bytes."""
-    flat = codes.reshape(-1).to(torch.int64).cpu().numpy()
-    if flat.size and (flat.min() < 0 or flat.max() >= 2 ** bits):
+    """Unsigned codes in [0, 2**bits) of any shape -> uint8 tensor of packed_nbytes(numel, bits) bytes: one
+    stream of ``bits``-bit fields, most significant bit first (the layout numpy's packbits gives the bit planes).
+
+    Eight codes fill exactly ``bits`` bytes, so each group of eight is assembled in one int64 and cut into its
+    bytes: a few whole-tensor shifts instead of a (n, bits) bit-plane array (a sweep packs every layer anew)."""
+    flat = codes.reshape(-1).to(torch.int64).cpu()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2 ** bits):
         raise ValueError(f"codes must lie in [0, {2 ** bits}) to pack at {bits} bits")
     if bits == 8:
-        return torch.from_numpy(flat.astype(np.uint8))
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
-    bitplanes = ((flat[:, None] >> shifts[None, :]) & 1).astype(np.uint8)  # (n, bits), most significant first
-    return torch.from_numpy(np.packbits(bitplanes.reshape(-1)))
+        return flat.to(torch.uint8)
+    n = flat.numel()
+    groups = torch.nn.functional.pad(flat, (0, -n % 8)).reshape(-1, 8)
+    word = torch.zeros(groups.shape[0], dtype=torch.int64)
+    for i in range(8):  # 8 x bits <= 56 bits: fits an int64 without touching the sign
+        word.bitwise_or_(groups[:, i] << (bits * (7 - i)))
+    shifts = torch.arange(8 * (bits - 1), -1, -8, dtype=torch.int64)
+    packed = ((word[:, None] >> shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return packed[: packed_nbytes(n, bits)].clone()
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``n`` codes, as int64 of shape (n,)."""
-    data = packed.cpu().numpy().astype(np.uint8)
+    data = packed.reshape(-1).cpu().to(torch.int64)
     if bits == 8:
-        return torch.from_numpy(data[:n].astype(np.int64))
-    planes = np.unpackbits(data)[: n * bits].reshape(n, bits).astype(np.int64)
-    weights = (1 << np.arange(bits - 1, -1, -1, dtype=np.int64))
-    return torch.from_numpy(planes @ weights)
+        return data[:n].clone()
+    groups = math.ceil(n / 8)
+    data = torch.nn.functional.pad(data, (0, groups * bits - data.numel())).reshape(groups, bits)
+    word = torch.zeros(groups, dtype=torch.int64)
+    for j in range(bits):
+        word.bitwise_or_(data[:, j] << (8 * (bits - 1 - j)))
+    shifts = torch.arange(bits * 7, -1, -bits, dtype=torch.int64)
+    return ((word[:, None] >> shifts) & (2 ** bits - 1)).reshape(-1)[:n].clone()
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -159,6 +159,33 @@ def test_blocked_sweep_is_the_column_by_column_sweep():
     assert torch.equal(mask, eager_mask) and torch.allclose(blocked, eager, atol=1e-4)
 
 
+def test_the_lazy_in_block_sweep_equals_the_rank_one_updates():
+    """Unstructured SparseGPT and k-means sweep each block lazily (a column's value from the errors before it);
+    forcing the papers' rank-1 form gives the same mask, the same weights and, for a codebook, the same indices."""
+    from compression.obs import CodebookRounder, inverse_cholesky
+
+    torch.manual_seed(0)
+    x = _correlated_inputs(width=300)
+    h = x.T @ x / x.shape[0]
+    w = torch.randn(48, 300)
+    order = sweep_order(h, True)
+    factor = inverse_cholesky(h[order][:, order])
+    lazy, rank_one = SparseGPTChooser(0.5), SparseGPTChooser(0.5)
+    rank_one.at_block_start = False
+    q_lazy, m_lazy = sweep(w, h, None, order, choose_mask=lazy, factor=factor)
+    q_rank, m_rank = sweep(w, h, None, order, choose_mask=rank_one, factor=factor)
+    assert torch.equal(m_lazy, m_rank) and torch.allclose(q_lazy, q_rank, atol=1e-5)
+    assert int(m_lazy.sum()) == w.numel() // 2
+    centroids = torch.linspace(-2, 2, 16)
+    rounder = CodebookRounder(centroids, order)
+    q, _ = sweep(w, h, rounder, order, factor=factor)
+    assert torch.equal(centroids[rounder.codes.long()], q)  # the recorded index of every weight is its centroid
+    prunes_nothing = SparseGPTChooser(0.0)
+    prunes_nothing.at_block_start = False  # forces the rank-1 form, changes nothing else
+    q_rank, pruned = sweep(w, h, CodebookRounder(centroids, order), order, choose_mask=prunes_nothing, factor=factor)
+    assert not pruned.any() and torch.allclose(q, q_rank, atol=1e-6)
+
+
 def test_layers_swept_side_by_side_equal_each_swept_alone():
     """sweep_layers batches same-shaped layers (each with its own Hessian, order, scales, codebook or mask) and
     gives what sweeping each alone gives; layers of other shapes are swept in their own batch."""

@@ -206,6 +206,22 @@ def test_bit_packing_round_trip():
         assert torch.equal(unpack_bits(packed, bits, 1001), codes)
 
 
+def test_bit_packing_keeps_the_stored_layout():
+    """Artifacts already written hold one most-significant-bit-first stream of fields: the bit planes of the
+    codes through numpy's packbits. The packer must write (and read) exactly those bytes, for every length."""
+    import numpy as np
+
+    for bits in range(1, 8):
+        for n in (1, 7, 8, 9, 23, 1000):
+            codes = torch.randint(0, 2 ** bits, (n,))
+            planes = (codes.numpy()[:, None] >> np.arange(bits - 1, -1, -1)) & 1
+            stored = torch.from_numpy(np.packbits(planes.astype(np.uint8).reshape(-1)))
+            assert torch.equal(pack_bits(codes, bits), stored), (bits, n)
+            assert torch.equal(unpack_bits(stored, bits, n), codes), (bits, n)
+    with pytest.raises(ValueError):
+        pack_bits(torch.tensor([0, 16]), 4)
+
+
 def test_finetuning_keeps_every_constraint(model, dev_dir):
     """A few real optimizer steps through asr_core's training loop: masks, codebooks and grids hold."""
     from asr_core.data import load_utterances
