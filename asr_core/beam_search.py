@@ -17,7 +17,7 @@ below the best token, and the LM cannot reach them; above 1 flattens each frame 
 Why written here: pyctcdecode pins numpy<2 and flashlight-text's decoder wants KenLM binaries; the algorithm is
 100 lines of Python.
 
-Cost: per output frame, beams x (tokens above ``token_min_logp``); frames that are only blank cost almost
+Cost: per output frame, beams x (tokens above ``token_min_logp``, at most ``token_max``); frames that are only blank cost almost
 nothing. About 17 ms per second of audio at beam 128 on one core of the 2-core CPU this was developed on.
 """
 from __future__ import annotations
@@ -46,6 +46,7 @@ class BeamSettings:
     alpha: float = 0.6  # LM weight (natural-log scale)
     beta: float = 1.5  # bonus per word: offsets the LM's bias towards fewer, longer words
     token_min_logp: float = -8.0  # tokens less likely than this in a frame are not tried
+    token_max: int = 0  # at most this many of them, the likeliest (0: no cap); bounds a damaged model's flat frames
     beam_prune_logp: float = -12.0  # hypotheses this far below the best are dropped
     unk_penalty: float = 0.0  # extra cost (natural log) of a word outside the LM's vocabulary
     blank_penalty: float = 0.0  # subtracted from the blank's log-prob in every frame (then renormalised)
@@ -62,6 +63,8 @@ class BeamSettings:
             raise SettingsError(f"the blank penalty must be between 0 and 10, got {self.blank_penalty}")
         if not 0.1 <= self.temperature <= 10:
             raise SettingsError(f"the temperature must be between 0.1 and 10, got {self.temperature}")
+        if not 0 <= self.token_max <= 10_000:
+            raise SettingsError(f"the tokens tried per frame must be between 0 (no cap) and 10000, got {self.token_max}")
         return self
 
     @classmethod
@@ -175,6 +178,8 @@ class BeamSearchDecoder:
         for t in range(lp.shape[0]):
             frame = lp[t]
             candidates = np.flatnonzero(frame >= s.token_min_logp)
+            if s.token_max and candidates.size > s.token_max:
+                candidates = np.sort(candidates[np.argpartition(frame[candidates], -s.token_max)[-s.token_max:]])
             if candidates.size == 0:
                 candidates = np.array([int(frame.argmax())])
             if candidates.size == 1 and candidates[0] == blank:

@@ -121,3 +121,18 @@ def test_temperature_lets_the_lm_overrule_an_over_confident_model():
     assert torch.equal(lp, before)
     with pytest.raises(SettingsError):
         BeamSettings(temperature=0).validate()
+
+
+def test_token_cap_bounds_the_search_on_flat_frames():
+    """``token_max`` tries only the likeliest tokens of a frame: with 1 the search follows the best token of every
+    frame, which is greedy decoding, where the uncapped search sums paths to another text; a cap as large as the
+    vocabulary changes nothing."""
+    lp = frames({"a": 0.4, "_": 0.6}, {"a": 0.4, "_": 0.6})
+    assert BeamSearchDecoder(TOK, settings=BeamSettings(token_max=1))(lp) == GreedyDecoder(TOK)(lp) == ""
+    torch.manual_seed(0)
+    flat = torch.log_softmax(torch.randn(40, len(TOK)), dim=-1)  # a damaged model: every token plausible
+    capped = BeamSearchDecoder(TOK, settings=BeamSettings(token_max=1))(flat)
+    assert capped == GreedyDecoder(TOK)(flat)
+    assert BeamSearchDecoder(TOK, settings=BeamSettings(token_max=len(TOK)))(flat) == BeamSearchDecoder(TOK)(flat)
+    with pytest.raises(SettingsError):
+        BeamSettings(token_max=-1).validate()
