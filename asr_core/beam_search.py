@@ -17,8 +17,9 @@ below the best token, and the LM cannot reach them; above 1 flattens each frame 
 Why written here: pyctcdecode pins numpy<2 and flashlight-text's decoder wants KenLM binaries; the algorithm is
 100 lines of Python.
 
-Cost: per output frame, beams x (tokens above ``token_min_logp``, at most ``token_max``); frames that are only blank cost almost
-nothing. About 17 ms per second of audio at beam 128 on one core of the 2-core CPU this was developed on.
+Cost: per output frame, beams x (tokens above ``token_min_logp``, at most ``token_max``); frames that are only
+blank cost almost nothing. About 17 ms per second of audio at beam 128 on one core of the 2-core CPU this was
+developed on.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ class BeamSettings:
         if not 0.1 <= self.temperature <= 10:
             raise SettingsError(f"the temperature must be between 0.1 and 10, got {self.temperature}")
         if not 0 <= self.token_max <= 10_000:
-            raise SettingsError(f"the tokens tried per frame must be between 0 (no cap) and 10000, got {self.token_max}")
+            raise SettingsError(f"the tokens tried per frame must be between 0 (no cap) and 10000, "
+                                f"got {self.token_max}")
         return self
 
     @classmethod

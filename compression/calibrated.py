@@ -172,11 +172,9 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
             order = sweep_order(h, True)
             job = SweepJob(w, order, layer_factor(s, order), CodebookRounder(centroids, order, keep))
             prepared.append(((module, s, w, keep, centroids), job))
-        swept = sweep_layers([j for _, j in prepared])
-        rounder_codes = [j.rounder.codes for _, j in prepared]
-        for (module, s, w, keep, centroids), (q, _) in zip((p for p, _ in prepared), swept):
+        for ((module, s, w, keep, centroids), job), (q, _) in zip(prepared, sweep_layers([j for _, j in prepared])):
             correct_bias(module, w, q, s)
-            indices = rounder_codes.pop(0).long()  # the centroid each weight was rounded to in the sweep
+            indices = job.rounder.codes.long()  # the centroid each weight was rounded to in the sweep
             set_weight(module, q)
             parametrize.register_parametrization(
                 module, "weight", Clustered(centroids, indices.reshape(module.weight.shape),
