@@ -91,6 +91,18 @@ class _FeedForward(nn.Module):
         return self.dropout(self.linear2(self.dropout(self.activation(self.linear1(self.norm(x))))))
 
 
+def key_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) True on real frames -> (B, T) additive attention bias: 0 on real keys, dtype's lowest on padding.
+
+    The same attention weights as a boolean mask (the padded keys' exp underflows to exactly 0), but a float
+    mask exports to ONNX as one Add: a boolean one also brings a NaN guard (IsNaN + Where) over every (T, T)
+    score matrix, about 7% of ONNX Runtime's time on the shipped model. A finite lowest value keeps a row with
+    no real key (a zero-length item in a batch) finite instead of NaN.
+    """
+    return torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill(
+        ~key_mask, torch.finfo(dtype).min)
+
+
 class _SelfAttention(nn.Module):
     """Pre-norm multi-head self-attention with a key padding mask."""
 
@@ -115,7 +127,7 @@ class _SelfAttention(nn.Module):
 
         attn = F.scaled_dot_product_attention(
             heads(self.q_proj), heads(self.k_proj), heads(self.v_proj),
-            attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0,
+            attn_mask=key_bias(key_mask, h.dtype)[:, None, None, :], dropout_p=self.dropout if self.training else 0.0,
         )
         out = self.out_proj(attn.transpose(1, 2).reshape(b, t, -1))
         return F.dropout(out, self.dropout, self.training)

@@ -9,10 +9,12 @@ word LM (``lm.arpa.gz``, ``decoding.json``) when the source has one.
 Weights:
 
 - A trained checkpoint exports in fp32; ``quantize="int8"`` then applies ONNX Runtime's dynamic quantizer
-  (int8 per output channel, MatMul only) and ``"int4"`` its MatMulNBits quantizer (block 64, symmetric).
+  (8 bits per output channel, uint8 weights, MatMul only) and ``"int4"`` its MatMulNBits quantizer (block 64,
+  symmetric).
 - A compressed artifact keeps its own codes, never rounded a second time: its ``int8_runtime`` layers become
-  DynamicQuantizeLinear + MatMulInteger with the artifact's int8 codes and fp16 scales (ORT fuses that
-  pattern into one int8 kernel, as torch's dynamic int8 Linear), its int4 layers ``MatMulNBits`` with the
+  DynamicQuantizeLinear + MatMulInteger with the artifact's int8 codes (stored as uint8 with zero point 128,
+  which no CPU's kernel saturates on) and fp16 scales (ORT fuses that pattern into one int8 kernel, as
+  torch's dynamic int8 Linear), its int4 layers ``MatMulNBits`` with the
   artifact's 4-bit codes and group scales (fp32 compute, as the torch artifact; groups that MatMulNBits
   cannot take -- not a power of two from 16 -- stay fp32). A chain that ends in int8 after another encoding
   (``prune+kmeans+int8``) runs on int8 kernels in torch with the int8 rounding of its decoded weights; the
@@ -223,8 +225,13 @@ def _int8_nodes(helper, numpy_helper, node, w_name: str, codes, scales, quantize
         quantized_inputs.add(a)
         nodes.append(helper.make_node("DynamicQuantizeLinear", [a], [f"{a}_q", f"{a}_scale", f"{a}_zp"],
                                       name=f"{a}_DynamicQuantizeLinear"))
-    inits = [numpy_helper.from_array(np.ascontiguousarray(codes.T), f"{w_name}_int8"),
-             numpy_helper.from_array(np.zeros(codes.shape[0], np.int8), f"{w_name}_int8_zp"),
+    # Stored as uint8 with zero point 128 (u8 x u8), not int8 (u8 x s8): the same integer products, but
+    # ONNX Runtime's u8 x s8 kernel on x86 without VNNI (AVX2: AMD Zen, most laptops) sums pairs of products
+    # in int16 and saturates at full range (on the shipped int8 artifact: log-probs 1.1 off torch's), while
+    # u8 x u8 is exact on every CPU.
+    shifted = (codes.astype(np.int16) + 128).astype(np.uint8)
+    inits = [numpy_helper.from_array(np.ascontiguousarray(shifted.T), f"{w_name}_int8"),
+             numpy_helper.from_array(np.full(codes.shape[0], 128, np.uint8), f"{w_name}_int8_zp"),
              numpy_helper.from_array(scales.astype(np.float32), f"{w_name}_int8_scale")]
     nodes += [
         helper.make_node("MatMulInteger", [f"{a}_q", inits[0].name, f"{a}_zp", inits[1].name], [f"{out}_int32"],
@@ -299,6 +306,19 @@ def _drop_unused_initializers(graph) -> None:
     graph.initializer.extend(keep)
 
 
+def weight_bytes(proto) -> dict[str, int]:
+    """Bytes of the graph's initializers by element type ({"float32": n, "uint8": n, ...}): what ONNX Runtime
+    holds of the weights, counted exactly (a resident-memory reading of the load alone moved by 10-25 MB
+    between equal runs with the allocator's reuse of freed pages; prepacked copies are not counted here)."""
+    from onnx import numpy_helper
+
+    totals: dict[str, int] = {}
+    for init in proto.graph.initializer:
+        array = numpy_helper.to_array(init)
+        totals[str(array.dtype)] = totals.get(str(array.dtype), 0) + array.nbytes
+    return dict(sorted(totals.items()))
+
+
 def count_matmul_weights(proto) -> dict:
     """{"int8": MatMulInteger/DynamicQuantizeMatMul ops, "int4": MatMulNBits ops, "fp32": MatMuls with a weight}."""
     inits = {i.name for i in proto.graph.initializer}
@@ -320,8 +340,8 @@ def ort_quantize(path: str, kind: str, accuracy_level: int = 0) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path + ".q.tmp"
-    if kind == "int8":
-        quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+    if kind == "int8":  # uint8 weights: exact on every CPU (see _int8_nodes), not only on those with VNNI
+        quantize_dynamic(path, tmp, weight_type=QuantType.QUInt8, per_channel=True, op_types_to_quantize=["MatMul"],
                          extra_options={"MatMulConstBOnly": True})
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -407,7 +427,8 @@ def _write_graph(onnx, model: nn.Module, layers: dict | None, tmp: str, model_di
         ort_quantize(tmp, quantize, accuracy_level)
     if accuracy_level:
         section["accuracy_level"] = accuracy_level
-    section["weights"] = count_matmul_weights(onnx.load(tmp, load_external_data=False))
+    proto = onnx.load(tmp)
+    section["weights"], section["weight_bytes"] = count_matmul_weights(proto), weight_bytes(proto)
     return section
 
 

@@ -5,7 +5,8 @@ import torch
 
 from asr_core.config import PRESETS, ModelConfig, preset
 from asr_core.errors import SettingsError
-from asr_core.model import ConformerCTC, close_blocks, count_parameters, subsampled_lengths
+from asr_core import model as model_module
+from asr_core.model import ConformerCTC, close_blocks, count_parameters, key_bias, subsampled_lengths
 
 
 @pytest.mark.parametrize("name", ["tiny", "whisper-tiny"])
@@ -24,6 +25,22 @@ def test_padded_batch_equals_each_utterance_alone(name):
             alone, n = model(f[None], torch.tensor([len(f)]))
             assert out_lengths[i] == n[0] == alone.shape[1]
             torch.testing.assert_close(out[i, : n[0]], alone[0], atol=2e-5, rtol=1e-4)
+
+
+def test_the_float_key_bias_attends_exactly_as_a_boolean_mask(monkeypatch):
+    """The exported graph's float mask must not change a single output against torch's boolean-mask path."""
+    torch.manual_seed(1)
+    model = ConformerCTC(preset("tiny", dropout=0.0, transformer_layers=1)).eval()
+    feats, lengths = torch.randn(3, 260, 80), torch.tensor([260, 141, 33])
+    with torch.no_grad():
+        with_bias, n = model(feats, lengths)
+        monkeypatch.setattr(model_module, "key_bias", lambda key_mask, dtype: key_mask)
+        with_bool, _ = model(feats, lengths)
+    for i, length in enumerate(n.tolist()):
+        assert torch.equal(with_bias[i, :length], with_bool[i, :length])
+    bias = key_bias(torch.tensor([[True, False], [False, False]]), torch.float16)
+    assert bias.dtype == torch.float16 and bias[0, 0] == 0 and torch.isfinite(bias).all()
+    assert bias[0, 1] == bias[1, 0] == torch.finfo(torch.float16).min
 
 
 @pytest.mark.parametrize("name,factor", [("tiny", 4), ("whisper-tiny", 2)])

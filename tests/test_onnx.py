@@ -66,6 +66,9 @@ def test_fp32_export_matches_torch_at_any_length(onnx_dir, tiny_model):
         assert torch.equal(got_lengths, expected_lengths)
         assert (got - expected).abs().max() < 1e-4
     assert info["weights"] == {"int8": 0, "int4": 0, "fp32": 22} and info["max_abs_diff"] < 1e-4
+    fp32_bytes = 4 * sum(p.numel() for p in tiny_model.parameters())  # a few norms fold into constants
+    assert 0.98 * fp32_bytes < info["weight_bytes"]["float32"] <= 1.01 * fp32_bytes
+    assert "IsNaN" not in _op_counts(os.path.join(folder, "model.onnx"))  # a float attention mask: no NaN guard
     config = json.load(open(os.path.join(folder, "config.json")))
     assert config["format"] == "edge-asr-onnx" and config["onnx"]["quantize"] == "none"
     assert config["model"]["features"]["n_mels"] == 80 and model.cfg == tiny_model.cfg
@@ -105,6 +108,10 @@ def test_int4_artifact_keeps_its_own_codes(mixed_model, tmp_path):
     # every Linear but the head (skipped by default) runs as MatMulNBits; subsampling.conv2 is a convolution
     assert ops.get("MatMulNBits") == info["weights"]["int4"] == 17 and info["weights"]["fp32"] == 1
     assert info["quantize"] == "artifact" and info["dequantized"] == {"int4-as-fp32": 1}
+    # the packed codes: half a byte a weight, plus one fp32 scale per group of 32
+    q4_weights = sum(m.weight.numel() for name, m in mixed_model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and name != "head")
+    assert info["weight_bytes"]["uint8"] == q4_weights // 2
     feats, lengths = _features(300)
     with torch.inference_mode():
         expected = load_artifact(folder)(feats, lengths)[0]
@@ -135,9 +142,9 @@ def test_int8_artifact_exports_its_codes_and_scales(mixed_model, tmp_path):
     codes, scales = artifact_codes(packed, entry)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     stored = [name for name, v in inits.items() if name.endswith("_int8") and v.shape == codes.T.shape
-              and np.array_equal(v, codes.T)]
+              and v.dtype == np.uint8 and np.array_equal(v.astype(np.int16) - 128, codes.T)]
     assert len(stored) == 1  # GPTQ's clipped scales: ORT's own rounding would not give these codes
-    assert np.array_equal(inits[stored[0] + "_scale"], scales)
+    assert np.array_equal(inits[stored[0] + "_scale"], scales) and (inits[stored[0] + "_zp"] == 128).all()
     feats, lengths = _features(300)
     with torch.inference_mode():
         expected = load_artifact(folder)(feats, lengths)[0]
