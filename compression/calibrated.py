@@ -213,19 +213,43 @@ def weight_digest(w: torch.Tensor) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------- pruning
-def prune(layers, stats: CalibrationStats, algo: str, sparsity: float, n: int = 0, m: int = 0) -> None:
-    """Wanda or SparseGPT per layer, exactly ``sparsity`` per row (or n of every m), then bias correction."""
+OWL_LAMBDA, OWL_OUTLIER = 0.08, 5.0  # OWL's published defaults; λ = 0.08 also beat 0.15 on dev 1-100 here
+
+
+def owl_sparsities(layers, stats: CalibrationStats, sparsity: float) -> dict[str, float]:
+    """{layer name: sparsity} after OWL (Yin et al. 2023, arXiv 2310.05175): a layer's outlier ratio is the
+    share of its Wanda scores |W_ij|·‖X_j‖ above OWL_OUTLIER times their mean; the ratios, spread linearly over
+    [-λ, λ], are taken off ``sparsity`` (more outliers, fewer weights removed), then all are shifted so that
+    the mean over every weight is ``sparsity`` again (the same size as the uniform allocation)."""
+    ratios, sizes = [], []
+    for name, module in layers:
+        score = effective_weight(module).abs() * layer_stats(stats, name, module).channel_norms[None, :]
+        ratios.append((score > OWL_OUTLIER * score.mean()).double().mean())
+        sizes.append(score.numel())
+    ratios, sizes = torch.stack(ratios), torch.tensor(sizes, dtype=torch.float64)
+    spread = (ratios - ratios.min()) / (ratios.max() - ratios.min()).clamp_min(1e-12)
+    chosen = sparsity - (2 * spread - 1) * OWL_LAMBDA
+    chosen = (chosen - ((chosen * sizes).sum() / sizes.sum() - sparsity)).clamp(0.0, 0.99)
+    return {name: float(value) for (name, _), value in zip(layers, chosen)}
+
+
+def prune(layers, stats: CalibrationStats, algo: str, sparsity: float, n: int = 0, m: int = 0,
+          owl: bool = False) -> None:
+    """Wanda or SparseGPT per layer, exactly ``sparsity`` per row (or n of every m), then bias correction;
+    ``owl``: each layer its own sparsity from :func:`owl_sparsities`."""
+    per_layer = owl_sparsities(layers, stats, sparsity) if owl else {}
     for same_shape in by_shape(layers):
         prepared = []
         for name, module in same_shape:
             s = layer_stats(stats, name, module)
             w = effective_weight(module)
+            layer_sparsity = per_layer.get(name, sparsity)
             if algo == "wanda":
-                keep = row_mask(w.abs() * s.channel_norms[None, :], sparsity, n, m)
+                keep = row_mask(w.abs() * s.channel_norms[None, :], layer_sparsity, n, m)
                 _finish_prune(module, s, w, w * keep, keep)
                 continue
             order = sweep_order(s.hessian, False)
-            job = SweepJob(w, order, layer_factor(s, order), None, SparseGPTChooser(sparsity, n, m))
+            job = SweepJob(w, order, layer_factor(s, order), None, SparseGPTChooser(layer_sparsity, n, m))
             prepared.append(((module, s, w), job))
         for (module, s, w), (q, pruned) in zip((p for p, _ in prepared), sweep_layers([j for _, j in prepared])):
             _finish_prune(module, s, w, q * ~pruned, ~pruned)

@@ -92,6 +92,8 @@ class PruneSettings:
     scope: str = "global"  # magnitude only: "global" one threshold over all layers; "layer": each layer alike
     algo: str = "sparsegpt"  # sparsegpt | wanda | magnitude (calibrated ones: exactly `sparsity` in every row)
     pattern: str | None = None  # "N:M": N of every M consecutive weights of a row are zero (2:4); sets sparsity
+    alloc: str | None = None  # calibrated only; None: every layer `sparsity`; "owl": per layer by its outliers
+                              # (compression.calibrated.owl_sparsities), `sparsity` on average over the weights
 
     def validate(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -99,6 +101,11 @@ class PruneSettings:
         if self.scope not in ("global", "layer"):
             raise SettingsError(f"prune scope must be 'global' or 'layer', got {self.scope!r}")
         _check_algo("prune", self.algo, ("sparsegpt", "wanda", "magnitude"))
+        if self.alloc not in (None, "owl"):
+            raise SettingsError(f"prune alloc must be 'owl' (or left out: the same sparsity in every layer), "
+                                f"got {self.alloc!r}")
+        if self.alloc and (self.algo == "magnitude" or self.pattern is not None):
+            raise SettingsError("prune alloc=owl needs a calibrated algo (sparsegpt, wanda) and no N:M pattern")
         if self.pattern is not None:
             n, m = self.n_m
             self.sparsity = n / m
@@ -273,7 +280,7 @@ def apply_quant(model: nn.Module, kind: str, settings, layers, stats=None) -> nn
 def apply_prune(model: nn.Module, s: PruneSettings, layers, stats=None) -> nn.Module:
     n, m = s.n_m
     if s.algo != "magnitude":
-        calibrated.prune(layers, stats, s.algo, s.sparsity, n, m)
+        calibrated.prune(layers, stats, s.algo, s.sparsity, n, m, owl=s.alloc == "owl")
         return model
     weights = [_effective(lin).abs() for _, lin in layers]
     if n:  # N:M by magnitude, row by row

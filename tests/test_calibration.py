@@ -335,6 +335,37 @@ def test_pruning_gives_exactly_the_asked_sparsity_and_pattern(model, stats):
                 assert bool((zeros >= round(parsed.steps[0][1].sparsity * w.shape[1])).all()), (recipe, name)
 
 
+def test_owl_moves_sparsity_to_layers_with_few_outliers_and_keeps_the_total(model, stats):
+    from compression.calibrated import OWL_LAMBDA, owl_sparsities
+
+    layers = target_layers(model, SKIP)
+    chosen = owl_sparsities(layers, stats, 0.5)
+    sizes = {name: layer.weight.numel() for name, layer in layers}
+    assert abs(sum(chosen[n] * sizes[n] for n in sizes) / sum(sizes.values()) - 0.5) < 1e-6
+    assert max(chosen.values()) - min(chosen.values()) == pytest.approx(2 * OWL_LAMBDA, abs=1e-6)
+    # the layer with the fewest outliers, given ten times the activation of three input channels, has more
+    # outliers: it keeps more weights
+    boosted = dict(stats.layers)
+    name = max(chosen, key=chosen.get)
+    s = stats.layers[name]
+    scale = torch.ones(s.gram.shape[0])
+    scale[:3] = 10.0
+    boosted[name] = type(s)(s.gram * scale[:, None] * scale[None, :], s.total * scale, s.n)
+    again = owl_sparsities(layers, type(stats)(boosted, stats.calibration, stats.seconds), 0.5)
+    assert again[name] < chosen[name]
+    pruned = to_runtime(apply_recipe(model, parse_recipe("prune:sparsity=0.5,alloc=owl"), stats=stats))
+    kept = {n: layer.weight for n, layer in target_layers(pruned, SKIP)}
+    zeros = sum(int((kept[n] == 0).sum()) for n in sizes)
+    assert zeros == pytest.approx(0.5 * sum(sizes.values()), rel=0.01)
+    for n in sizes:  # each row of each layer exactly its layer's share
+        rows = kept[n].detach().reshape(kept[n].shape[0], -1)
+        assert bool(((rows == 0).sum(1) >= round(chosen[n] * rows.shape[1])).all()), n
+    with pytest.raises(SettingsError, match="alloc"):
+        parse_recipe("prune:pattern=2:4,alloc=owl")
+    with pytest.raises(SettingsError, match="alloc"):
+        parse_recipe("prune:sparsity=0.5,alloc=best")
+
+
 def test_sparsegpt_mask_and_row_mask_counts():
     torch.manual_seed(0)
     w = torch.randn(16, 200)
