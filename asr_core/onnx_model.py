@@ -51,11 +51,13 @@ def _import_ort():
     return onnxruntime
 
 
-def make_session(path: str, threads: int | None = None, low_memory: bool = False):
+def make_session(path: str, threads: int | None = None, low_memory: bool = False, profile_prefix: str | None = None):
     """An ONNX Runtime CPU session: ``threads`` intra-op threads (None: ORT's default, one per core), one
     inter-op thread (the graph is a chain, parallelism is inside the matrix products). ``low_memory``: no
     weight prepacking (ORT otherwise keeps a second, kernel-ordered copy of each matrix: measured on the
-    shipped baseline, fp32 load 219 -> 135 MB, int8 82 -> 56 MB; see docs for the speed cost)."""
+    shipped baseline, fp32 load 219 -> 135 MB, int8 82 -> 56 MB; see docs for the speed cost).
+    ``profile_prefix``: ORT records every node's time, written by ``session.end_profiling()`` to a JSON file
+    whose name starts so."""
     ort = _import_ort()
     if not os.path.isfile(path):
         raise CheckpointError(f"{os.path.dirname(path) or '.'} has no {MODEL_FILE}")
@@ -69,6 +71,9 @@ def make_session(path: str, threads: int | None = None, low_memory: bool = False
     options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
     if low_memory:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...)

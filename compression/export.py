@@ -14,12 +14,12 @@ Weights:
 - A compressed artifact keeps its own codes, never rounded a second time: its ``int8_runtime`` layers become
   DynamicQuantizeLinear + MatMulInteger with the artifact's int8 codes (stored as uint8 with zero point 128,
   which no CPU's kernel saturates on) and fp16 scales (ORT fuses that pattern into one int8 kernel, as
-  torch's dynamic int8 Linear), its int4 layers ``MatMulNBits`` with the
-  artifact's 4-bit codes and group scales (fp32 compute, as the torch artifact; groups that MatMulNBits
-  cannot take -- not a power of two from 16 -- stay fp32). A chain that ends in int8 after another encoding
-  (``prune+kmeans+int8``) runs on int8 kernels in torch with the int8 rounding of its decoded weights; the
-  export does the same (``int8_requantized`` counts those). Everything else (kmeans, ternary, pruned, low-rank
-  factors without int8, int8-encoded convolutions) is exported as the dequantized fp32 weights the torch
+  torch's dynamic int8 Linear), its int4 layers ``MatMulNBits`` with the artifact's 4-bit codes and group
+  scales (fp32 compute, as the torch artifact; groups that MatMulNBits cannot take -- not a power of two from
+  16 -- stay fp32). A chain that ends in int8 after another encoding (``prune+kmeans+int8``) runs on int8
+  kernels in torch with the int8 rounding of its decoded weights; the export does the same
+  (``int8_requantized`` counts those). Everything else (kmeans, ternary, pruned, low-rank factors without
+  int8, int8-encoded convolutions) is exported as the dequantized fp32 weights the torch
   artifact computes with; ``config.json["onnx"]["dequantized"]`` counts those by encoding.
 
 The torch graph is traced from a plain float ConformerCTC holding exactly the artifact's decoded weights; each
@@ -308,14 +308,15 @@ def _drop_unused_initializers(graph) -> None:
 
 def weight_bytes(proto) -> dict[str, int]:
     """Bytes of the graph's initializers by element type ({"float32": n, "uint8": n, ...}): what ONNX Runtime
-    holds of the weights, counted exactly (a resident-memory reading of the load alone moved by 10-25 MB
-    between equal runs with the allocator's reuse of freed pages; prepacked copies are not counted here)."""
-    from onnx import numpy_helper
+    holds of the weights, counted exactly from each one's type and shape (a resident-memory reading of the load
+    alone moved by 10-25 MB between equal runs with the allocator's reuse of freed pages; prepacked copies are
+    not counted here)."""
+    from onnx.helper import tensor_dtype_to_np_dtype
 
     totals: dict[str, int] = {}
     for init in proto.graph.initializer:
-        array = numpy_helper.to_array(init)
-        totals[str(array.dtype)] = totals.get(str(array.dtype), 0) + array.nbytes
+        dtype = tensor_dtype_to_np_dtype(init.data_type)
+        totals[str(dtype)] = totals.get(str(dtype), 0) + int(np.prod(init.dims, dtype=np.int64)) * dtype.itemsize
     return dict(sorted(totals.items()))
 
 
@@ -427,7 +428,7 @@ def _write_graph(onnx, model: nn.Module, layers: dict | None, tmp: str, model_di
         ort_quantize(tmp, quantize, accuracy_level)
     if accuracy_level:
         section["accuracy_level"] = accuracy_level
-    proto = onnx.load(tmp)
+    proto = onnx.load(tmp, load_external_data=False)
     section["weights"], section["weight_bytes"] = count_matmul_weights(proto), weight_bytes(proto)
     return section
 

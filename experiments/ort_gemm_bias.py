@@ -39,7 +39,8 @@ def fold_bias_into_gemm(model: onnx.ModelProto) -> int:
         if id(node) in folded:
             continue
         nxt = consumers.get(node.output[0], []) if node.op_type == "MatMul" else []
-        bias = [i for i in nxt[0].input if i != node.output[0]][0] if len(nxt) == 1 and nxt[0].op_type == "Add" else None
+        is_bias_add = len(nxt) == 1 and nxt[0].op_type == "Add"
+        bias = [i for i in nxt[0].input if i != node.output[0]][0] if is_bias_add else None
         if (bias in inits and len(inits[bias].dims) == 1 and node.input[1] in inits
                 and len(inits[node.input[1]].dims) == 2 and node.output[0] not in outputs):
             x, (k, n) = node.input[0], inits[node.input[1]].dims

@@ -33,28 +33,25 @@ def _features(clip: str):
     return model.eval(), x, torch.tensor([x.shape[1]])
 
 
-def _runner(target: str, x, lengths, threads: int, profile: bool):
-    """A no-argument function running ``target`` on (x, lengths) once; and its ORT session (None for torch)."""
+def _torch_runner(model, x, lengths):
     import torch
 
+    def run():
+        with torch.inference_mode():
+            model(x, lengths)
+    return run
+
+
+def _runner(target: str, x, lengths, threads: int, profile: bool):
+    """A no-argument function running ``target`` on (x, lengths) once; and its ORT session (None for torch)."""
     if target.startswith("torch:"):
         from asr_core.checkpoint import load_model
 
-        model = load_model(target[len("torch:"):])[0].eval()
+        return _torch_runner(load_model(target[len("torch:"):])[0].eval(), x, lengths), None
+    from asr_core.onnx_model import make_session  # the session the runtime itself builds
 
-        def run_torch():
-            with torch.inference_mode():
-                model(x, lengths)
-        return run_torch, None
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.log_severity_level = 3
-    if profile:
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join("/tmp", f"onnx_latency_{os.getpid()}")
-    session = ort.InferenceSession(os.path.join(target, "model.onnx"), options, providers=["CPUExecutionProvider"])
+    prefix = os.path.join("/tmp", f"onnx_latency_{os.getpid()}") if profile else None
+    session = make_session(os.path.join(target, "model.onnx"), threads, profile_prefix=prefix)
     feed = {"features": x.numpy(), "lengths": lengths.numpy()}
     return (lambda: session.run(None, feed)), session
 
@@ -79,10 +76,7 @@ def child(clip: str, target: str, runs: int, threads: int, profile: bool) -> dic
 
     torch.set_num_threads(threads)
     model, x, lengths = _features(clip)
-
-    def run_fp32():
-        with torch.inference_mode():
-            model(x, lengths)
+    run_fp32 = _torch_runner(model, x, lengths)
     run_target, session = _runner(target, x, lengths, threads, profile)
     times = {"torch": [], "target": []}
     for _ in range(2):
