@@ -201,9 +201,11 @@ def kept_sort(s: LayerStats, name: str, values: torch.Tensor) -> torch.Tensor:
     """The permutation sorting ``values`` (a layer's weights, flattened), kept with its statistics: the sort is
     most of k-means' time, the same at every clusters knob and for both k-means algorithms on the same weights.
     Kept as int32, 4 bytes per weight (up to 2 x 80 MB for the shipped model)."""
+    from .methods import sort_order
+
     values = values.detach().float().reshape(-1)
     return kept_for_layer(s, ("kmeans-sort", name), weight_digest(values),
-                          lambda: values.argsort().to(torch.int32)).long()
+                          lambda: sort_order(values).to(torch.int32)).long()
 
 
 def weight_digest(w: torch.Tensor) -> tuple:

@@ -13,6 +13,7 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -303,6 +304,14 @@ def apply_prune(model: nn.Module, s: PruneSettings, layers, stats=None) -> nn.Mo
     return model
 
 
+def sort_order(values: torch.Tensor) -> torch.Tensor:
+    """The permutation (int64) that sorts ``values`` (1-D float), as ``values.argsort()``, computed by numpy:
+    its argsort uses the CPU's vector sorting network (x86-simd-sort), 3-4x faster than torch's on a million
+    float32 values on these CPUs, and the sort is most of a k-means build. Ties may come in another order;
+    k-means cannot tell (equal values always share a cluster)."""
+    return torch.from_numpy(np.argsort(values.detach().float().contiguous().numpy()))
+
+
 def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30, weights: torch.Tensor | None = None,
               perm: torch.Tensor | None = None, assign: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact Lloyd's k-means in one dimension: (n,) -> centroids (k,) sorted, indices (n,).
@@ -319,25 +328,26 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30, weights: torch
     Linear initialisation over [min, max], which Han et al. (Deep Compression) found best for accuracy.
     """
     values = values.detach().float().reshape(-1)
-    if perm is None:
-        sorted_values, perm = values.sort()
+    perm = sort_order(values) if perm is None else perm
+    sorted_values = values.take(perm)  # take: several times faster than values[perm] on a CPU
+    n = sorted_values.numel()
+    # prefix sums in float64 (a layer's million terms would lose the means' last digits), written straight into
+    # one buffer: no float64 copy of the values and no concatenation (each a pass over a million entries)
+    prefix = torch.zeros(n + 1, dtype=torch.float64)
+    if weights is None:  # every weight counts once: a run's mass is its length
+        prefix_w = None
+        torch.cumsum(sorted_values, 0, dtype=torch.float64, out=prefix[1:])
     else:
-        sorted_values = values.take(perm)  # take: several times faster than values[perm] on a CPU
-    ordered = sorted_values.double()  # float64 sums: a layer's million terms would lose the means' last digits
-    zero = torch.zeros(1, dtype=torch.float64)
-    if weights is None:  # every weight counts once: the prefix of the counts is the position itself
-        prefix_w = torch.arange(ordered.numel() + 1, dtype=torch.float64)
-        prefix = torch.cat([zero, ordered.cumsum(0)])
-    else:
-        mass = weights.detach().reshape(-1).take(perm).double().clamp_min(0)
-        prefix_w = torch.cat([zero, mass.cumsum(0)])
-        prefix = torch.cat([zero, (mass * ordered).cumsum(0)])
-    centroids = torch.linspace(float(ordered[0]), float(ordered[-1]), k, dtype=torch.float64)
+        mass = weights.detach().reshape(-1).float().take(perm).clamp_min_(0)
+        prefix_w = torch.zeros(n + 1, dtype=torch.float64)
+        torch.cumsum(mass, 0, dtype=torch.float64, out=prefix_w[1:])
+        torch.cumsum(mass.mul_(sorted_values), 0, dtype=torch.float64, out=prefix[1:])
+    centroids = torch.linspace(float(sorted_values[0]), float(sorted_values[-1]), k, dtype=torch.float64)
+    edge_low, edge_high = torch.zeros(1, dtype=torch.long), torch.tensor([n])
     for _ in range(iterations):
-        bounds = torch.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2)
-        starts = torch.cat([torch.zeros(1, dtype=torch.long), bounds])
-        ends = torch.cat([bounds, torch.tensor([ordered.numel()])])
-        counts = prefix_w[ends] - prefix_w[starts]
+        bounds = torch.searchsorted(sorted_values, ((centroids[1:] + centroids[:-1]) / 2).float())
+        starts, ends = torch.cat([edge_low, bounds]), torch.cat([bounds, edge_high])
+        counts = (ends - starts).double() if prefix_w is None else prefix_w[ends] - prefix_w[starts]
         new = torch.where(counts > 0, (prefix[ends] - prefix[starts]) / counts.clamp_min(1e-30), centroids)
         converged = torch.equal(new, centroids)
         centroids = new
@@ -347,10 +357,12 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30, weights: torch
     if not assign:
         return centroids, None
     # torch.bucketize(values, mids) without its binary search per weight: in sorted order the clusters are
-    # runs, cut where a value first exceeds a midpoint (right=True: a value on a midpoint goes below, as there)
+    # runs, cut where a value first exceeds a midpoint (right=True: a value on a midpoint goes below, as there).
+    # The run numbers are scattered back in int32 (half the bytes of int64: 1.5-2x faster on a CPU).
     runs = torch.searchsorted(sorted_values, (centroids[1:] + centroids[:-1]) / 2, right=True)
-    starts = torch.zeros(values.numel() + 1, dtype=torch.long).index_add_(0, runs, torch.ones_like(runs))
-    return centroids, torch.empty_like(perm).scatter_(0, perm, starts[:-1].cumsum(0))
+    starts = torch.zeros(n + 1, dtype=torch.int32).index_add_(0, runs, torch.ones_like(runs, dtype=torch.int32))
+    indices = torch.empty(n, dtype=torch.int32).scatter_(0, perm, starts[:-1].cumsum(0, dtype=torch.int32))
+    return centroids, indices.long()
 
 
 def apply_kmeans(model: nn.Module, s: KMeansSettings, layers, stats=None) -> nn.Module:

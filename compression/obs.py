@@ -83,6 +83,25 @@ def _stacked(rounders: list):
     return batch
 
 
+def _stacked_factors(uppers: list[torch.Tensor]) -> torch.Tensor:
+    """The layers' U factors as one (L, in, in) tensor. The first sweep of a batch copies them side by side and
+    moves each factor onto its slice of the copy (``Tensor.set_``: the same tensor object, so the statistics'
+    cache now holds views of the stacked one, at no extra memory); a later sweep of the same batch (the next knob
+    value, the next recipe) finds them already side by side and reads them in place. The copy of a 2048-wide
+    batch was 10-15% of a calibrated k-means build."""
+    first = uppers[0]
+    n = first.shape[-1]
+    storage = first.untyped_storage()
+    in_place = all(u.is_contiguous() and u.untyped_storage().data_ptr() == storage.data_ptr()
+                   and u.storage_offset() == first.storage_offset() + b * n * n for b, u in enumerate(uppers))
+    if in_place:
+        return first.as_strided((len(uppers), n, n), (n * n, n, 1))
+    stacked = torch.stack(uppers)
+    for b, u in enumerate(uppers):
+        u.set_(stacked.untyped_storage(), b * n * n, (n, n), (n, 1))
+    return stacked
+
+
 def sweep_order(hessian: torch.Tensor, act_order: bool) -> torch.Tensor:
     """Column order of a sweep: largest H diagonal first (GPTQ's activation order), or as they are."""
     n = hessian.shape[0]
@@ -165,7 +184,7 @@ def _sweep_batch(jobs: list[SweepJob]) -> list[tuple[torch.Tensor, torch.Tensor]
     """The sweep of L same-shaped layers at once. Works on Wᵀ (L, in, out) so that a column is a contiguous
     row; U (L, in, in)."""
     wt = torch.stack([j.weight.detach().float()[:, j.order].T for j in jobs]).contiguous()
-    upper = torch.stack([j.factor[0] for j in jobs])
+    upper = _stacked_factors([j.factor[0] for j in jobs])
     wt[torch.stack([j.factor[1] for j in jobs])] = 0.0  # inputs that were always zero: zero is what stores best
     rounder, choose = _stacked([j.rounder for j in jobs]), jobs[0].choose_mask
     codes = rounder.record(wt.shape) if hasattr(rounder, "record") else None

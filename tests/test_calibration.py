@@ -211,6 +211,34 @@ def test_layers_swept_side_by_side_equal_each_swept_alone():
             assert torch.equal(together[1][0][~jobs[1][3]], torch.zeros(int((~jobs[1][3]).sum())))
 
 
+def test_a_batch_sweeps_its_factors_in_place_the_second_time():
+    """The first sweep of a batch stacks its layers' U factors and moves each onto its slice of the stack (the same
+    tensor objects, the same values); the second sweep of that batch reads them there, with no copy, and rounds
+    exactly as the first. A factor shared by two layers of the batch (q/k/v share their statistics) is copied
+    again each time, and still right."""
+    from compression.obs import _stacked_factors
+
+    torch.manual_seed(0)
+    jobs, uppers = [], []
+    for i in range(3):
+        x = _correlated_inputs(width=96, seed=i)
+        h = x.T @ x / x.shape[0]
+        order = sweep_order(h, act_order=True)
+        factor = inverse_cholesky(h[order][:, order])
+        uppers.append(factor[0].clone())
+        jobs.append(SweepJob(torch.randn(16, 96), order, factor, CodebookRounder(torch.linspace(-2, 2, 8), order)))
+    first = sweep_layers(jobs)
+    for job, upper in zip(jobs, uppers):
+        assert torch.equal(job.factor[0], upper)  # moved, not changed
+    stacked = _stacked_factors([j.factor[0] for j in jobs])
+    assert stacked.data_ptr() == jobs[0].factor[0].data_ptr()  # read in place: no new tensor
+    second = sweep_layers(jobs)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+    shared = [jobs[0].factor[0], jobs[0].factor[0]]
+    again = _stacked_factors(shared)
+    assert torch.equal(again[0], uppers[0]) and torch.equal(again[1], uppers[0])
+
+
 def test_a_layers_factor_is_computed_once_per_order_and_changes_nothing():
     """Builds from the same statistics (a knob sweep, the benchmark's recipes) reuse each layer's factor of the
     Hessian: the same tensors come back, and a sweep with them equals one that factors on its own."""

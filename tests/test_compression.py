@@ -126,6 +126,22 @@ def test_kmeans_1d_matches_sklearn():
     assert torch.all(centroids[1:] >= centroids[:-1])
 
 
+def test_kmeans_1d_assigns_every_value_to_its_nearest_centroid_ties_included():
+    """Many exactly equal values (rounded weights): the sort may order ties any way, the assignment may not care.
+    Every value lands on its nearest centroid (as torch.bucketize on the midpoints would put it)."""
+    from compression.methods import sort_order
+
+    values = (torch.randn(30000) * 20).round() / 400  # about 150 distinct values
+    perm = sort_order(values)
+    assert torch.equal(values[perm], values.sort().values)
+    for weights in (None, torch.rand(30000)):
+        centroids, idx = kmeans_1d(values, 16, iterations=50, weights=weights)
+        nearest = torch.bucketize(values, (centroids[1:] + centroids[:-1]) / 2)
+        assert torch.equal(idx, nearest)
+        again, _ = kmeans_1d(values, 16, iterations=50, weights=weights, perm=perm)  # a kept sort
+        assert torch.equal(again, centroids)
+
+
 def test_int4_and_ternary_packing(tmp_path, model):
     from safetensors.torch import load_file
 
