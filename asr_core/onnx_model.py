@@ -24,6 +24,26 @@ MODEL_FILE, CONFIG_FILE, VOCAB_FILE = "model.onnx", "config.json", "vocab.json"
 INSTALL_HINT = 'pip install -e ".[onnx]"'
 
 
+def has_int8_dot_product() -> bool | None:
+    """Whether this CPU multiplies u8 x s8 exactly in ONNX Runtime's int8 kernels: True on x86 with VNNI
+    (AVX512-VNNI or AVX-VNNI) and on 64-bit ARM (its dot-product kernels); False on other x86 CPUs (AVX2 alone:
+    MLAS's u8 x s8 kernel sums pairs of products in int16 and saturates); None when it cannot tell (no
+    /proc/cpuinfo: not Linux)."""
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return None
+    if not flags:
+        return None
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni"))
+
+
 def read_onnx_config(folder: str) -> dict:
     """config.json of an ONNX folder; CheckpointError when missing, unreadable or of another format."""
     config = read_config(folder)
@@ -104,6 +124,13 @@ class OnnxCTC:
             raise CheckpointError(f"{folder}/{CONFIG_FILE} does not describe a model ({err})") from None
         self.folder, self.threads = folder, threads
         self.onnx_info = config.get("onnx", {})
+        if self.onnx_info.get("int8_weights") == "s8" and has_int8_dot_product() is False:
+            import warnings
+
+            warnings.warn(f"{folder}: int8 weights exported as s8 run on this CPU (x86 without VNNI) with ONNX "
+                          "Runtime's saturating u8 x s8 kernel: results may drift from the torch model's; export "
+                          "with --int8-weights u8 for exact integer products (the same speed on such CPUs)",
+                          stacklevel=2)
         self.session = make_session(os.path.join(folder, MODEL_FILE), threads, low_memory)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

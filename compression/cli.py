@@ -95,6 +95,10 @@ def add_subcommands(sub) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 18-22)")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
                    help="MatMulNBits compute type for int4 (0: fp32, as the torch artifact; 4: int8, faster)")
+    p.add_argument("--int8-weights", choices=("auto", "s8", "u8"), default="auto",
+                   help="int8 weights as int8 (s8: fast and exact on CPUs with VNNI and on ARM) or uint8 with zero "
+                        "point 128 (u8: exact on x86 CPUs without VNNI, where ONNX Runtime's s8 kernel saturates); "
+                        "auto: s8 unless this CPU is x86 without VNNI. Choose for the CPU the model will run on")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("sensitivity", help="WER change when one layer (type) at a time is compressed")
@@ -233,9 +237,10 @@ def cmd_export(args) -> int:
     from .export import export_onnx
 
     result = export_onnx(args.model or default_model_dir(), args.out, quantize=args.quantize, opset=args.opset,
-                         accuracy_level=args.accuracy_level)
+                         accuracy_level=args.accuracy_level, int8_weights=args.int8_weights)
     print(json.dumps(result, indent=2))
-    print(f"exported in {result['seconds']:.1f} s: model.onnx {result['bytes'] / 1e6:.1f} MB -> {args.out}",
+    weights = f", int8 weights {result['int8_weights']}" if "int8_weights" in result else ""
+    print(f"exported in {result['seconds']:.1f} s: model.onnx {result['bytes'] / 1e6:.1f} MB{weights} -> {args.out}",
           file=sys.stderr)
     return 0
 

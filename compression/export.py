@@ -9,11 +9,11 @@ word LM (``lm.arpa.gz``, ``decoding.json``) when the source has one.
 Weights:
 
 - A trained checkpoint exports in fp32; ``quantize="int8"`` then applies ONNX Runtime's dynamic quantizer
-  (8 bits per output channel, uint8 weights, MatMul only) and ``"int4"`` its MatMulNBits quantizer (block 64,
+  (8 bits per output channel, int8 or uint8 weights as below, MatMul only) and ``"int4"`` its MatMulNBits quantizer (block 64,
   symmetric).
 - A compressed artifact keeps its own codes, never rounded a second time: its ``int8_runtime`` layers become
-  DynamicQuantizeLinear + MatMulInteger with the artifact's int8 codes (stored as uint8 with zero point 128,
-  which no CPU's kernel saturates on) and fp16 scales (ORT fuses that pattern into one int8 kernel, as
+  DynamicQuantizeLinear + MatMulInteger with the artifact's int8 codes (int8, or uint8 with zero point 128 on
+  x86 CPUs without VNNI, whose u8 x s8 kernel saturates: :func:`int8_weight_type`) and fp16 scales (ORT fuses that pattern into one int8 kernel, as
   torch's dynamic int8 Linear), its int4 layers ``MatMulNBits`` with the artifact's 4-bit codes and group
   scales (fp32 compute, as the torch artifact; groups that MatMulNBits cannot take -- not a power of two from
   16 -- stay fp32). A chain that ends in int8 after another encoding (``prune+kmeans+int8``) runs on int8
@@ -216,22 +216,43 @@ def pack_nbits(codes: np.ndarray, group: int) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _int8_nodes(helper, numpy_helper, node, w_name: str, codes, scales, quantized_inputs: set):
-    """MatMul(A, W) -> DynamicQuantizeLinear(A); MatMulInteger(A_q, W_q, A_zp, 0); Cast; Mul(A_s * w_s): the
-    pattern ORT's own dynamic quantizer writes, which its optimizer fuses into one int8 kernel."""
+INT8_WEIGHTS = ("auto", "s8", "u8")
+
+
+def int8_weight_type(choice: str = "auto") -> str:
+    """How int8 weight codes are stored in model.onnx: "s8" (int8, ONNX Runtime's usual u8 x s8 kernel) or "u8"
+    (uint8 with zero point 128: u8 x u8, the same integer products). Measured on the shipped int8 artifact
+    (scripts/onnx_latency.py, 2 threads): on an AVX-512-VNNI CPU s8 ran at 0.32x of torch FP32's latency and u8 at
+    0.72x (no VNNI kernel for u8 x u8); on an AVX2 CPU without VNNI both at about 0.5x, but there the s8 kernel
+    sums pairs of products in int16 and saturates (log-probs up to 1.1 off torch's), u8 is exact. "auto": s8
+    where this CPU multiplies s8 exactly (:func:`asr_core.onnx_model.has_int8_dot_product`; also when it cannot
+    tell), else u8 -- export on the kind of CPU the model will run on, or choose."""
+    from asr_core.onnx_model import has_int8_dot_product
+
+    if choice not in INT8_WEIGHTS:
+        raise SettingsError(f"int8 weights must be one of {', '.join(INT8_WEIGHTS)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "u8" if has_int8_dot_product() is False else "s8"
+
+
+def _int8_nodes(helper, numpy_helper, node, w_name: str, codes, scales, quantized_inputs: set,
+                weights: str = "s8"):
+    """MatMul(A, W) -> DynamicQuantizeLinear(A); MatMulInteger(A_q, W_q, A_zp, W_zp); Cast; Mul(A_s * w_s): the
+    pattern ORT's own dynamic quantizer writes, which its optimizer fuses into one int8 kernel. ``weights``: the
+    codes as int8 ("s8", zero point 0) or shifted into uint8 ("u8", zero point 128): :func:`int8_weight_type`."""
     a, out = node.input[0], node.output[0]
     nodes = []
     if a not in quantized_inputs:  # q, k and v share one input: quantize it once
         quantized_inputs.add(a)
         nodes.append(helper.make_node("DynamicQuantizeLinear", [a], [f"{a}_q", f"{a}_scale", f"{a}_zp"],
                                       name=f"{a}_DynamicQuantizeLinear"))
-    # Stored as uint8 with zero point 128 (u8 x u8), not int8 (u8 x s8): the same integer products, but
-    # ONNX Runtime's u8 x s8 kernel on x86 without VNNI (AVX2: AMD Zen, most laptops) sums pairs of products
-    # in int16 and saturates at full range (on the shipped int8 artifact: log-probs 1.1 off torch's), while
-    # u8 x u8 is exact on every CPU.
-    shifted = (codes.astype(np.int16) + 128).astype(np.uint8)
-    inits = [numpy_helper.from_array(np.ascontiguousarray(shifted.T), f"{w_name}_int8"),
-             numpy_helper.from_array(np.full(codes.shape[0], 128, np.uint8), f"{w_name}_int8_zp"),
+    if weights == "u8":
+        stored, zero = (codes.astype(np.int16) + 128).astype(np.uint8), np.full(codes.shape[0], 128, np.uint8)
+    else:
+        stored, zero = codes.astype(np.int8), np.zeros(codes.shape[0], np.int8)
+    inits = [numpy_helper.from_array(np.ascontiguousarray(stored.T), f"{w_name}_int8"),
+             numpy_helper.from_array(zero, f"{w_name}_int8_zp"),
              numpy_helper.from_array(scales.astype(np.float32), f"{w_name}_int8_scale")]
     nodes += [
         helper.make_node("MatMulInteger", [f"{a}_q", inits[0].name, f"{a}_zp", inits[1].name], [f"{out}_int32"],
@@ -255,7 +276,8 @@ def _int4_nodes(helper, numpy_helper, node, w_name: str, codes, scales, group: i
     return [nbits], inits
 
 
-def apply_artifact_codes(proto, model: nn.Module, layers: dict, accuracy_level: int = 0) -> dict:
+def apply_artifact_codes(proto, model: nn.Module, layers: dict, accuracy_level: int = 0,
+                         int8_weights: str = "s8") -> dict:
     """Rewrite, in place, the MatMuls of the artifact's int8-runtime and int4 layers with its own codes;
     returns {"int8": n, "int4": n, "dequantized": {encoding: n}} (layers left as fp32 weights)."""
     from onnx import helper, numpy_helper
@@ -274,7 +296,8 @@ def apply_artifact_codes(proto, model: nn.Module, layers: dict, accuracy_level: 
         entry, packed = layers[name]
         codes, scales = artifact_codes(packed, entry)
         if runs_int8(entry):
-            nodes, inits = _int8_nodes(helper, numpy_helper, node, w_name, codes, scales, quantized_inputs)
+            nodes, inits = _int8_nodes(helper, numpy_helper, node, w_name, codes, scales, quantized_inputs,
+                                       int8_weights)
         else:
             nodes, inits = _int4_nodes(helper, numpy_helper, node, w_name, codes, scales, entry["group"],
                                        accuracy_level)
@@ -335,14 +358,16 @@ def count_matmul_weights(proto) -> dict:
 
 
 # ------------------------------------------------------------------------------------ ORT's own quantizers
-def ort_quantize(path: str, kind: str, accuracy_level: int = 0) -> None:
-    """Quantize an fp32 ``model.onnx`` in place with ONNX Runtime's quantizers (weights with a constant B only)."""
+def ort_quantize(path: str, kind: str, accuracy_level: int = 0, int8_weights: str = "s8") -> None:
+    """Quantize an fp32 ``model.onnx`` in place with ONNX Runtime's quantizers (weights with a constant B only;
+    int8 weights as ``int8_weights``: :func:`int8_weight_type`)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path + ".q.tmp"
-    if kind == "int8":  # uint8 weights: exact on every CPU (see _int8_nodes), not only on those with VNNI
-        quantize_dynamic(path, tmp, weight_type=QuantType.QUInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+    if kind == "int8":
+        weight_type = QuantType.QUInt8 if int8_weights == "u8" else QuantType.QInt8
+        quantize_dynamic(path, tmp, weight_type=weight_type, per_channel=True, op_types_to_quantize=["MatMul"],
                          extra_options={"MatMulConstBOnly": True})
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -409,7 +434,7 @@ def write_folder(out_dir: str, model: nn.Module, tokenizer, model_dir: str, onnx
 
 
 def _write_graph(onnx, model: nn.Module, layers: dict | None, tmp: str, model_dir: str, quantize: str,
-                 opset: int, accuracy_level: int) -> dict:
+                 opset: int, accuracy_level: int, int8_weights: str) -> dict:
     """Trace to ``tmp``, then put in the artifact's codes or apply ORT's quantizer; returns the "onnx" section."""
     from compression.artifact import read_manifest
 
@@ -419,35 +444,39 @@ def _write_graph(onnx, model: nn.Module, layers: dict | None, tmp: str, model_di
                "parameters": sum(p.numel() for p in model.parameters())}  # of the float model: weights, not bytes
     if layers is not None:
         proto = onnx.load(tmp)
-        rewritten = apply_artifact_codes(proto, model, layers, accuracy_level)
+        rewritten = apply_artifact_codes(proto, model, layers, accuracy_level, int8_weights)
         onnx.save(proto, tmp)
         section.update(quantize="artifact", dequantized=rewritten["dequantized"],
                        int8_requantized=rewritten["int8_requantized"],
                        lowrank=len(read_manifest(model_dir).get("lowrank", {})))
     elif quantize != "none":
-        ort_quantize(tmp, quantize, accuracy_level)
+        ort_quantize(tmp, quantize, accuracy_level, int8_weights)
     if accuracy_level:
         section["accuracy_level"] = accuracy_level
     proto = onnx.load(tmp, load_external_data=False)
     section["weights"], section["weight_bytes"] = count_matmul_weights(proto), weight_bytes(proto)
+    if section["weights"].get("int8"):
+        section["int8_weights"] = int8_weights
     return section
 
 
 def export_onnx(model_dir: str, out_dir: str, *, quantize: str = "none", opset: int | None = None,
-                accuracy_level: int = 0, check: bool = True) -> dict:
+                accuracy_level: int = 0, check: bool = True, int8_weights: str = "auto") -> dict:
     """Export any model folder to an ONNX model folder (see the module docstring); returns its "onnx" section
     plus ``seconds`` (export time), ``bytes`` (model.onnx size) and ``max_abs_diff`` (vs the float torch model
     on one random input, when ``check``). ``accuracy_level``: MatMulNBits' compute type (0: fp32, as the torch
-    artifact computes; 4: int8 activations, faster and less exact)."""
+    artifact computes; 4: int8 activations, faster and less exact). ``int8_weights``: "auto", "s8" or "u8"
+    (:func:`int8_weight_type`; recorded in the section when the graph has int8 weights)."""
     start = time.perf_counter()
     onnx, _ = require_onnx()
+    int8_weights = int8_weight_type(int8_weights)
     opset = _check_arguments(quantize, opset, is_artifact(model_dir), model_dir)
     model, tokenizer, layers = load_source(model_dir)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MODEL_FILE)
     tmp = path + ".tmp"
     try:
-        section = _write_graph(onnx, model, layers, tmp, model_dir, quantize, opset, accuracy_level)
+        section = _write_graph(onnx, model, layers, tmp, model_dir, quantize, opset, accuracy_level, int8_weights)
         os.replace(tmp, path)  # never leave a half-written model.onnx behind
     finally:
         if os.path.exists(tmp):
@@ -469,12 +498,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quantize", default="none", choices=QUANTIZE)
     parser.add_argument("--opset", type=int, default=None)
     parser.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4))
+    parser.add_argument("--int8-weights", default="auto", choices=INT8_WEIGHTS)
     args = parser.parse_args(argv)
     from asr_core.errors import EdgeASRError
 
     try:
         result = export_onnx(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset,
-                             accuracy_level=args.accuracy_level)
+                             accuracy_level=args.accuracy_level, int8_weights=args.int8_weights)
     except EdgeASRError as err:
         print(f"export: {err}", file=sys.stderr)
         return 2

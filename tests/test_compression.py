@@ -142,6 +142,14 @@ def test_kmeans_1d_assigns_every_value_to_its_nearest_centroid_ties_included():
         assert torch.equal(again, centroids)
 
 
+def test_kth_smallest_is_torchs_kthvalue():
+    from compression.methods import kth_smallest
+
+    values = torch.cat([torch.randn(5000).abs(), torch.zeros(3000), torch.full((500,), 0.25)])[torch.randperm(8500)]
+    for k in (1, 2999, 3000, 3001, 6000, 8500):
+        assert float(kth_smallest(values, k)) == float(values.kthvalue(k).values)
+
+
 def test_int4_and_ternary_packing(tmp_path, model):
     from safetensors.torch import load_file
 

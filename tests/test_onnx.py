@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -127,10 +128,18 @@ def test_nbits_packing_layout():
     assert packed[0, 1, 0] == (11 | (8 << 4)) and packed[0, 1, 1] == (8 | (8 << 4))  # padding stores code 0
 
 
-def test_int8_artifact_exports_its_codes_and_scales(mixed_model, tmp_path):
+@pytest.mark.parametrize("weights", ["s8", "u8"])
+def test_int8_artifact_exports_its_codes_and_scales(mixed_model, tmp_path, weights):
+    """The artifact's own int8 codes go into model.onnx unchanged, as int8 (s8) or shifted into uint8 with zero
+    point 128 (u8). Each is checked against torch where its kernel is exact: u8 everywhere, s8 where the CPU has
+    an int8 dot product (on x86 without VNNI ONNX Runtime's u8 x s8 kernel saturates: 0.48 off here)."""
+    from asr_core.onnx_model import has_int8_dot_product
+
     folder = _artifact(mixed_model, tmp_path / "int8", "int8:algo=gptq")
     out = str(tmp_path / "int8_onnx")
-    info = export_onnx(folder, out)
+    info = export_onnx(folder, out, int8_weights=weights)
+    assert info["int8_weights"] == weights and json.loads((tmp_path / "int8_onnx" / "config.json").read_text())[
+        "onnx"]["int8_weights"] == weights
     proto = onnx.load(os.path.join(out, "model.onnx"))
     assert sum(n.op_type == "MatMulInteger" for n in proto.graph.node) == info["weights"]["int8"] == 17
     from compression.artifact import read_manifest
@@ -141,15 +150,41 @@ def test_int8_artifact_exports_its_codes_and_scales(mixed_model, tmp_path):
               if k.startswith("blocks.1.ffn1.linear1.weight.")}
     codes, scales = artifact_codes(packed, entry)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    dtype, offset = (np.uint8, 128) if weights == "u8" else (np.int8, 0)
     stored = [name for name, v in inits.items() if name.endswith("_int8") and v.shape == codes.T.shape
-              and v.dtype == np.uint8 and np.array_equal(v.astype(np.int16) - 128, codes.T)]
+              and v.dtype == dtype and np.array_equal(v.astype(np.int16) - offset, codes.T)]
     assert len(stored) == 1  # GPTQ's clipped scales: ORT's own rounding would not give these codes
-    assert np.array_equal(inits[stored[0] + "_scale"], scales) and (inits[stored[0] + "_zp"] == 128).all()
+    zero = inits[stored[0] + "_zp"]
+    assert np.array_equal(inits[stored[0] + "_scale"], scales) and zero.dtype == dtype and (zero == offset).all()
+    if weights == "s8" and has_int8_dot_product() is False:
+        return  # the saturating kernel: not this CPU's exact form (test_auto_int8_weights_follow_the_cpu)
     feats, lengths = _features(300)
     with torch.inference_mode():
         expected = load_artifact(folder)(feats, lengths)[0]
     got = OnnxCTC(out, threads=1)(feats, lengths)[0]
     assert (got - expected).abs().max() < 0.1  # both quantize activations at run time, each its own way
+
+
+def test_auto_int8_weights_follow_the_cpu(mixed_model, tmp_path, monkeypatch):
+    """auto: u8 on x86 without VNNI, s8 where the CPU has an int8 dot product or cannot tell; an s8 folder
+    loaded on a CPU without one warns, naming the fix; a wrong choice is a SettingsError."""
+    import asr_core.onnx_model as onnx_model
+    from compression.export import int8_weight_type
+
+    for probe, expected in ((False, "u8"), (True, "s8"), (None, "s8")):
+        monkeypatch.setattr(onnx_model, "has_int8_dot_product", lambda probe=probe: probe)
+        assert int8_weight_type("auto") == expected and int8_weight_type("u8") == "u8"
+    with pytest.raises(SettingsError, match="int8 weights must be one of auto, s8, u8"):
+        int8_weight_type("s4")
+    folder = _artifact(mixed_model, tmp_path / "int8", "int8:algo=rtn")
+    export_onnx(folder, str(tmp_path / "s8"), int8_weights="s8", check=False)
+    monkeypatch.setattr(onnx_model, "has_int8_dot_product", lambda: False)
+    with pytest.warns(UserWarning, match="--int8-weights u8"):
+        OnnxCTC(str(tmp_path / "s8"), threads=1)
+    monkeypatch.setattr(onnx_model, "has_int8_dot_product", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OnnxCTC(str(tmp_path / "s8"), threads=1)
 
 
 def test_ort_quantizers_on_a_trained_checkpoint(tiny_model_dir, onnx_dir, tmp_path):
