@@ -99,6 +99,9 @@ def add_subcommands(sub) -> None:
                    help="int8 weights as int8 (s8: fast and exact on CPUs with VNNI and on ARM) or uint8 with zero "
                         "point 128 (u8: exact on x86 CPUs without VNNI, where ONNX Runtime's s8 kernel saturates); "
                         "auto: s8 unless this CPU is x86 without VNNI. Choose for the CPU the model will run on")
+    p.add_argument("--activations", choices=("per-tensor", "per-row"), default="per-tensor",
+                   help="how int8 layers round their inputs at run time: one scale per utterance (per-tensor, ONNX "
+                        "Runtime's dynamic quantizer: fastest) or one per frame (per-row: closer to FP32, slower)")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("sensitivity", help="WER change when one layer (type) at a time is compressed")
@@ -237,7 +240,8 @@ def cmd_export(args) -> int:
     from .export import export_onnx
 
     result = export_onnx(args.model or default_model_dir(), args.out, quantize=args.quantize, opset=args.opset,
-                         accuracy_level=args.accuracy_level, int8_weights=args.int8_weights)
+                         accuracy_level=args.accuracy_level, int8_weights=args.int8_weights,
+                         activations=args.activations)
     print(json.dumps(result, indent=2))
     weights = f", int8 weights {result['int8_weights']}" if "int8_weights" in result else ""
     print(f"exported in {result['seconds']:.1f} s: model.onnx {result['bytes'] / 1e6:.1f} MB{weights} -> {args.out}",
