@@ -9,14 +9,15 @@ word LM (``lm.arpa.gz``, ``decoding.json``) when the source has one.
 Weights:
 
 - A trained checkpoint exports in fp32; ``quantize="int8"`` then applies ONNX Runtime's dynamic quantizer
-  (8 bits per output channel, int8 or uint8 weights as below, MatMul only) and ``"int4"`` its MatMulNBits quantizer (block 64,
-  symmetric).
+  (8 bits per output channel, int8 or uint8 weights as below, MatMul only) and ``"int4"`` its MatMulNBits
+  quantizer (block 64, symmetric).
 - A compressed artifact keeps its own codes, never rounded a second time: its ``int8_runtime`` layers become
   DynamicQuantizeLinear + MatMulInteger with the artifact's int8 codes (int8, or uint8 with zero point 128 on
-  x86 CPUs without VNNI, whose u8 x s8 kernel saturates: :func:`int8_weight_type`) and fp16 scales (ORT fuses that pattern into one int8 kernel, as
-  torch's dynamic int8 Linear), its int4 layers ``MatMulNBits`` with the artifact's 4-bit codes and group
-  scales (fp32 compute, as the torch artifact; groups that MatMulNBits cannot take -- not a power of two from
-  16 -- stay fp32). A chain that ends in int8 after another encoding (``prune+kmeans+int8``) runs on int8
+  x86 CPUs without VNNI, whose u8 x s8 kernel saturates: :func:`int8_weight_type`) and fp16 scales (ORT fuses
+  that pattern into one int8 kernel, as torch's dynamic int8 Linear; :func:`per_row_activations` optionally
+  gives each frame its own activation scale), its int4 layers ``MatMulNBits`` with the artifact's 4-bit codes
+  and group scales (fp32 compute, as the torch artifact; groups that MatMulNBits cannot take -- not a power of
+  two from 16 -- stay fp32). A chain that ends in int8 after another encoding (``prune+kmeans+int8``) runs on int8
   kernels in torch with the int8 rounding of its decoded weights; the export does the same
   (``int8_requantized`` counts those). Everything else (kmeans, ternary, pruned, low-rank factors without
   int8, int8-encoded convolutions) is exported as the dequantized fp32 weights the torch
@@ -366,12 +367,13 @@ _ROW_CONSTS = {"axes": np.array([-1], np.int64), "flat": np.array([-1], np.int64
 
 
 def _per_row_quantizer(helper, node, const) -> list:
-    """The nodes replacing DynamicQuantizeLinear(A) -> (A_q, A_scale, A_zp) with a symmetric quantizer per row of
-    A (1, T, K): scale_t = max|A_t| / 127 (``{A}_rows``, (1, T, 1)), one zero point 128 for all rows (MatMulInteger
-    takes a single zero point for A). A_scale becomes 1 and the rows are scaled after each product
-    (:func:`per_row_activations`): ORT fuses MatMulInteger + Cast + Mul into MatMulIntegerToFloat, which takes A's
-    scale as a scalar, and a (1, T, 1) one there gave log-probs 12 off. The 1 is computed from the input (a
-    constant would be folded into the weight scales first, and ORT would then not fuse at all: slower)."""
+    """The nodes replacing DynamicQuantizeLinear(A) -> (A_q, A_scale, A_zp) with a symmetric quantizer per row
+    of A (1, T, K) or (T, K) (the export's batch of one): scale_t = max|A_t| / 127 (``{A}_rows``, (1, T, 1)),
+    one zero point 128 for all rows (MatMulInteger takes a single zero point for A). A_scale becomes 1 and the
+    rows are scaled after each product (:func:`per_row_activations`): ORT fuses MatMulInteger + Cast + Mul
+    into MatMulIntegerToFloat, which takes A's scale as a scalar, and a (1, T, 1) one there gave log-probs 12
+    off. The 1 is computed from the input (a constant would be folded into the weight scales first, and ORT
+    would then not fuse at all: slower)."""
     from onnx import TensorProto
 
     a, (q, scale, _) = node.input[0], node.output
@@ -383,11 +385,11 @@ def _per_row_quantizer(helper, node, const) -> list:
         make("Neg", [f"{p}_min"], [f"{p}_negmin"]),
         make("Max", [f"{p}_max", f"{p}_negmin", const["eps"]], [f"{p}_absmax"]),
         make("Mul", [f"{p}_absmax", const["1/127"]], [f"{a}_rows"]),
-        make("Reshape", [f"{a}_rows", const["flat"]], [f"{p}_scale_t"]),  # (T,): QuantizeLinear's axis 1
+        make("Reshape", [f"{a}_rows", const["flat"]], [f"{p}_scale_t"]),  # (T,): QuantizeLinear's axis -2
         make("Mul", [f"{p}_scale_t", const["0"]], [f"{p}_zeros"]),
         make("Add", [f"{p}_zeros", const["128"]], [f"{p}_zp_f"]),
         make("Cast", [f"{p}_zp_f"], [f"{p}_zp_t"], to=TensorProto.UINT8),
-        make("QuantizeLinear", [a, f"{p}_scale_t", f"{p}_zp_t"], [q], axis=1),  # round half even, saturate
+        make("QuantizeLinear", [a, f"{p}_scale_t", f"{p}_zp_t"], [q], axis=-2),  # round half even, saturate
         make("ReduceMax", [f"{p}_scale_t"], [f"{p}_top"], keepdims=0),
         make("Mul", [f"{p}_top", const["0"]], [f"{p}_nil"]),
         make("Add", [f"{p}_nil", const["1"]], [scale]),
