@@ -305,16 +305,17 @@ def apply_prune(model: nn.Module, s: PruneSettings, layers, stats=None) -> nn.Mo
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """``values.kthvalue(k).values`` (1-D, 1 <= k <= n) by numpy's partition (introselect, vectorised): on the
-    shipped model's 20 M weights 4-15x faster than torch's kthvalue on these CPUs, and a global magnitude
-    threshold is most of a naive pruning build."""
+    """``values.kthvalue(k).values`` (1-D, 1 <= k <= n) by numpy's partition (introselect, vectorised): the
+    global magnitude threshold over the shipped model's 20 M weights took 1.0 s of a 3.1 s naive combined build
+    with torch's kthvalue, and the build fell to 2.3 s with this (on 20 M random values the two differ less,
+    1.3-3.7x)."""
     return torch.tensor(np.partition(values.detach().float().contiguous().numpy(), k - 1)[k - 1])
 
 
 def sort_order(values: torch.Tensor) -> torch.Tensor:
     """The permutation (int64) that sorts ``values`` (1-D float), as ``values.argsort()``, computed by numpy:
-    its argsort uses the CPU's vector sorting network (x86-simd-sort), 3-4x faster than torch's on a million
-    float32 values on these CPUs, and the sort is most of a k-means build. Ties may come in another order;
+    its argsort uses the CPU's vector sorting network (x86-simd-sort): 21 ms against torch's 87 ms on a million
+    float32 values on an AVX-512 host, and the sort is most of a k-means build. Ties may come in another order;
     k-means cannot tell (equal values always share a cluster)."""
     return torch.from_numpy(np.argsort(values.detach().float().contiguous().numpy()))
 
