@@ -400,7 +400,7 @@ def per_row_activations(proto) -> int:
     """Rewrite, in place, every DynamicQuantizeLinear of the graph (per-tensor activation scales: one loud frame
     coarsens every frame's grid) into :func:`_per_row_quantizer`, and multiply each of its products by the rows'
     scales after the rescaling Mul; returns how many were rewritten. On the shipped int8 artifact, greedy on the
-    457 held-out utterances: per-tensor +2.3% relative to FP32, per-row -0.1%; latency 0.32-0.36x -> 0.39-0.45x
+    457 held-out utterances: per-tensor +2.3% relative to FP32, per-row -0.1%; latency 0.31-0.35x -> 0.37-0.39x
     of torch FP32's (docs/RESULTS.md)."""
     from onnx import helper, numpy_helper
 
