@@ -9,6 +9,7 @@ session is built).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -24,11 +25,12 @@ MODEL_FILE, CONFIG_FILE, VOCAB_FILE = "model.onnx", "config.json", "vocab.json"
 INSTALL_HINT = 'pip install -e ".[onnx]"'
 
 
+@functools.cache
 def has_int8_dot_product() -> bool | None:
     """Whether this CPU multiplies u8 x s8 exactly in ONNX Runtime's int8 kernels: True on x86 with VNNI
     (AVX512-VNNI or AVX-VNNI) and on 64-bit ARM (its dot-product kernels); False on other x86 CPUs (AVX2 alone:
     MLAS's u8 x s8 kernel sums pairs of products in int16 and saturates); None when it cannot tell (no
-    /proc/cpuinfo: not Linux)."""
+    /proc/cpuinfo: not Linux). Read once per process (the studio loads many folders)."""
     import platform
 
     machine = platform.machine().lower()

@@ -477,9 +477,12 @@ def check_against_torch(model: nn.Module, path: str, frames: int = 300) -> float
     return float(np.abs(got - expected).max())
 
 
-def _check_arguments(quantize: str, opset: int | None, artifact: bool, model_dir: str) -> int:
+def _check_arguments(quantize: str, opset: int | None, artifact: bool, model_dir: str,
+                     activations: str = "per-tensor") -> int:
     if quantize not in QUANTIZE:
         raise SettingsError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    if activations not in ACTIVATIONS:
+        raise SettingsError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise SettingsError(f"ONNX opset {opset!r} is not supported: use {MIN_OPSET} to {MAX_OPSET} "
@@ -554,9 +557,7 @@ def export_onnx(model_dir: str, out_dir: str, *, quantize: str = "none", opset: 
     start = time.perf_counter()
     onnx, _ = require_onnx()
     int8_weights = int8_weight_type(int8_weights)
-    if activations not in ACTIVATIONS:
-        raise SettingsError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
-    opset = _check_arguments(quantize, opset, is_artifact(model_dir), model_dir)
+    opset = _check_arguments(quantize, opset, is_artifact(model_dir), model_dir, activations)
     model, tokenizer, layers = load_source(model_dir)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MODEL_FILE)
