@@ -9,7 +9,8 @@ encoding      stored per layer (``mask``: 1 bit per weight, only when pruned; co
 int8          ``codes`` int8, ``scales`` fp16 per output channel
 int4          ``codes`` 4-bit packed (2 per byte), ``scales`` fp16 per group
 ternary       ``codes`` 2-bit packed (4 per byte), ``scales`` (alpha) fp16 per output channel (or group)
-kmeans        ``indices`` ceil(log2 K)-bit packed, ``codebook`` fp32 (K values)
+kmeans        ``indices`` ceil(log2 K)-bit packed, ``codebook`` fp32 (K values), or fp16 (out, K) with
+              ``"codebook": "row"``: one per output row
 sparse        ``values`` fp16 of the kept weights
 ============  ===============================================================================
 
@@ -56,23 +57,28 @@ def encode_linear(linear: nn.Linear) -> tuple[dict[str, torch.Tensor], dict]:
     chain = constraints(linear)
     kinds = [p.kind if isinstance(p, FakeQuant) else type(p).__name__ for p in chain]
     int8_runtime = bool(kinds) and kinds[-1] == "int8" and isinstance(linear, nn.Linear)
-    full_range = int8_runtime and chain[-1].full_range
+    activations = chain[-1].activations if int8_runtime else "reduced"
     shape = list(linear.parametrizations.weight.original.shape)
     mask = next((p.mask for p in chain if isinstance(p, (Mask, Clustered))), None)
     if mask is not None:
         mask = None if bool(mask.all()) else mask.reshape(shape[0], -1)  # nothing pruned: no mask to store
     select = (lambda t: t[mask]) if mask is not None else (lambda t: t.reshape(-1))
     tensors: dict[str, torch.Tensor] = {}
-    entry: dict = {"shape": shape, "int8_runtime": int8_runtime, **({"int8_full_range": True} if full_range else {})}
+    entry: dict = {"shape": shape, "int8_runtime": int8_runtime,
+                   **({"int8_activations": activations} if activations != "reduced" else {})}
     if mask is not None:
         tensors["mask"] = pack_mask(mask)
     grid = next((i for i, k in enumerate(kinds) if k in ("Clustered", "int4", "ternary")), None)
     if grid is not None and kinds[grid] == "Clustered":
         clustered = chain[grid]
-        k = clustered.codebook.numel()
+        k = clustered.codebook.shape[-1]
         entry.update(encoding="kmeans", clusters=k, bits=bits_for(k))
         tensors["indices"] = pack_bits(select(clustered.indices.reshape(shape[0], -1)), bits_for(k))
-        tensors["codebook"] = clustered.codebook.detach().float().clone()
+        if clustered.codebook.dim() == 2:  # one per row: fp16 (the centroids were rounded to it when chosen)
+            entry["codebook"] = "row"
+            tensors["codebook"] = clustered.codebook.detach().half().clone()
+        else:
+            tensors["codebook"] = clustered.codebook.detach().float().clone()
     elif grid is not None:
         codes, scales = chain[grid].encode(_chain_value(linear, grid))
         if kinds[grid] == "int4":
@@ -129,7 +135,11 @@ def decode_weight(tensors: dict[str, torch.Tensor], entry: dict) -> tuple[torch.
     encoding = entry["encoding"]
     if encoding == "kmeans":
         place, n = _placer(tensors, entry)
-        return place(tensors["codebook"].float()[unpack_bits(tensors["indices"], entry["bits"], n)]), None
+        indices = unpack_bits(tensors["indices"], entry["bits"], n)
+        codebook = tensors["codebook"].float()
+        if codebook.dim() == 2:  # (out, k): each row indexes its own codebook; pruned places back to 0
+            return codebook.gather(1, place(indices)) * place(torch.ones(n)), None
+        return place(codebook[indices]), None
     if encoding == "int4":
         return int4_dequantize(integer_codes(tensors, entry), tensors["scales"].float(), entry["group"]), None
     if encoding == "ternary":
@@ -196,8 +206,14 @@ def decode_model(cfg, tensors: dict[str, torch.Tensor], manifest: dict) -> Confo
                 with warnings.catch_warnings():  # torch flags its quantized-tensor constructors as deprecated
                     warnings.simplefilter("ignore")
                     _set_child(model, name, quantized_int8_linear(linear, *(int8 or (None, None)),
-                                                                  full_range=bool(entry.get("int8_full_range"))))
+                                                                  activations=int8_activations(entry)))
     return model.eval()
+
+
+def int8_activations(entry: dict) -> str:
+    """A manifest entry's int8 activation rounding (ACTIVATIONS); artifacts of format version 1 before per-row
+    stored a bool ``int8_full_range`` instead."""
+    return entry.get("int8_activations") or ("full" if entry.get("int8_full_range") else "reduced")
 
 
 def to_runtime(model: ConformerCTC) -> ConformerCTC:

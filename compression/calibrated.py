@@ -24,8 +24,8 @@ from torch.nn.utils import parametrize
 from asr_core.errors import SettingsError
 
 from .calibration import CalibrationStats, LayerStats, cholesky_dampened, dampened
-from .obs import (CodebookRounder, GridRounder, SparseGPTChooser, SweepJob, layer_factor, row_mask, sweep_layers,
-                  sweep_order)
+from .obs import (CodebookRounder, GridRounder, RowCodebookRounder, SparseGPTChooser, SweepJob, layer_factor,
+                  row_mask, sweep_layers, sweep_order)
 from .quantize import GRID, FakeQuant, grouped, element_scales
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # shares of max|w| tried as the clipping range (int4, int8)
@@ -119,7 +119,7 @@ def _per_scale(err: torch.Tensor, kind: str, group: int | None) -> torch.Tensor:
 
 
 def gptq(layers, stats: CalibrationStats, kind: str, group: int = 64, act_order: bool = True,
-         full_range: bool = False) -> None:
+         activations: str = "reduced") -> None:
     """GPTQ to ``kind``'s grid with searched scales (static groups, so act-order keeps contiguous groups),
     keeping an earlier pruning mask's zeros, then bias correction; registers FakeQuant(kind, scales)."""
     for same_shape in by_shape(layers):
@@ -136,7 +136,7 @@ def gptq(layers, stats: CalibrationStats, kind: str, group: int = 64, act_order:
         for (module, s, w, scales), (q, _) in zip((p for p, _ in prepared), sweep_layers([j for _, j in prepared])):
             correct_bias(module, w, q, s)
             set_weight(module, q)
-            parametrize.register_parametrization(module, "weight", FakeQuant(kind, group, scales, full_range))
+            parametrize.register_parametrization(module, "weight", FakeQuant(kind, group, scales, activations))
 
 
 def by_shape(layers) -> list[list[tuple[str, nn.Module]]]:
@@ -149,10 +149,11 @@ def by_shape(layers) -> list[list[tuple[str, nn.Module]]]:
 
 
 # ----------------------------------------------------------------------------------------------- k-means
-def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: int) -> None:
-    """Per layer: k-means of the weights, each weighted by its input's energy H_jj; then GPTQ's sweep rounding
-    each column to the nearest centroid; then bias correction. Registers Clustered."""
-    from .methods import Clustered, kmeans_1d
+def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: int, per_row: bool = False) -> None:
+    """Per layer (or, ``per_row``, per output row: SqueezeLLM's per-channel tables): k-means of the weights,
+    each weighted by its input's energy H_jj; then GPTQ's sweep rounding each column to the nearest centroid;
+    then bias correction. Registers Clustered."""
+    from .methods import Clustered, kmeans_1d, kmeans_rows
 
     for same_shape in by_shape(layers):
         prepared = []
@@ -166,11 +167,16 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
             values = chosen(w).float()
             if values.numel() == 0:
                 continue
-            perm = kept_sort(s, name, values)
-            # the sweep assigns every weight to a centroid itself (with error feedback)
-            centroids, _ = kmeans_1d(values, clusters, iterations, weights=chosen(importance), perm=perm, assign=False)
             order = sweep_order(h, True)
-            job = SweepJob(w, order, layer_factor(s, order), CodebookRounder(centroids, order, keep))
+            # the sweep assigns every weight to a centroid itself (with error feedback)
+            if per_row:
+                centroids = kmeans_rows(w, clusters, iterations, weights=importance, keep=keep)
+                rounder = RowCodebookRounder(centroids, order, keep)
+            else:
+                centroids, _ = kmeans_1d(values, clusters, iterations, weights=chosen(importance),
+                                         perm=kept_sort(s, name, values), assign=False)
+                rounder = CodebookRounder(centroids, order, keep)
+            job = SweepJob(w, order, layer_factor(s, order), rounder)
             prepared.append(((module, s, w, keep, centroids), job))
         for ((module, s, w, keep, centroids), job), (q, _) in zip(prepared, sweep_layers([j for _, j in prepared])):
             correct_bias(module, w, q, s)

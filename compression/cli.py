@@ -99,9 +99,10 @@ def add_subcommands(sub) -> None:
                    help="int8 weights as int8 (s8: fast and exact on CPUs with VNNI and on ARM) or uint8 with zero "
                         "point 128 (u8: exact on x86 CPUs without VNNI, where ONNX Runtime's s8 kernel saturates); "
                         "auto: s8 unless this CPU is x86 without VNNI. Choose for the CPU the model will run on")
-    p.add_argument("--activations", choices=("per-tensor", "per-row"), default="per-tensor",
+    p.add_argument("--activations", choices=("auto", "per-tensor", "per-row"), default="auto",
                    help="how int8 layers round their inputs at run time: one scale per utterance (per-tensor, ONNX "
-                        "Runtime's dynamic quantizer: fastest) or one per frame (per-row: closer to FP32, slower)")
+                        "Runtime's dynamic quantizer: fastest) or one per frame (per-row: closer to FP32, slower); "
+                        "auto: as the artifact's own int8 layers (per-row for int8:algo=gptq), else per-tensor")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("sensitivity", help="WER change when one layer (type) at a time is compressed")

@@ -15,6 +15,7 @@ from .artifact import encode_model, to_runtime
 from .calibration import (CalibrationStats, accumulate, block_inputs, bundled_stats, calibrated_layers,
                           collect_stats)
 from .methods import LowRankLinear, apply_method, is_calibrated, target_layers
+from .quantize import is_int8_runtime
 from .recipe import Recipe
 
 
@@ -32,7 +33,7 @@ def apply_recipe(model: ConformerCTC, recipe: Recipe, progress: bool = False, st
     every block is calibrated on what the blocks before it, already compressed, give it, and every step of a
     chain on the output of the steps before it (slower: about one calibration pass per step).
     """
-    if any(type(m).__module__.startswith("torch.ao") for m in model.modules()):
+    if any(is_int8_runtime(m) for m in model.modules()):
         raise SettingsError("this model is already a compressed artifact with int8 layers; compress the trained "
                             "checkpoint instead")
     if stats is None and any(is_calibrated(s) for _, s in recipe.steps):

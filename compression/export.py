@@ -359,7 +359,19 @@ def count_matmul_weights(proto) -> dict:
 
 
 # ------------------------------------------------------------------------------------ per-row activations
-ACTIVATIONS = ("per-tensor", "per-row")
+ACTIVATIONS = ("auto", "per-tensor", "per-row")
+
+
+def resolve_activations(choice: str, layers: dict | None) -> str:
+    """"auto": per-row where the artifact's own int8 layers round per row (so the ONNX model computes what the
+    torch artifact does), else per-tensor (ORT's dynamic quantizer: fastest)."""
+    if choice != "auto":
+        return choice
+    from compression.artifact import int8_activations
+
+    entries = (entry for entry, _ in (layers or {}).values())  # {layer: (manifest entry, packed tensors)}
+    rows = any(e.get("int8_runtime") and int8_activations(e) == "per-row" for e in entries)
+    return "per-row" if rows else "per-tensor"
 _ROW_CONSTS = {"axes": np.array([-1], np.int64), "flat": np.array([-1], np.int64),
                "eps": np.array(1e-8, np.float32), "1/127": np.array(1 / 127, np.float32),
                "0": np.array(0, np.float32), "1": np.array(1, np.float32), "128": np.array(128, np.float32),
@@ -478,7 +490,7 @@ def check_against_torch(model: nn.Module, path: str, frames: int = 300) -> float
 
 
 def _check_arguments(quantize: str, opset: int | None, artifact: bool, model_dir: str,
-                     activations: str = "per-tensor") -> int:
+                     activations: str = "auto") -> int:
     if quantize not in QUANTIZE:
         raise SettingsError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     if activations not in ACTIVATIONS:
@@ -546,19 +558,21 @@ def _write_graph(onnx, model: nn.Module, layers: dict | None, tmp: str, model_di
 
 def export_onnx(model_dir: str, out_dir: str, *, quantize: str = "none", opset: int | None = None,
                 accuracy_level: int = 0, check: bool = True, int8_weights: str = "auto",
-                activations: str = "per-tensor") -> dict:
+                activations: str = "auto") -> dict:
     """Export any model folder to an ONNX model folder (see the module docstring); returns its "onnx" section
     plus ``seconds`` (export time), ``bytes`` (model.onnx size) and ``max_abs_diff`` (vs the float torch model
     on one random input, when ``check``). ``accuracy_level``: MatMulNBits' compute type (0: fp32, as the torch
     artifact computes; 4: int8 activations, faster and less exact). ``int8_weights``: "auto", "s8" or "u8"
     (:func:`int8_weight_type`; recorded in the section when the graph has int8 weights). ``activations``:
-    how int8 layers round their inputs at run time, "per-tensor" (ORT's dynamic quantizer: fastest) or
-    "per-row" (:func:`per_row_activations`: closer to FP32, slower; recorded when applied)."""
+    how int8 layers round their inputs at run time, "per-tensor" (ORT's dynamic quantizer: fastest),
+    "per-row" (:func:`per_row_activations`: closer to FP32, slower; recorded when applied) or "auto"
+    (:func:`resolve_activations`: as the artifact's own int8 layers)."""
     start = time.perf_counter()
     onnx, _ = require_onnx()
     int8_weights = int8_weight_type(int8_weights)
     opset = _check_arguments(quantize, opset, is_artifact(model_dir), model_dir, activations)
     model, tokenizer, layers = load_source(model_dir)
+    activations = resolve_activations(activations, layers)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MODEL_FILE)
     tmp = path + ".tmp"
@@ -587,7 +601,7 @@ def main(argv=None) -> int:
     parser.add_argument("--opset", type=int, default=None)
     parser.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4))
     parser.add_argument("--int8-weights", default="auto", choices=INT8_WEIGHTS)
-    parser.add_argument("--activations", default="per-tensor", choices=ACTIVATIONS)
+    parser.add_argument("--activations", default="auto", choices=ACTIVATIONS)
     args = parser.parse_args(argv)
     from asr_core.errors import EdgeASRError
 

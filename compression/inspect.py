@@ -210,7 +210,13 @@ def grid_levels(entry: dict | None, packed: dict[str, torch.Tensor]) -> tuple[li
     """The values a layer's weights may take, to draw on its histogram, and what they are."""
     encoding = (entry or {}).get("encoding")
     if encoding == "kmeans":
-        return packed["weight.codebook"].float().tolist(), f"the {entry['clusters']} k-means centroids"
+        codebook = packed["weight.codebook"].float()
+        if codebook.dim() == 2:  # one codebook per row: draw the row whose range is the median one
+            spread = codebook[:, -1] - codebook[:, 0]
+            row = int(spread.argsort()[len(spread) // 2])
+            return codebook[row].tolist(), (f"the {entry['clusters']} k-means centroids of row {row} (each of the "
+                                            f"{codebook.shape[0]} rows has its own)")
+        return codebook.tolist(), f"the {entry['clusters']} k-means centroids"
     if encoding in ("int4", "ternary"):
         scale = float(packed["weight.scales"].float().median())
         if encoding == "int4":
@@ -266,6 +272,8 @@ def _formula(field_name: str, t: torch.Tensor, entry: dict | None, kept: int) ->
         extra = f" (⌈log₂ {entry['clusters']}⌉ = {bits})" if field_name == "weight.indices" else ""
         return f"{kept:,} kept weights × {bits} bits{extra} ÷ 8 = {nbytes:,} B"
     if field_name == "weight.codebook":
+        if t.dim() == 2:
+            return f"{t.shape[0]:,} rows × {t.shape[1]} centroids × 2 B (fp16) = {nbytes:,} B"
         return f"{t.numel()} centroids × 4 B (fp32) = {nbytes:,} B"
     if field_name == "weight.scales":
         return f"{' × '.join(map(str, t.shape))} scales × 2 B (fp16) = {nbytes:,} B"
@@ -423,7 +431,7 @@ METHODS = {
                "bits (Deep Compression, Han et al. 2016).",
                r"\min_{c_1 \dots c_K} \sum_{ij} \min_k \,(W_{ij} - c_k)^2, \qquad \hat W_{ij} = c_{k(ij)}",
                "the number of clusters $K$: $\\lceil \\log_2 K \\rceil$ bits per weight plus $K$ fp32 centroids per "
-               "layer."),
+               "layer (calibrated: $K$ fp16 centroids per output row, each row its own codebook)."),
 }
 ALGORITHMS = {
     "gptq": "**GPTQ** (Frantar et al. 2022) rounds one input column at a time and pushes each column's rounding "
@@ -447,9 +455,9 @@ ALGORITHMS = {
                   "so the kept directions carry the most *output* variance on real audio; the rank is the one "
                   "the weight's own spectrum gives at the energy knob, so both algorithms store the same bytes.",
     "weight": "**Plain SVD** (data-free) of the weight alone.",
-    "weighted": "**Weighted k-means** (SqueezeLLM): each weight counts by its input's energy $H_{jj}$ when the "
-                "centroids are fitted; then GPTQ's sweep rounds each column to the nearest centroid with error "
-                "feedback.",
+    "weighted": "**Weighted k-means** (SqueezeLLM): each output row gets its own $K$ centroids, fitted with "
+                "each weight counting by its input's energy $H_{jj}$; then GPTQ's sweep rounds each column to the "
+                "nearest centroid of its row with error feedback (`codebook=layer`: one codebook for the layer).",
     "lloyd": "**Lloyd's k-means** (data-free) on the weights alone, from a linear initialisation.",
 }
 CALIBRATED_NOTE = ("Every calibrated algorithm then corrects the bias for the shift of the output mean: "

@@ -23,7 +23,7 @@ from asr_core.model import ConformerCTC
 
 from . import calibrated
 from .obs import row_mask
-from .quantize import FakeQuant
+from .quantize import ACTIVATIONS, FakeQuant
 
 # Layers left in higher precision (fp16) unless the recipe says otherwise: the first layer (it sees raw
 # features; its errors reach every frame) and the last, the CTC head (29 outputs: tiny, and it decides every
@@ -35,6 +35,8 @@ COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # ----------------------------------------------------------------------------------------------- settings
 # Every method has a calibrated algorithm (the default) and keeps its data-free one by name, so the two can be
 # shown side by side: ``algo=`` in a recipe (``int4:group=64,algo=rtn``).
+# int8 gptq's activation rounding unless the recipe says: chosen on dev-clean-2-a's first 100 utterances
+DEFAULT_GPTQ_ACTIVATIONS = "per-row"
 NAIVE = {"int8": "rtn", "int4": "rtn", "ternary": "rtn", "prune": "magnitude", "structured": "norm",
          "svd": "weight", "kmeans": "lloyd"}
 
@@ -46,22 +48,25 @@ def _check_algo(method: str, algo: str, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class Int8Settings:
-    """INT8 weights per output channel, run on torch's int8 kernels (dynamic activation quantization).
-    ``algo=rtn``: round to nearest, 7-bit activations (torch's default); ``gptq``: GPTQ with clipped per-channel
-    scales, and ``activations=full``: 8-bit activations where the CPU makes it safe (see
-    :func:`compression.quantize.full_range_int8_is_safe`)."""
+    """INT8 weights per output channel, run on int8 kernels that round activations at run time.
+    ``algo=rtn``: round to nearest; ``gptq``: GPTQ with clipped per-channel scales. ``activations``
+    (:data:`compression.quantize.ACTIVATIONS`): ``reduced``, torch's 7-bit per-call default (rtn's); ``full``,
+    8 bits per call where the CPU makes it safe (:func:`compression.quantize.full_range_int8_is_safe`);
+    ``per-row``, one 8-bit scale per frame (:class:`compression.quantize.PerRowInt8Linear`)."""
 
     algo: str = "gptq"
-    activations: str | None = None  # full (8-bit where safe) | reduced (torch's 7-bit); default: full for gptq only
+    activations: str | None = None  # default: "reduced" for rtn, DEFAULT_GPTQ_ACTIVATIONS for gptq
 
     @property
-    def full_range(self) -> bool:
-        return self.activations == "full" or (self.activations is None and self.algo == "gptq")
+    def runtime_activations(self) -> str:
+        if self.activations is not None:
+            return self.activations
+        return DEFAULT_GPTQ_ACTIVATIONS if self.algo == "gptq" else "reduced"
 
     def validate(self):
         _check_algo("int8", self.algo, ("gptq", "rtn"))
-        if self.activations not in (None, "full", "reduced"):
-            raise SettingsError(f"int8 activations must be 'full' or 'reduced', got {self.activations!r}")
+        if self.activations not in (None, *ACTIVATIONS):
+            raise SettingsError(f"int8 activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
 
 
 @dataclass
@@ -160,8 +165,15 @@ class KMeansSettings:
     clusters: int = 16
     iterations: int = 30
     algo: str = "weighted"  # weighted (by the Hessian diagonal, then GPTQ error feedback) | lloyd (plain)
+    codebook: str | None = None  # layer (one codebook a layer) | row (one per output row); default: row for weighted
+
+    @property
+    def per_row(self) -> bool:
+        return (self.codebook or ("row" if self.algo == "weighted" else "layer")) == "row"
 
     def validate(self):
+        if self.codebook not in (None, "layer", "row"):
+            raise SettingsError(f"kmeans codebook must be 'layer' or 'row', got {self.codebook!r}")
         if not 2 <= self.clusters <= 256:
             raise SettingsError(f"kmeans clusters must be between 2 and 256, got {self.clusters}")
         if self.iterations < 1:
@@ -223,8 +235,9 @@ class Mask(nn.Module):
 
 
 class Clustered(nn.Module):
-    """Parametrization: w = codebook[indices] (masked entries 0). The codebook is trainable: each centroid
-    receives the sum of its weights' gradients, the shared-gradient update of Deep Compression."""
+    """Parametrization: w = codebook[indices] (masked entries 0); codebook (k,) for the layer or (out, k), one per
+    output row. The codebook is trainable: each centroid receives the sum of its weights' gradients, the
+    shared-gradient update of Deep Compression."""
 
     def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None):
         super().__init__()
@@ -233,6 +246,10 @@ class Clustered(nn.Module):
         self.register_buffer("mask", mask if mask is not None else torch.ones_like(indices, dtype=torch.bool))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.codebook.dim() == 2:  # one codebook per output row (out, k), stored in fp16: trained through it
+            codebook = self.codebook + (self.codebook.detach().half().float() - self.codebook.detach())
+            rows = self.indices.reshape(self.indices.shape[0], -1)
+            return codebook.gather(1, rows).reshape(self.indices.shape) * self.mask
         return self.codebook[self.indices] * self.mask
 
 
@@ -265,16 +282,16 @@ def _effective(linear: nn.Linear) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- methods
 def apply_quant(model: nn.Module, kind: str, settings, layers, stats=None) -> nn.Module:
-    full_range = kind == "int8" and settings.full_range
+    activations = settings.runtime_activations if kind == "int8" else "reduced"
     if settings.algo == "gptq":
         # int8 over a grid already chosen (k-means, int4, ternary) only re-encodes those few values: round them
         gridded = [(n, m) for n, m in layers if any(isinstance(p, (Clustered, FakeQuant)) for p in constraints(m))]
         calibrated.gptq([x for x in layers if x not in gridded], stats, kind, getattr(settings, "group", 64),
-                        getattr(settings, "act_order", True), full_range=full_range)
+                        getattr(settings, "act_order", True), activations=activations)
         layers = gridded
     for _, linear in layers:
         parametrize.register_parametrization(linear, "weight", FakeQuant(kind, getattr(settings, "group", 64),
-                                                                         full_range=full_range))
+                                                                         activations=activations))
     return model
 
 
@@ -373,9 +390,66 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30, weights: torch
     return centroids, indices.long()
 
 
+def kmeans_rows(w: torch.Tensor, k: int, iterations: int = 30, weights: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact 1-D Lloyd's k-means of every row on its own: (out, in) -> centroids (out, k), each row's sorted and
+    rounded to fp16 (the artifact stores them so; a row's codebook is k x 2 bytes).
+
+    Per row, SqueezeLLM's per-channel lookup tables: a row's weights span their own range, so its levels sit
+    where its weights are. The same shortcut as :func:`kmeans_1d`, batched over rows: one sort along each row,
+    then each iteration is a binary search of the k-1 midpoints in every row and prefix-sum means.
+    ``weights`` (out, in): how much each weight pulls its centroid; ``keep`` (out, in) bool: pruned entries
+    (False) pull nothing and do not set the range.
+    """
+    w = w.detach().float()
+    mass = torch.ones_like(w) if weights is None else weights.detach().float().clamp_min(0).expand_as(w).clone()
+    if keep is not None:
+        mass.mul_(keep)
+    sorted_values, perm = torch.sort(w, dim=1)
+    mass = mass.gather(1, perm)
+    out, n = w.shape
+    prefix_w = torch.zeros(out, n + 1, dtype=torch.float64)
+    prefix = torch.zeros(out, n + 1, dtype=torch.float64)
+    torch.cumsum(mass, 1, dtype=torch.float64, out=prefix_w[:, 1:])
+    torch.cumsum(mass.mul_(sorted_values), 1, dtype=torch.float64, out=prefix[:, 1:])
+    kept = keep.gather(1, perm) if keep is not None else None
+    low = sorted_values.masked_fill(~kept, float("inf")).amin(1) if kept is not None else sorted_values[:, 0]
+    high = sorted_values.masked_fill(~kept, float("-inf")).amax(1) if kept is not None else sorted_values[:, -1]
+    low, high = torch.where(torch.isfinite(low), low, 0.0), torch.where(torch.isfinite(high), high, 0.0)
+    steps = torch.linspace(0, 1, k, dtype=torch.float64)
+    centroids = low.double()[:, None] + (high - low).double()[:, None] * steps  # (out, k), linear initialisation
+    edge_low, edge_high = torch.zeros(out, 1, dtype=torch.long), torch.full((out, 1), n)
+    for _ in range(iterations):
+        bounds = torch.searchsorted(sorted_values, ((centroids[:, 1:] + centroids[:, :-1]) / 2).float())
+        starts, ends = torch.cat([edge_low, bounds], 1), torch.cat([bounds, edge_high], 1)
+        counts = prefix_w.gather(1, ends) - prefix_w.gather(1, starts)
+        means = (prefix.gather(1, ends) - prefix.gather(1, starts)) / counts.clamp_min(1e-30)
+        new = torch.where(counts > 0, means, centroids)
+        converged = torch.equal(new, centroids)
+        centroids = new
+        if converged:
+            break
+    return centroids.float().half().float().sort(dim=1).values
+
+
+def nearest_in_rows(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(out, in) weights, (out, k) sorted centroids -> (out, in) int64 index of each weight's nearest centroid."""
+    mids = ((centroids[:, 1:] + centroids[:, :-1]) / 2).contiguous()
+    return torch.searchsorted(mids, w.float().contiguous())
+
+
 def apply_kmeans(model: nn.Module, s: KMeansSettings, layers, stats=None) -> nn.Module:
     if s.algo == "weighted":
-        calibrated.weighted_kmeans(layers, stats, s.clusters, s.iterations)
+        calibrated.weighted_kmeans(layers, stats, s.clusters, s.iterations, per_row=s.per_row)
+        return model
+    if s.per_row:
+        for _, linear in layers:
+            w, mask = _effective(linear), current_mask(linear)
+            rows = w.reshape(w.shape[0], -1)
+            keep = None if mask is None else mask.reshape(rows.shape)
+            centroids = kmeans_rows(rows, s.clusters, s.iterations, keep=keep)
+            indices = nearest_in_rows(rows, centroids).reshape(w.shape)
+            parametrize.register_parametrization(linear, "weight", Clustered(centroids, indices, mask), unsafe=True)
         return model
     for name, linear in layers:
         w = _effective(linear)

@@ -67,6 +67,23 @@ class CodebookRounder:
         return q if self.keep is None else q.mul_(self.keep[:, k])
 
 
+class RowCodebookRounder(CodebookRounder):
+    """Round each output row to the nearest of its own sorted ``centroids`` (out, C); pruned entries to 0."""
+
+    def __init__(self, centroids: torch.Tensor, order: torch.Tensor, keep: torch.Tensor | None = None):
+        super().__init__(centroids, order, keep)
+        self.key = ("row-codebook", centroids.shape[-1])
+        self.mids = ((self.centroids[..., 1:] + self.centroids[..., :-1]) / 2).contiguous()  # (out, C-1)
+
+    def __call__(self, rows: torch.Tensor, k: int) -> torch.Tensor:
+        """rows: column k of every stacked layer (L, out) -> rounded (L, out); centroids (L, out, C)."""
+        index = torch.searchsorted(self.mids, rows.unsqueeze(-1).contiguous())  # (L, out, 1)
+        if self.codes is not None:
+            self.codes[:, k] = index.squeeze(-1)
+        q = self.centroids.gather(2, index).squeeze(-1)
+        return q if self.keep is None else q.mul_(self.keep[:, k])
+
+
 def _stacked(rounders: list):
     """The rounders of a batch of layers as one, their tensors stacked on a leading layer dimension (a layer
     without a keep mask keeps everything)."""

@@ -1,5 +1,5 @@
 """Per-row int8 activations in torch: ``torch._int_mm`` against torch's dynamic int8 Linear, on the shipped model's
-layer shapes (a lead for the int8 goal of the calibrated-compression issue; nothing in the library uses it yet).
+layer shapes (the experiment behind ``compression.quantize.PerRowInt8Linear``, int8:algo=gptq's runtime).
 
     python experiments/int_mm_per_row.py [--threads 2] [--frames 160]
 

@@ -334,7 +334,8 @@ def test_kept_factors_are_one_per_layer_and_follow_the_weights():
 @pytest.mark.parametrize("recipe, twin", [
     ("int4:group=32", "int4:group=32,algo=rtn"),
     ("ternary", "ternary:algo=rtn"),
-    ("kmeans:clusters=8", "kmeans:clusters=8,algo=lloyd"),
+    ("kmeans:clusters=8", "kmeans:clusters=8,algo=lloyd,codebook=row"),
+    ("kmeans:clusters=8,codebook=layer", "kmeans:clusters=8,algo=lloyd"),
     ("prune:sparsity=0.5", "prune:sparsity=0.5,algo=magnitude,scope=layer"),
     ("prune:sparsity=0.5,algo=wanda", "prune:sparsity=0.5,algo=magnitude,scope=layer"),
     ("prune:pattern=2:4", "prune:pattern=2:4,algo=magnitude"),

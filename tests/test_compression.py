@@ -17,6 +17,7 @@ from compression.artifact import load_artifact, save_artifact, to_runtime
 from compression.compress import apply_recipe, format_report, layer_report
 from compression.methods import LowRankLinear, kmeans_1d, target_layers
 from compression.packing import pack_bits, packed_nbytes, unpack_bits
+from compression.quantize import PerRowInt8Linear, int_mm_is_exact
 from compression.recipe import parse_recipe
 
 
@@ -89,15 +90,43 @@ def test_per_layer_pruning_hits_each_layer(model):
         assert abs(float((w == 0).float().mean()) - 0.6) < 0.01
 
 
-def test_kmeans_at_most_k_values_and_bits(tmp_path, model):
-    compressed = apply_recipe(model, parse_recipe("kmeans:clusters=5"))
+@pytest.mark.parametrize("recipe, per_row", [("kmeans:clusters=5,codebook=layer", False), ("kmeans:clusters=5", True),
+                                             ("kmeans:clusters=5,algo=lloyd,codebook=row", True)])
+def test_kmeans_at_most_k_values_and_bits(tmp_path, model, recipe, per_row):
+    """At most K values a layer (codebook=layer) or a row (codebook=row, the weighted default); ceil(log2 K)
+    bits a weight; a row codebook stored as (out, K) fp16."""
+    compressed = apply_recipe(model, parse_recipe(recipe))
     for w in compressed_weights(compressed).values():
-        assert len(torch.unique(w)) <= 5
-    folder = save_load(tmp_path, compressed, "kmeans:clusters=5")
+        rows = w.reshape(w.shape[0], -1)
+        assert max(len(torch.unique(r)) for r in rows) <= 5 if per_row else len(torch.unique(w)) <= 5
+        if per_row:
+            assert len(torch.unique(w)) > 5  # the rows' levels differ
+    folder = save_load(tmp_path, compressed, recipe)
     from safetensors.torch import load_file
     stored = load_file(os.path.join(folder, "model.safetensors"))
     for name, m in target_layers(model, ("subsampling.conv1", "head")):
         assert stored[f"{name}.weight.indices"].numel() == packed_nbytes(m.weight.numel(), 3)  # ceil(log2 5) bits
+        codebook = stored[f"{name}.weight.codebook"]
+        assert codebook.shape == ((m.weight.shape[0], 5) if per_row else (5,))
+        assert codebook.dtype == (torch.float16 if per_row else torch.float32)
+
+
+def test_kmeans_rows_is_each_rows_own_kmeans():
+    """Batched over rows, the same centroids as kmeans_1d on each row alone (then rounded to fp16); pruned
+    entries pull nothing; the nearest centroid is found in each row's own codebook."""
+    from compression.methods import kmeans_rows, nearest_in_rows
+
+    torch.manual_seed(4)
+    w = torch.randn(6, 50) * torch.linspace(0.1, 3.0, 6)[:, None]
+    keep = torch.rand(6, 50) > 0.3
+    weights = torch.rand(6, 50)
+    centroids = kmeans_rows(w, 4, 30, weights=weights, keep=keep)
+    for r in range(6):
+        alone, _ = kmeans_1d(w[r][keep[r]], 4, 30, weights=weights[r][keep[r]])
+        assert torch.allclose(centroids[r], alone.half().float(), atol=1e-3)
+    index = nearest_in_rows(w, centroids)
+    distance = (w[:, :, None] - centroids[:, None, :]).abs()
+    assert torch.equal(distance.gather(2, index[:, :, None]).squeeze(2), distance.min(2).values)
 
 
 def test_prune_then_kmeans_survives_an_all_zero_layer(tmp_path):
@@ -172,10 +201,68 @@ def test_int4_and_ternary_packing(tmp_path, model):
 
 
 def test_int8_runs_on_int8_kernels(model):
+    """gptq (the default) rounds activations per row where torch._int_mm is exact; rtn keeps torch's per-call
+    dynamic kernel, as the data-free twin."""
     runtime = to_runtime(apply_recipe(model, parse_recipe("int8")))
-    kinds = {type(m).__module__ for m in runtime.modules()}
-    assert any(k.startswith("torch.ao.nn.quantized") for k in kinds)
+    per_row = [m for m in runtime.modules() if isinstance(m, PerRowInt8Linear)]
+    assert per_row if int_mm_is_exact() else not per_row
     assert isinstance(runtime.head, nn.Linear)  # the head stays in higher precision by default
+    naive = to_runtime(apply_recipe(model, parse_recipe("int8:algo=rtn")))
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in naive.modules())
+    assert not any(isinstance(m, PerRowInt8Linear) for m in naive.modules())
+
+
+def _per_row_reference(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Symmetric per-row int8 activations x int8 weights, in float64 numpy (round half to even, as torch)."""
+    row_scale = (np.abs(x).max(axis=1, keepdims=True) / 127.0).astype(np.float32)
+    return (np.round(x / row_scale) @ codes.T.astype(np.float64)) * row_scale * scales + bias
+
+
+def test_per_row_int8_linear_is_the_per_row_product_and_beats_one_scale_per_call():
+    from compression.quantize import int8_quantize, quantized_int8_linear
+
+    torch.manual_seed(3)
+    linear = nn.Linear(40, 24)
+    x = torch.randn(2, 9, 40)
+    x[0, 4] *= 40.0  # one loud frame
+    codes, scales = int8_quantize(linear.weight.detach())
+    per_row = quantized_int8_linear(linear, codes, scales, activations="per-row")
+    if not int_mm_is_exact():
+        pytest.skip("torch._int_mm is not exact on this CPU: per-row falls back (next test)")
+    assert isinstance(per_row, PerRowInt8Linear)
+    with torch.no_grad():
+        got = per_row(x)
+        per_call = quantized_int8_linear(linear, codes, scales, activations="full")(x)
+    assert got.shape == (2, 9, 24)
+    expected = _per_row_reference(x.reshape(-1, 40).numpy(), codes.numpy(), scales.numpy(),
+                                  linear.bias.detach().numpy())
+    assert np.allclose(got.reshape(-1, 24).numpy(), expected, rtol=1e-5, atol=1e-5)
+    exact = x @ (codes.float() * scales[:, None]).T + linear.bias.detach()
+    quiet = torch.ones(2, 9, dtype=torch.bool)
+    quiet[0, 4] = False
+    assert (got - exact)[quiet].abs().max() < 0.2 * (per_call - exact)[quiet].abs().max()
+    assert torch.equal(per_row(torch.zeros(3, 40)), linear.bias.detach().expand(3, -1))  # a silent frame: no NaN
+
+
+def test_per_row_falls_back_with_a_warning_where_int_mm_is_not_exact(monkeypatch):
+    import compression.quantize as quantize
+
+    monkeypatch.setattr(quantize, "int_mm_is_exact", lambda: False)
+    with pytest.warns(UserWarning, match="not exact on this CPU"):
+        module = quantize.quantized_int8_linear(nn.Linear(16, 8), activations="per-row")
+    assert type(module).__module__.startswith("torch.ao.nn.quantized") or "FullRange" in type(module).__name__
+
+
+def test_int8_activations_travel_in_the_artifact(tmp_path, model, features):
+    from compression.artifact import int8_activations, read_manifest
+
+    for recipe, expected in (("int8", "per-row"), ("int8:activations=full", "full"), ("int8:algo=rtn", "reduced")):
+        folder = save_load(tmp_path, apply_recipe(model, parse_recipe(recipe)), recipe)
+        entries = [e for e in read_manifest(folder)["layers"].values() if e["int8_runtime"]]
+        assert entries and {int8_activations(e) for e in entries} == {expected}
+    assert int8_activations({"int8_full_range": True}) == "full"  # artifacts written before per-row
+    with pytest.raises(SettingsError, match="int8 activations must be one of reduced, full, per-row"):
+        parse_recipe("int8:activations=per-channel")
 
 
 def test_svd_rank_and_skip(model):
@@ -254,7 +341,8 @@ def test_finetuning_keeps_every_constraint(model, dev_dir):
     utts = load_utterances(str(dev_dir / "1272"), limit=4)
     for text, check in [
         ("prune:sparsity=0.6,scope=layer", lambda w: abs(float((w == 0).float().mean()) - 0.6) < 0.02),
-        ("kmeans:clusters=4", lambda w: len(torch.unique(w)) <= 4),
+        ("kmeans:clusters=4,codebook=layer", lambda w: len(torch.unique(w)) <= 4),
+        ("kmeans:clusters=4", lambda w: all(len(torch.unique(r)) <= 4 for r in w.reshape(w.shape[0], -1))),
         ("ternary", lambda w: all(len(torch.unique(r)) <= 3 for r in w.reshape(w.shape[0], -1))),
     ]:
         compressed = apply_recipe(model, parse_recipe(text))
