@@ -372,6 +372,8 @@ def resolve_activations(choice: str, layers: dict | None) -> str:
     entries = (entry for entry, _ in (layers or {}).values())  # {layer: (manifest entry, packed tensors)}
     rows = any(e.get("int8_runtime") and int8_activations(e) == "per-row" for e in entries)
     return "per-row" if rows else "per-tensor"
+
+
 _ROW_CONSTS = {"axes": np.array([-1], np.int64), "flat": np.array([-1], np.int64),
                "eps": np.array(1e-8, np.float32), "1/127": np.array(1 / 127, np.float32),
                "0": np.array(0, np.float32), "1": np.array(1, np.float32), "128": np.array(128, np.float32),
