@@ -242,8 +242,10 @@ def owl_sparsities(layers, stats: CalibrationStats, sparsity: float) -> dict[str
 
 
 def prune(layers, stats: CalibrationStats, algo: str, sparsity: float, n: int = 0, m: int = 0,
-          owl: bool = False) -> None:
-    """Wanda or SparseGPT per layer, exactly ``sparsity`` per row (or n of every m), then bias correction;
+          owl: bool = False, per_row: bool = False, refit: int = 0) -> None:
+    """Wanda or SparseGPT per layer, exactly ``sparsity`` of each layer (or n of every m), then bias correction.
+    Wanda, and SparseGPT with ``per_row``, prune the same share of every row; SparseGPT without it compares the
+    saliencies of all rows in each block of inputs (its reference code), so a row that matters keeps more.
     ``owl``: each layer its own sparsity from :func:`owl_sparsities`."""
     per_layer = owl_sparsities(layers, stats, sparsity) if owl else {}
     for same_shape in by_shape(layers):
@@ -254,18 +256,53 @@ def prune(layers, stats: CalibrationStats, algo: str, sparsity: float, n: int = 
             layer_sparsity = per_layer.get(name, sparsity)
             if algo == "wanda":
                 keep = row_mask(w.abs() * s.channel_norms[None, :], layer_sparsity, n, m)
-                _finish_prune(module, s, w, w * keep, keep)
+                _finish_prune(module, s, w, w * keep, keep, refit)
                 continue
             order = sweep_order(s.hessian, False)
-            job = SweepJob(w, order, layer_factor(s, order), None, SparseGPTChooser(layer_sparsity, n, m))
+            job = SweepJob(w, order, layer_factor(s, order), None, SparseGPTChooser(layer_sparsity, n, m, per_row))
             prepared.append(((module, s, w), job))
         for (module, s, w), (q, pruned) in zip((p for p, _ in prepared), sweep_layers([j for _, j in prepared])):
-            _finish_prune(module, s, w, q * ~pruned, ~pruned)
+            _finish_prune(module, s, w, q * ~pruned, ~pruned, refit)
 
 
-def _finish_prune(module: nn.Module, s: LayerStats, w: torch.Tensor, q: torch.Tensor, keep: torch.Tensor) -> None:
+def refit_kept(w: torch.Tensor, q: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor, steps: int) -> torch.Tensor:
+    """Kept weights (out, in) moved towards the least squares of the layer's output error for a fixed mask,
+    min_x Σ_r (x_r − w_r)ᵀ H (x_r − w_r) over x zero where ``keep`` (out, in) is False: ``steps`` of conjugate
+    gradients from ``q`` (out, in), preconditioned by diag(H), all rows at once (each row is its own system; one
+    (out, in) x (in, in) product a step; enough steps reach the exact solution). SparseGPT's update is exact only
+    for the columns after each pruned one (it never revisits a column); this refits what its mask leaves (the
+    weight update of Boža 2024, arXiv 2401.02938, by CG rather than ADMM). H is dampened as for GPTQ, which also
+    keeps the refit from chasing the calibration set's quirks."""
+    h = dampened(hessian)[0]
+    x = q * keep
+    residual = (w - x) @ h  # minus half the gradient; off the support it is never read (masked below)
+    precondition = keep / h.diagonal()[None, :]  # diag(H)⁻¹ on the support, 0 off it
+    z = residual * precondition
+    direction = z.clone()
+    rz = _row_dot(residual, z)
+    for _ in range(steps):
+        curved = direction @ h  # direction is 0 off the support, so direction · curved needs no mask
+        step = rz / _row_dot(direction, curved).clamp_min(1e-30)
+        x.addcmul_(direction, step)
+        residual.addcmul_(curved, step, value=-1.0)
+        torch.mul(residual, precondition, out=z)
+        rz_next = _row_dot(residual, z)
+        direction.mul_(rz_next / rz.clamp_min(1e-30)).add_(z)
+        rz = rz_next
+    return x
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(out, in), (out, in) -> (out, 1): each row's dot product, without an (out, in) temporary."""
+    return torch.linalg.vecdot(a, b, dim=1).unsqueeze(1)
+
+
+def _finish_prune(module: nn.Module, s: LayerStats, w: torch.Tensor, q: torch.Tensor, keep: torch.Tensor,
+                  refit: int = 0) -> None:
     from .methods import Mask
 
+    if refit:
+        q = refit_kept(w, q, keep, s.hessian, refit)
     correct_bias(module, w, q, s)
     set_weight(module, q)
     parametrize.register_parametrization(module, "weight", Mask(keep.reshape(module.weight.shape)))

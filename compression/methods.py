@@ -37,6 +37,8 @@ COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # shown side by side: ``algo=`` in a recipe (``int4:group=64,algo=rtn``).
 # int8 gptq's activation rounding unless the recipe says: chosen on dev-clean-2-a's first 100 utterances
 DEFAULT_GPTQ_ACTIVATIONS = "per-row"
+# sparsegpt's least-squares refit of the kept weights unless the recipe says (prune refit=); chosen there too
+REFIT_STEPS = 5
 NAIVE = {"int8": "rtn", "int4": "rtn", "ternary": "rtn", "prune": "magnitude", "structured": "norm",
          "svd": "weight", "kmeans": "lloyd"}
 
@@ -96,10 +98,14 @@ class TernarySettings:
 class PruneSettings:
     sparsity: float = 0.5
     scope: str = "global"  # magnitude only: "global" one threshold over all layers; "layer": each layer alike
-    algo: str = "sparsegpt"  # sparsegpt | wanda | magnitude (calibrated ones: exactly `sparsity` in every row)
+    algo: str = "sparsegpt"  # sparsegpt | wanda | magnitude (every layer exactly `sparsity`; wanda in every row)
     pattern: str | None = None  # "N:M": N of every M consecutive weights of a row are zero (2:4); sets sparsity
     alloc: str | None = None  # calibrated only; None: every layer `sparsity`; "owl": per layer by its outliers
                               # (compression.calibrated.owl_sparsities), `sparsity` on average over the weights
+    select: str | None = None  # sparsegpt, unstructured: "block" (the default) one saliency threshold over each
+                               # block of 128 inputs, as SparseGPT's reference code; "row" the same count per row
+    refit: int | None = None  # calibrated: conjugate-gradient steps of least squares on the kept weights after
+                              # the mask (compression.calibrated.refit_kept); default 5 for sparsegpt, 0 for wanda
 
     def validate(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -112,9 +118,21 @@ class PruneSettings:
                                 f"got {self.alloc!r}")
         if self.alloc and (self.algo == "magnitude" or self.pattern is not None):
             raise SettingsError("prune alloc=owl needs a calibrated algo (sparsegpt, wanda) and no N:M pattern")
+        if self.select not in (None, "row", "block"):
+            raise SettingsError(f"prune select must be 'block' or 'row', got {self.select!r}")
+        if self.select and (self.algo != "sparsegpt" or self.pattern is not None):
+            raise SettingsError("prune select applies to algo=sparsegpt without an N:M pattern (wanda and N:M "
+                                "choose within each row)")
+        if self.refit is not None and not (self.algo != "magnitude" and 0 <= self.refit <= 200):
+            raise SettingsError(f"prune refit (least-squares steps, 0-200) needs a calibrated algo, got "
+                                f"refit={self.refit} with algo={self.algo}")
         if self.pattern is not None:
             n, m = self.n_m
             self.sparsity = n / m
+
+    @property
+    def refit_steps(self) -> int:
+        return self.refit if self.refit is not None else (REFIT_STEPS if self.algo == "sparsegpt" else 0)
 
     @property
     def n_m(self) -> tuple[int, int]:
@@ -298,7 +316,8 @@ def apply_quant(model: nn.Module, kind: str, settings, layers, stats=None) -> nn
 def apply_prune(model: nn.Module, s: PruneSettings, layers, stats=None) -> nn.Module:
     n, m = s.n_m
     if s.algo != "magnitude":
-        calibrated.prune(layers, stats, s.algo, s.sparsity, n, m, owl=s.alloc == "owl")
+        calibrated.prune(layers, stats, s.algo, s.sparsity, n, m, owl=s.alloc == "owl",
+                         per_row=(s.select or "block") == "row", refit=s.refit_steps)
         return model
     weights = [_effective(lin).abs() for _, lin in layers]
     if n:  # N:M by magnitude, row by row

@@ -250,18 +250,20 @@ def _sweep_batch(jobs: list[SweepJob]) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 class SparseGPTChooser:
-    """SparseGPT's adaptive mask selection: prune the lowest w² / d² (the OBS saliency) of each row.
+    """SparseGPT's adaptive mask selection: prune the lowest w² / d² (the OBS saliency).
 
-    Unstructured: at the start of each block, per row, as many as the cumulative count round(sparsity x end)
-    asks -- so every row ends with exactly round(sparsity x width) zeros. N:M (n > 0): every m consecutive
-    columns, the n lowest of each row. Called at each column k of the block that starts at sweep position
-    ``start`` with the block's current weights (L, b, out) and the diagonal d (L, b) of its U; returns the
-    entries to prune (bool (L, b, out)) or None.
+    Unstructured: at the start of each block, as many per row as the cumulative count round(sparsity x end)
+    asks. Without ``per_row``, the block's lowest saliencies over all its rows (the reference code's one
+    threshold per block): the same total, more kept in the rows that matter. ``per_row``: that many in each row,
+    so every row ends with exactly round(sparsity x width) zeros. N:M (n > 0): every m consecutive columns, the
+    n lowest of each row. Called at each column k of the block that starts at sweep position ``start`` with the
+    block's current weights (L, b, out) and the diagonal d (L, b) of its U; returns the entries to prune (bool
+    (L, b, out)) or None.
     """
 
-    def __init__(self, sparsity: float, n: int = 0, m: int = 0):
-        self.sparsity, self.n, self.m = sparsity, n, m
-        self.key = ("sparsegpt", sparsity, n, m)
+    def __init__(self, sparsity: float, n: int = 0, m: int = 0, per_row: bool = False):
+        self.sparsity, self.n, self.m, self.per_row = sparsity, n, m, per_row
+        self.key = ("sparsegpt", sparsity, n, m, per_row)
         self.at_block_start = not n  # unstructured: looks at each block only at its start (k = 0)
 
     def __call__(self, block: torch.Tensor, d: torch.Tensor, k: int, start: int) -> torch.Tensor | None:
@@ -277,9 +279,13 @@ class SparseGPTChooser:
             return None
         count = round(self.sparsity * (start + block.shape[1])) - round(self.sparsity * start)
         mask = torch.zeros_like(block, dtype=torch.bool)
-        if count > 0:
+        if count > 0 and self.per_row:
             score = block ** 2 / d[:, :, None] ** 2
             mask.scatter_(1, score.topk(count, dim=1, largest=False).indices, True)
+        elif count > 0:  # one threshold over the whole block, as the reference code does: rows differ
+            score = (block ** 2 / d[:, :, None] ** 2).reshape(block.shape[0], -1)
+            flat = mask.view(block.shape[0], -1)
+            flat.scatter_(1, score.topk(count * block.shape[2], dim=1, largest=False).indices, True)
         return mask
 
 

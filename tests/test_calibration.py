@@ -349,8 +349,8 @@ def test_calibrated_algorithm_beats_its_data_free_twin(model, stats, recipe, twi
 
 
 def test_pruning_gives_exactly_the_asked_sparsity_and_pattern(model, stats):
-    for recipe in ("prune:sparsity=0.5", "prune:sparsity=0.3,algo=wanda", "prune:pattern=2:4",
-                   "prune:pattern=1:4,algo=wanda"):
+    for recipe in ("prune:sparsity=0.5", "prune:sparsity=0.4,select=row", "prune:sparsity=0.3,algo=wanda",
+                   "prune:pattern=2:4", "prune:pattern=1:4,algo=wanda"):
         parsed = parse_recipe(recipe)
         pruned = to_runtime(apply_recipe(model, parsed, stats=stats))
         n, m = parsed.steps[0][1].n_m
@@ -360,8 +360,14 @@ def test_pruning_gives_exactly_the_asked_sparsity_and_pattern(model, stats):
             if n:
                 groups = (w[:, : w.shape[1] // m * m] == 0).reshape(w.shape[0], -1, m).sum(2)
                 assert bool((groups >= n).all()), (recipe, name)
+            elif "sparsegpt" in str(parsed) and "select=row" not in recipe:  # the layer's share, rows differ
+                assert int(zeros.sum()) >= round(parsed.steps[0][1].sparsity * w.shape[1]) * w.shape[0], name
             else:
                 assert bool((zeros >= round(parsed.steps[0][1].sparsity * w.shape[1])).all()), (recipe, name)
+    with pytest.raises(SettingsError, match="select"):
+        parse_recipe("prune:sparsity=0.5,algo=wanda,select=block")
+    with pytest.raises(SettingsError, match="select"):
+        parse_recipe("prune:sparsity=0.5,select=column")
 
 
 def test_owl_moves_sparsity_to_layers_with_few_outliers_and_keeps_the_total(model, stats):
@@ -386,9 +392,9 @@ def test_owl_moves_sparsity_to_layers_with_few_outliers_and_keeps_the_total(mode
     kept = {n: layer.weight for n, layer in target_layers(pruned, SKIP)}
     zeros = sum(int((kept[n] == 0).sum()) for n in sizes)
     assert zeros == pytest.approx(0.5 * sum(sizes.values()), rel=0.01)
-    for n in sizes:  # each row of each layer exactly its layer's share
+    for n in sizes:  # each layer exactly its share
         rows = kept[n].detach().reshape(kept[n].shape[0], -1)
-        assert bool(((rows == 0).sum(1) >= round(chosen[n] * rows.shape[1])).all()), n
+        assert int((rows == 0).sum()) >= round(chosen[n] * rows.shape[1]) * rows.shape[0], n
     with pytest.raises(SettingsError, match="alloc"):
         parse_recipe("prune:pattern=2:4,alloc=owl")
     with pytest.raises(SettingsError, match="alloc"):
@@ -400,10 +406,66 @@ def test_sparsegpt_mask_and_row_mask_counts():
     w = torch.randn(16, 200)
     x = _correlated_inputs(width=200)
     h = x.T @ x / x.shape[0]
-    q, pruned = sweep(w, h, None, sweep_order(h, False), choose_mask=SparseGPTChooser(0.3))
+    q, pruned = sweep(w, h, None, sweep_order(h, False), choose_mask=SparseGPTChooser(0.3, per_row=True))
     assert bool((pruned.sum(1) == round(0.3 * 200)).all()) and bool((q[pruned] == 0).all())
     keep = row_mask(torch.rand(16, 10), 0.0, 2, 4)
     assert bool(((~keep[:, :8]).reshape(16, 2, 4).sum(2) == 2).all()) and int((~keep[:, 8:]).sum(1)[0]) == 1
+
+
+def test_sparsegpt_block_threshold_keeps_more_of_the_rows_that_matter():
+    """One threshold per block (the reference code): the layer's count exactly, loud rows keep more weights,
+    and the output error on the inputs is lower than with the same count in every row."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 200)
+    w[:4] *= 10
+    x = _correlated_inputs(width=200)
+    h = x.T @ x / x.shape[0]
+    errors, zeros = {}, {}
+    for per_row in (True, False):
+        q, pruned = sweep(w, h, None, sweep_order(h, False), choose_mask=SparseGPTChooser(0.3, per_row=per_row))
+        assert int(pruned.sum()) == 16 * round(0.3 * 200) and bool((q[pruned] == 0).all())
+        errors[per_row] = float(((x @ (q - w).T) ** 2).sum())
+        zeros[per_row] = pruned.sum(1)
+    assert bool((zeros[False][:4] < round(0.3 * 200)).all()) and bool((zeros[False][4:] > round(0.3 * 200)).all())
+    assert errors[False] < 0.9 * errors[True], errors
+
+
+def test_refit_kept_solves_the_least_squares_of_its_mask():
+    """Least squares on the kept weights: the conjugate-gradient refit reaches each row's exact solution
+    x_S = H_SS⁻¹ (H w)_S (with GPTQ's dampening), keeps the mask's zeros, and never does worse than its start."""
+    from compression.calibrated import refit_kept
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 24)
+    x = _correlated_inputs(width=24)
+    h = x.T @ x / x.shape[0]
+    keep = torch.rand(6, 24) > 0.5
+    start = w * keep
+    refit = refit_kept(w, start, keep, h, 24)
+    damped = dampened(h)[0].double()
+    for r in range(6):
+        kept = keep[r].nonzero().squeeze(1)
+        exact = torch.linalg.solve(damped[kept][:, kept], (damped @ w[r].double())[kept])
+        assert torch.allclose(refit[r, kept].double(), exact, rtol=1e-3, atol=1e-4), r
+    assert bool((refit[~keep] == 0).all())
+
+    def error(q):
+        return float(torch.einsum("oi,ij,oj->", q - w, h, q - w))
+
+    assert error(refit_kept(w, start, keep, h, 2)) < 0.9 * error(start)
+
+
+def test_sparsegpt_refit_lowers_the_output_error_on_the_same_mask(model, stats):
+    plain = apply_recipe(model, parse_recipe("prune:sparsity=0.5,refit=0"), stats=stats)
+    refit = apply_recipe(model, parse_recipe("prune:sparsity=0.5"), stats=stats)
+    masks = [(dict(to_runtime(m).named_modules())[n].weight == 0) for m in (plain, refit)
+             for n, _ in target_layers(model, SKIP)]
+    half = len(masks) // 2
+    assert all(bool((a == b).all()) for a, b in zip(masks[:half], masks[half:]))  # the refit keeps SparseGPT's mask
+    ratio = output_error(model, refit, stats) / output_error(model, plain, stats)
+    assert ratio < 0.8, ratio
+    with pytest.raises(SettingsError, match="refit"):
+        parse_recipe("prune:sparsity=0.5,algo=magnitude,refit=5")
 
 
 def test_structured_refit_lowers_the_next_layers_output_error(model, calibration, stats):
