@@ -32,7 +32,7 @@ from asr_core.errors import CheckpointError, SettingsError
 
 from .artifact import read_manifest
 from .compress import _dense
-from .methods import DEFAULT_SKIP, NAIVE, target_layers
+from .methods import DEFAULT_SKIP, NAIVE, REFIT_STEPS, target_layers
 from .packing import unpack_mask
 
 DEFAULT_CLIP = Path(__file__).resolve().parents[1] / "assets" / "clips" / "1272-135031-0000.opus"  # 10.9 s
@@ -443,11 +443,12 @@ ALGORITHMS = {
                  "$w_{ij}^2 / [H^{-1}]_{jj}^2$, one threshold over all rows of each block of 128 inputs (so a row "
                  "that matters keeps more; `select=row`: the same share in every row), and updates the weights it "
                  "keeps to make up for each one removed, so the output on calibration audio changes least; then "
-                 "5 conjugate-gradient steps move the kept weights towards the least-squares solution for that "
-                 "mask (`refit=`). It keeps some small weights and prunes some large ones: the histogram's "
-                 "threshold is not a hard edge.",
+                 f"{REFIT_STEPS} conjugate-gradient steps move the kept weights towards the least-squares solution "
+                 "for that mask (`refit=`). It keeps some small weights and prunes some large ones: the "
+                 "histogram's threshold is not a hard edge.",
     "wanda": "**Wanda** prunes by $|W_{ij}| \\cdot \\lVert X_j \\rVert_2$ in each row: a small weight on a loud "
-             "input matters more than its size says. No weight update (`refit=5` adds the least-squares one).",
+             f"input matters more than its size says. No weight update (`refit={REFIT_STEPS}` adds the least-squares "
+             "one).",
     "magnitude": "**Magnitude** (data-free): one threshold $\\tau$ on $|W|$ over all layers.",
     "reconstruct": "**FLAP + refit**: a unit's importance is its input's variance on calibration audio times the "
                    "squared norm of the weights it feeds; the lowest go, and the layer after them is refitted by "

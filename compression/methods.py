@@ -317,7 +317,7 @@ def apply_prune(model: nn.Module, s: PruneSettings, layers, stats=None) -> nn.Mo
     n, m = s.n_m
     if s.algo != "magnitude":
         calibrated.prune(layers, stats, s.algo, s.sparsity, n, m, owl=s.alloc == "owl",
-                         per_row=(s.select or "block") == "row", refit=s.refit_steps)
+                         per_row=s.select == "row", refit=s.refit_steps)
         return model
     weights = [_effective(lin).abs() for _, lin in layers]
     if n:  # N:M by magnitude, row by row

@@ -279,13 +279,14 @@ class SparseGPTChooser:
             return None
         count = round(self.sparsity * (start + block.shape[1])) - round(self.sparsity * start)
         mask = torch.zeros_like(block, dtype=torch.bool)
-        if count > 0 and self.per_row:
-            score = block ** 2 / d[:, :, None] ** 2
+        if count <= 0:
+            return mask
+        score = block ** 2 / d[:, :, None] ** 2
+        if self.per_row:
             mask.scatter_(1, score.topk(count, dim=1, largest=False).indices, True)
-        elif count > 0:  # one threshold over the whole block, as the reference code does: rows differ
-            score = (block ** 2 / d[:, :, None] ** 2).reshape(block.shape[0], -1)
-            flat = mask.view(block.shape[0], -1)
-            flat.scatter_(1, score.topk(count * block.shape[2], dim=1, largest=False).indices, True)
+        else:  # one threshold over the whole block, as the reference code does: rows differ
+            lowest = score.reshape(block.shape[0], -1).topk(count * block.shape[2], dim=1, largest=False).indices
+            mask.view(block.shape[0], -1).scatter_(1, lowest, True)
         return mask
 
 
