@@ -9,12 +9,16 @@ encoding      stored per layer (``mask``: 1 bit per weight, only when pruned; co
 int8          ``codes`` int8, ``scales`` fp16 per output channel
 int4          ``codes`` 4-bit packed (2 per byte), ``scales`` fp16 per group
 ternary       ``codes`` 2-bit packed (4 per byte), ``scales`` (alpha) fp16 per output channel (or group)
-kmeans        ``indices`` ceil(log2 K)-bit packed, ``codebook`` fp32 (K values), or fp16 (out, K) with
-              ``"codebook": "row"``: one per output row
+kmeans        ``indices`` ceil(log2 K)-bit packed, ``codebook`` fp32 (K values), or (out, K) with
+              ``"codebook": "row"``: one per output row, fp16, or uint8 codes with ``"centroids": "int8"``
+              and ``codebook_grid`` fp16 (out, 2): each row's low and step
 sparse        ``values`` fp16 of the kept weights
 ============  ===============================================================================
 
-Everything else (biases, norms, depthwise and front-end convolutions, the CTC head) is stored in fp16.
+A layer's integer code stream (``codes``, ``indices``) and its ``mask`` are stored Huffman-coded when that makes
+them smaller (the entry lists which under ``"huffman"``; :func:`compression.packing.huffman_encode`); scales and
+codebooks are not (they do not compress). Everything else (biases, norms, depthwise and front-end convolutions, the CTC
+head) is stored in fp16.
 ``int8_runtime`` layers run on torch's int8 kernels after loading; the other encodings are decoded to float
 weights on load. :func:`to_runtime` goes through the same encode/decode functions as save/load, so the
 in-memory compressed model and the loaded artifact compute the same numbers.
@@ -37,8 +41,8 @@ from asr_core.model import ConformerCTC
 from asr_core.provenance import Provenance
 from asr_core.text import CharTokenizer
 
-from .methods import Clustered, LowRankLinear, Mask, _set_child, constraints
-from .packing import bits_for, pack_bits, pack_mask, unpack_bits, unpack_mask
+from .methods import Clustered, LowRankLinear, Mask, _set_child, centroid_grid, constraints, grid_codes, grid_values
+from .packing import bits_for, huffman_decode, huffman_encode, pack_bits, pack_mask, unpack_bits, unpack_mask
 from .quantize import FakeQuant, int4_dequantize, int8_dequantize, quantized_int8_linear, ternary_dequantize
 
 FORMAT = "edge-asr-artifact"
@@ -74,9 +78,16 @@ def encode_linear(linear: nn.Linear) -> tuple[dict[str, torch.Tensor], dict]:
         k = clustered.codebook.shape[-1]
         entry.update(encoding="kmeans", clusters=k, bits=bits_for(k))
         tensors["indices"] = pack_bits(select(clustered.indices.reshape(shape[0], -1)), bits_for(k))
-        if clustered.codebook.dim() == 2:  # one per row: fp16 (the centroids were rounded to it when chosen)
+        if clustered.codebook.dim() == 2:  # one per row, stored as the centroids were rounded when chosen
             entry["codebook"] = "row"
-            tensors["codebook"] = clustered.codebook.detach().half().clone()
+            codebook = clustered.codebook.detach().float()
+            if clustered.row_centroids == "int8":
+                entry["centroids"] = "int8"
+                low, step = centroid_grid(codebook)
+                tensors["codebook"] = grid_codes(codebook, low, step).to(torch.uint8)
+                tensors["codebook_grid"] = torch.stack([low, step], 1).half()
+            else:
+                tensors["codebook"] = codebook.half()
         else:
             tensors["codebook"] = clustered.codebook.detach().float().clone()
     elif grid is not None:
@@ -97,6 +108,44 @@ def encode_linear(linear: nn.Linear) -> tuple[dict[str, torch.Tensor], dict]:
         entry.update(encoding="sparse", bits=16)
         tensors["values"] = select(_chain_value(linear)).half()
     return tensors, entry
+
+
+# the fields Huffman coding may shrink: a layer's integer code stream, and its mask (an N:M mask holds 2.6 bits of
+# choices in each group of 4 bits; an unstructured one at 50% next to nothing, so it is kept only if it shrinks)
+CODE_FIELDS = ("codes", "indices", "mask")
+
+
+def huffman_code(tensors: dict[str, torch.Tensor], entry: dict) -> None:
+    """Replace a layer's code streams by their Huffman coding where it is smaller; the entry lists which."""
+    coded = []
+    for field in CODE_FIELDS:
+        smaller = huffman_encode(tensors[field]) if field in tensors else None
+        if smaller is not None:
+            tensors[field] = smaller
+            coded.append(field)
+    if coded:
+        entry["huffman"] = coded
+
+
+def plain_fields(tensors: dict[str, torch.Tensor], entry: dict) -> dict[str, torch.Tensor]:
+    """A layer's stored tensors with its Huffman-coded fields decoded (int8 codes back to int8)."""
+    coded = entry.get("huffman", ())
+    if not coded:
+        return tensors
+    try:
+        return {k: huffman_decode(v, torch.int8 if entry["encoding"] == "int8" else torch.uint8) if k in coded
+                else v for k, v in tensors.items()}
+    except ValueError as err:
+        raise CheckpointError(f"artifact layer of shape {entry.get('shape')}: {err}") from None
+
+
+def stored_codebook(tensors: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
+    """A k-means layer's float codebook: (k,) for the layer, or (out, k) one per row (fp16, or int8 codes on each
+    row's grid ``codebook_grid`` (out, 2): low and step)."""
+    if entry.get("centroids") == "int8":
+        grid = tensors["codebook_grid"].float()
+        return grid_values(tensors["codebook"], grid[:, 0], grid[:, 1])
+    return tensors["codebook"].float()
 
 
 def _placer(tensors: dict[str, torch.Tensor], entry: dict):
@@ -121,7 +170,12 @@ _GRID_CODES = {"int4": (4, 8), "ternary": (2, 1)}
 
 
 def integer_codes(tensors: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
-    """The signed codes (out, in x kernel) of an int4, ternary or int8 layer, 0 where pruned."""
+    """The signed codes (out, in x kernel) of an int4, ternary or int8 layer, 0 where pruned (``tensors`` as
+    stored)."""
+    return _integer_codes(plain_fields(tensors, entry), entry)
+
+
+def _integer_codes(tensors: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
     place, n = _placer(tensors, entry)
     encoding = entry["encoding"]
     if encoding == "int8":
@@ -131,22 +185,23 @@ def integer_codes(tensors: dict[str, torch.Tensor], entry: dict) -> torch.Tensor
 
 
 def decode_weight(tensors: dict[str, torch.Tensor], entry: dict) -> tuple[torch.Tensor, tuple | None]:
-    """Packed tensors -> (float weight (out, in x kernel), int8 (codes, scales) when stored as int8 else None)."""
-    encoding = entry["encoding"]
+    """Packed tensors, as stored -> (float weight (out, in x kernel), int8 (codes, scales) when stored as int8 else
+    None)."""
+    tensors, encoding = plain_fields(tensors, entry), entry["encoding"]
     if encoding == "kmeans":
         place, n = _placer(tensors, entry)
         indices = unpack_bits(tensors["indices"], entry["bits"], n)
-        codebook = tensors["codebook"].float()
+        codebook = stored_codebook(tensors, entry)
         if codebook.dim() == 2:  # (out, k): each row indexes its own codebook; pruned places back to 0
             return codebook.gather(1, place(indices)) * place(torch.ones(n)), None
         return place(codebook[indices]), None
     if encoding == "int4":
-        return int4_dequantize(integer_codes(tensors, entry), tensors["scales"].float(), entry["group"]), None
+        return int4_dequantize(_integer_codes(tensors, entry), tensors["scales"].float(), entry["group"]), None
     if encoding == "ternary":
-        codes = integer_codes(tensors, entry)
+        codes = _integer_codes(tensors, entry)
         return ternary_dequantize(codes, tensors["scales"].float(), entry.get("group")), None
     if encoding == "int8":
-        codes, scales = integer_codes(tensors, entry), tensors["scales"].float()
+        codes, scales = _integer_codes(tensors, entry), tensors["scales"].float()
         return int8_dequantize(codes, scales), (codes, scales)
     if encoding == "sparse":
         place, _ = _placer(tensors, entry)
@@ -158,8 +213,9 @@ def _is_parametrization(module: nn.Module) -> bool:
     return isinstance(module, (ParametrizationList, Mask, Clustered, FakeQuant))
 
 
-def encode_model(model: ConformerCTC) -> tuple[dict[str, torch.Tensor], dict]:
-    """Compressed (parametrized) model -> (all tensors to store, manifest with per-layer entries)."""
+def encode_model(model: ConformerCTC, entropy_coding: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Compressed (parametrized) model -> (all tensors to store, manifest with per-layer entries).
+    ``entropy_coding``: Huffman-code the code streams (lossless; off where the bytes are decoded at once)."""
     tensors: dict[str, torch.Tensor] = {}
     layers, lowrank = {}, {}
     for name, module in model.named_modules():
@@ -169,6 +225,8 @@ def encode_model(model: ConformerCTC) -> tuple[dict[str, torch.Tensor], dict]:
             lowrank[name] = module.rank
         if parametrize.is_parametrized(module, "weight"):
             packed, entry = encode_linear(module)
+            if entropy_coding:
+                huffman_code(packed, entry)
             layers[name] = entry
             tensors.update({f"{name}.weight.{k}": v for k, v in packed.items()})
         for kind in (module._parameters, module._buffers):
@@ -218,7 +276,7 @@ def int8_activations(entry: dict) -> str:
 
 def to_runtime(model: ConformerCTC) -> ConformerCTC:
     """The model a device runs, exactly as :func:`load_artifact` will rebuild it."""
-    tensors, manifest = encode_model(model)
+    tensors, manifest = encode_model(model, entropy_coding=False)  # lossless: the same numbers, less work
     return decode_model(model.cfg, tensors, manifest)
 
 

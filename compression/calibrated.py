@@ -149,10 +149,11 @@ def by_shape(layers) -> list[list[tuple[str, nn.Module]]]:
 
 
 # ----------------------------------------------------------------------------------------------- k-means
-def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: int, per_row: bool = False) -> None:
+def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: int, per_row: bool = False,
+                    row_centroids: str = "fp16") -> None:
     """Per layer (or, ``per_row``, per output row: SqueezeLLM's per-channel tables): k-means of the weights,
     each weighted by its input's energy H_jj; then GPTQ's sweep rounding each column to the nearest centroid;
-    then bias correction. Registers Clustered."""
+    then bias correction. Registers Clustered (``row_centroids``: how a row codebook is stored)."""
     from .methods import Clustered, kmeans_1d, kmeans_rows
 
     for same_shape in by_shape(layers):
@@ -170,7 +171,8 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
             order = sweep_order(h, True)
             # the sweep assigns every weight to a centroid itself (with error feedback)
             if per_row:
-                centroids = kmeans_rows(w, clusters, iterations, weights=importance, keep=keep)
+                centroids = kmeans_rows(w, clusters, iterations, weights=importance, keep=keep,
+                                        stored=row_centroids)
                 rounder = RowCodebookRounder(centroids, order, keep)
             else:
                 centroids, _ = kmeans_1d(values, clusters, iterations, weights=chosen(importance),
@@ -184,7 +186,8 @@ def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: 
             set_weight(module, q)
             parametrize.register_parametrization(
                 module, "weight", Clustered(centroids, indices.reshape(module.weight.shape),
-                                            None if keep is None else keep.reshape(module.weight.shape)),
+                                            None if keep is None else keep.reshape(module.weight.shape),
+                                            row_centroids),
                 unsafe=True)
 
 

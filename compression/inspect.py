@@ -30,10 +30,10 @@ from asr_core.checkpoint import MANIFEST, folder_bytes, read_weights
 from asr_core.decoding import GreedyDecoder
 from asr_core.errors import CheckpointError, SettingsError
 
-from .artifact import read_manifest
+from .artifact import plain_fields, read_manifest, stored_codebook
 from .compress import _dense
 from .methods import DEFAULT_SKIP, NAIVE, REFIT_STEPS, target_layers
-from .packing import unpack_mask
+from .packing import packed_nbytes, unpack_mask
 
 DEFAULT_CLIP = Path(__file__).resolve().parents[1] / "assets" / "clips" / "1272-135031-0000.opus"  # 10.9 s
 MAX_SECONDS = 30.0  # the model hears at most 30 s at once (Whisper's positions): longer clips are cut for the views
@@ -82,11 +82,19 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _plain(packed: dict[str, torch.Tensor], entry: dict | None) -> dict[str, torch.Tensor]:
+    """A layer's stored tensors (keys ``weight.codes``, ...) with the Huffman-coded ones decoded."""
+    if not entry or not entry.get("huffman"):
+        return packed
+    fields = plain_fields({k[len("weight."):]: v for k, v in packed.items() if k.startswith("weight.")}, entry)
+    return {**packed, **{f"weight.{k}": v for k, v in fields.items()}}
+
+
 def _mask_kept(packed: dict[str, torch.Tensor], entry: dict | None) -> int | None:
     """Weights the stored 1-bit mask keeps (None: no mask, all kept)."""
     if "weight.mask" not in packed or entry is None:
         return None
-    return int(unpack_mask(packed["weight.mask"], (math.prod(entry["shape"]),)).sum())
+    return int(unpack_mask(_plain(packed, entry)["weight.mask"], (math.prod(entry["shape"]),)).sum())
 
 
 def _flat(weight: torch.Tensor) -> torch.Tensor:
@@ -210,7 +218,8 @@ def grid_levels(entry: dict | None, packed: dict[str, torch.Tensor]) -> tuple[li
     """The values a layer's weights may take, to draw on its histogram, and what they are."""
     encoding = (entry or {}).get("encoding")
     if encoding == "kmeans":
-        codebook = packed["weight.codebook"].float()
+        codebook = stored_codebook({k[len("weight."):]: v for k, v in packed.items() if k.startswith("weight.")},
+                                   entry)
         if codebook.dim() == 2:  # one codebook per row: draw the row whose range is the median one
             spread = codebook[:, -1] - codebook[:, 0]
             row = int(spread.argsort()[len(spread) // 2])
@@ -242,7 +251,7 @@ def histogram(before: torch.Tensor, after: torch.Tensor, entry: dict | None, pac
            "after": np.histogram(a.numpy(), edges)[0].tolist(), "levels": levels, "levels_note": levels_note,
            "threshold": None, "pruned": 0, "pruned_below_threshold": None}
     if "weight.mask" in packed and before.numel() == math.prod(entry["shape"]):
-        keep = unpack_mask(packed["weight.mask"], (b.numel(),))
+        keep = unpack_mask(_plain(packed, entry)["weight.mask"], (b.numel(),))
         pruned = int((~keep).sum())
         if pruned:
             tau = float(b.abs().kthvalue(pruned).values)
@@ -266,15 +275,26 @@ def _formula(field_name: str, t: torch.Tensor, entry: dict | None, kept: int) ->
     """How many bytes a stored tensor takes, as arithmetic a reader can redo."""
     nbytes = _nbytes(t)
     if entry is not None and field_name == "weight.mask":
-        return f"{math.prod(entry['shape']):,} weights × 1 bit ÷ 8 = {nbytes:,} B"
+        n = math.prod(entry["shape"])
+        if "mask" in entry.get("huffman", ()):
+            return (f"{n:,} weights × 1 bit ÷ 8 = {packed_nbytes(n, 1):,} B, Huffman-coded (lossless) to {nbytes:,} B "
+                    f"({nbytes / packed_nbytes(n, 1):.0%})")
+        return f"{n:,} weights × 1 bit ÷ 8 = {nbytes:,} B"
     if entry is not None and field_name in ("weight.codes", "weight.indices"):
         bits = entry["bits"]
         extra = f" (⌈log₂ {entry['clusters']}⌉ = {bits})" if field_name == "weight.indices" else ""
+        packed = packed_nbytes(kept, bits)
+        if field_name[len("weight."):] in entry.get("huffman", ()):
+            return (f"{kept:,} kept weights × {bits} bits{extra} ÷ 8 = {packed:,} B, Huffman-coded (lossless) to "
+                    f"{nbytes:,} B ({nbytes / packed:.0%})")
         return f"{kept:,} kept weights × {bits} bits{extra} ÷ 8 = {nbytes:,} B"
     if field_name == "weight.codebook":
         if t.dim() == 2:
-            return f"{t.shape[0]:,} rows × {t.shape[1]} centroids × 2 B (fp16) = {nbytes:,} B"
+            width = "1 B (int8 on the row's grid)" if t.dtype == torch.uint8 else "2 B (fp16)"
+            return f"{t.shape[0]:,} rows × {t.shape[1]} centroids × {width} = {nbytes:,} B"
         return f"{t.numel()} centroids × 4 B (fp32) = {nbytes:,} B"
+    if field_name == "weight.codebook_grid":
+        return f"{t.shape[0]:,} rows × (low, step) × 2 B (fp16) = {nbytes:,} B"
     if field_name == "weight.scales":
         return f"{' × '.join(map(str, t.shape))} scales × 2 B (fp16) = {nbytes:,} B"
     if field_name == "weight.values":
@@ -431,7 +451,8 @@ METHODS = {
                "bits (Deep Compression, Han et al. 2016).",
                r"\min_{c_1 \dots c_K} \sum_{ij} \min_k \,(W_{ij} - c_k)^2, \qquad \hat W_{ij} = c_{k(ij)}",
                "the number of clusters $K$: $\\lceil \\log_2 K \\rceil$ bits per weight plus $K$ fp32 centroids per "
-               "layer (calibrated: $K$ fp16 centroids per output row, each row its own codebook)."),
+               "layer (calibrated: $K$ centroids per output row, each row its own codebook, stored as int8 codes on "
+               "the row's own grid; `centroid_bits=16`: fp16). The index stream is then Huffman-coded, losslessly."),
 }
 ALGORITHMS = {
     "gptq": "**GPTQ** (Frantar et al. 2022) rounds one input column at a time and pushes each column's rounding "

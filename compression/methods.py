@@ -184,14 +184,25 @@ class KMeansSettings:
     iterations: int = 30
     algo: str = "weighted"  # weighted (by the Hessian diagonal, then GPTQ error feedback) | lloyd (plain)
     codebook: str | None = None  # layer (one codebook a layer) | row (one per output row); default: row for weighted
+    centroid_bits: int | None = None  # a row codebook's centroids: 8 (a per-row int8 grid; default) | 16 (fp16)
 
     @property
     def per_row(self) -> bool:
         return (self.codebook or ("row" if self.algo == "weighted" else "layer")) == "row"
 
+    @property
+    def row_centroids(self) -> str:
+        """How a row codebook stores its centroids (ROW_CENTROIDS)."""
+        return "fp16" if self.centroid_bits == 16 else "int8"
+
     def validate(self):
         if self.codebook not in (None, "layer", "row"):
             raise SettingsError(f"kmeans codebook must be 'layer' or 'row', got {self.codebook!r}")
+        if self.centroid_bits not in (None, 8, 16):
+            raise SettingsError(f"kmeans centroid_bits must be 8 or 16, got {self.centroid_bits}")
+        if self.centroid_bits is not None and not self.per_row:
+            raise SettingsError("kmeans centroid_bits applies to one codebook per row (codebook=row); a layer's "
+                                "single codebook is stored in fp32")
         if not 2 <= self.clusters <= 256:
             raise SettingsError(f"kmeans clusters must be between 2 and 256, got {self.clusters}")
         if self.iterations < 1:
@@ -252,20 +263,54 @@ class Mask(nn.Module):
         return w * self.mask
 
 
+# how a row codebook stores its centroids: fp16 (k x 2 bytes a row), or int8 codes on the row's own grid from
+# its lowest to its highest centroid in 255 steps (k bytes + an fp16 low and step: 20 instead of 32 bytes a row
+# at k = 16; the grid step is about 1/16 of the spacing of 16 clusters, so the rounding is small beside theirs)
+ROW_CENTROIDS = ("fp16", "int8")
+
+
+def centroid_grid(codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, k) centroids -> each row's int8 grid (low, step), both (out,) and exactly fp16 values."""
+    low = codebook.amin(1).half().float()
+    step = ((codebook.amax(1) - low) / 255).half().float()
+    return low, step
+
+
+def grid_codes(codebook: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """(out, k) centroids -> their codes 0-255 on the rows' grids (a flat row: step 0, every code 0)."""
+    return ((codebook - low[:, None]) / step.clamp_min(1e-30)[:, None]).round_().clamp_(0, 255)
+
+
+def grid_values(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`grid_codes`: the centroids the codes stand for, as the artifact decodes them."""
+    return low[:, None] + codes.float() * step[:, None]
+
+
+def round_row_centroids(codebook: torch.Tensor, stored: str) -> torch.Tensor:
+    """(out, k) centroids -> the values the artifact will hold (``stored``: ROW_CENTROIDS)."""
+    if stored == "fp16":
+        return codebook.half().float()
+    low, step = centroid_grid(codebook)
+    return grid_values(grid_codes(codebook, low, step), low, step)
+
+
 class Clustered(nn.Module):
     """Parametrization: w = codebook[indices] (masked entries 0); codebook (k,) for the layer or (out, k), one per
-    output row. The codebook is trainable: each centroid receives the sum of its weights' gradients, the
-    shared-gradient update of Deep Compression."""
+    output row (``row_centroids``: how the artifact stores those, ROW_CENTROIDS). The codebook is trainable: each
+    centroid receives the sum of its weights' gradients, the shared-gradient update of Deep Compression."""
 
-    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None):
+    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None,
+                 row_centroids: str = "fp16"):
         super().__init__()
         self.codebook = nn.Parameter(codebook)
+        self.row_centroids = row_centroids
         self.register_buffer("indices", indices)
         self.register_buffer("mask", mask if mask is not None else torch.ones_like(indices, dtype=torch.bool))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.codebook.dim() == 2:  # one codebook per output row (out, k), stored in fp16: trained through it
-            codebook = self.codebook + (self.codebook.detach().half().float() - self.codebook.detach())
+        if self.codebook.dim() == 2:  # one codebook per output row (out, k), rounded as stored: trained through it
+            rounded = round_row_centroids(self.codebook.detach(), self.row_centroids)
+            codebook = rounded + (self.codebook - self.codebook.detach())  # exactly the stored values, in value
             rows = self.indices.reshape(self.indices.shape[0], -1)
             return codebook.gather(1, rows).reshape(self.indices.shape) * self.mask
         return self.codebook[self.indices] * self.mask
@@ -410,9 +455,9 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30, weights: torch
 
 
 def kmeans_rows(w: torch.Tensor, k: int, iterations: int = 30, weights: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+                keep: torch.Tensor | None = None, stored: str = "fp16") -> torch.Tensor:
     """Exact 1-D Lloyd's k-means of every row on its own: (out, in) -> centroids (out, k), each row's sorted and
-    rounded to fp16 (the artifact stores them so; a row's codebook is k x 2 bytes).
+    rounded as the artifact stores them (``stored``: ROW_CENTROIDS).
 
     Per row, SqueezeLLM's per-channel lookup tables: a row's weights span their own range, so its levels sit
     where its weights are. The same shortcut as :func:`kmeans_1d`, batched over rows: one sort along each row,
@@ -448,7 +493,7 @@ def kmeans_rows(w: torch.Tensor, k: int, iterations: int = 30, weights: torch.Te
         centroids = new
         if converged:
             break
-    return centroids.float().half().float().sort(dim=1).values
+    return round_row_centroids(centroids.float(), stored).sort(dim=1).values
 
 
 def nearest_in_rows(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -459,16 +504,18 @@ def nearest_in_rows(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 def apply_kmeans(model: nn.Module, s: KMeansSettings, layers, stats=None) -> nn.Module:
     if s.algo == "weighted":
-        calibrated.weighted_kmeans(layers, stats, s.clusters, s.iterations, per_row=s.per_row)
+        calibrated.weighted_kmeans(layers, stats, s.clusters, s.iterations, per_row=s.per_row,
+                                   row_centroids=s.row_centroids)
         return model
     if s.per_row:
         for _, linear in layers:
             w, mask = _effective(linear), current_mask(linear)
             rows = w.reshape(w.shape[0], -1)
             keep = None if mask is None else mask.reshape(rows.shape)
-            centroids = kmeans_rows(rows, s.clusters, s.iterations, keep=keep)
+            centroids = kmeans_rows(rows, s.clusters, s.iterations, keep=keep, stored=s.row_centroids)
             indices = nearest_in_rows(rows, centroids).reshape(w.shape)
-            parametrize.register_parametrization(linear, "weight", Clustered(centroids, indices, mask), unsafe=True)
+            parametrize.register_parametrization(linear, "weight", Clustered(centroids, indices, mask,
+                                                                             s.row_centroids), unsafe=True)
         return model
     for name, linear in layers:
         w = _effective(linear)

@@ -497,12 +497,15 @@ def test_gptq_artifact_reloads_exactly(model, stats, tmp_path):
     from asr_core.text import CharTokenizer
     from compression.artifact import load_artifact, save_artifact
 
-    compressed = apply_recipe(model, parse_recipe("prune:sparsity=0.5+int4:group=32"), stats=stats)
-    save_artifact(compressed, str(tmp_path / "a"), CharTokenizer(), {})
-    loaded, live = dict(load_artifact(str(tmp_path / "a")).named_modules()), dict(to_runtime(compressed).named_modules())
-    for name, layer in target_layers(model, SKIP):
-        assert torch.equal(loaded[name].weight, live[name].weight), name
-        assert torch.equal(live[name].weight, compressed.get_submodule(name).weight.detach()), name
+    for recipe in ("prune:sparsity=0.5+int4:group=32", "prune:sparsity=0.5+kmeans:clusters=16",
+                   "kmeans:clusters=16,centroid_bits=16"):
+        compressed = apply_recipe(model, parse_recipe(recipe), stats=stats)
+        save_artifact(compressed, str(tmp_path / "a"), CharTokenizer(), {})
+        loaded = dict(load_artifact(str(tmp_path / "a")).named_modules())
+        live = dict(to_runtime(compressed).named_modules())
+        for name, layer in target_layers(model, SKIP):
+            assert torch.equal(loaded[name].weight, live[name].weight), (recipe, name)
+            assert torch.equal(live[name].weight, compressed.get_submodule(name).weight.detach()), (recipe, name)
 
 
 def test_bad_calibration_inputs_give_clear_errors(tmp_path, model, calibration):

@@ -13,7 +13,7 @@ from asr_core.decoding import GreedyDecoder
 from asr_core.errors import SettingsError
 from asr_core.model import ConformerCTC
 from asr_core.text import CharTokenizer
-from compression.artifact import load_artifact, save_artifact, to_runtime
+from compression.artifact import load_artifact, plain_fields, read_manifest, save_artifact, to_runtime
 from compression.compress import apply_recipe, format_report, layer_report
 from compression.methods import LowRankLinear, kmeans_1d, target_layers
 from compression.packing import pack_bits, packed_nbytes, unpack_bits
@@ -43,6 +43,16 @@ def compressed_weights(model):
     return out
 
 
+def stored_fields(stored, layers, name):
+    """Layer ``name``'s packed fields as the artifact stores them, Huffman-coded ones decoded; the coded ones
+    must be smaller than their packing."""
+    packed = {k[len(name) + 8:]: v for k, v in stored.items() if k.startswith(f"{name}.weight.")}
+    plain = plain_fields(packed, layers[name])
+    for field in layers[name].get("huffman", ()):
+        assert packed[field].numel() < plain[field].numel()
+    return plain
+
+
 def save_load(tmp_path, compressed, recipe_text):
     folder = tmp_path / recipe_text.replace(":", "_").replace("+", "__")
     save_artifact(compressed, str(folder), CharTokenizer(), parse_recipe(recipe_text).to_json())
@@ -50,9 +60,9 @@ def save_load(tmp_path, compressed, recipe_text):
 
 
 RECIPES = ["int8", "int4:group=32", "ternary", "prune:sparsity=0.5", "prune:sparsity=0.7,scope=layer",
-           "structured:fraction=0.5", "svd:energy=0.8", "svd:rank=8", "kmeans:clusters=16", "kmeans:clusters=5",
+           "structured:fraction=0.5", "svd:energy=0.8", "svd:rank=8", "kmeans:clusters=16", "kmeans:clusters=5", "kmeans:clusters=16,centroid_bits=16",
            "prune:sparsity=0.5+kmeans:clusters=16+int8", "structured:fraction=0.3+svd:rank=16+int8",
-           "prune:sparsity=0.3+int4:group=16", "prune:sparsity=0.5+ternary"]
+           "prune:sparsity=0.3+int4:group=16", "prune:sparsity=0.5+ternary", "prune:pattern=2:4"]
 
 
 @pytest.mark.parametrize("recipe_text", RECIPES)
@@ -91,10 +101,11 @@ def test_per_layer_pruning_hits_each_layer(model):
 
 
 @pytest.mark.parametrize("recipe, per_row", [("kmeans:clusters=5,codebook=layer", False), ("kmeans:clusters=5", True),
-                                             ("kmeans:clusters=5,algo=lloyd,codebook=row", True)])
+                                             ("kmeans:clusters=5,algo=lloyd,codebook=row", True),
+                                             ("kmeans:clusters=5,centroid_bits=16", True)])
 def test_kmeans_at_most_k_values_and_bits(tmp_path, model, recipe, per_row):
     """At most K values a layer (codebook=layer) or a row (codebook=row, the weighted default); ceil(log2 K)
-    bits a weight; a row codebook stored as (out, K) fp16."""
+    bits a weight; a row codebook stored as (out, K) int8 codes on each row's grid, or fp16 (centroid_bits=16)."""
     compressed = apply_recipe(model, parse_recipe(recipe))
     for w in compressed_weights(compressed).values():
         rows = w.reshape(w.shape[0], -1)
@@ -103,12 +114,17 @@ def test_kmeans_at_most_k_values_and_bits(tmp_path, model, recipe, per_row):
             assert len(torch.unique(w)) > 5  # the rows' levels differ
     folder = save_load(tmp_path, compressed, recipe)
     from safetensors.torch import load_file
-    stored = load_file(os.path.join(folder, "model.safetensors"))
+    stored, layers = load_file(os.path.join(folder, "model.safetensors")), read_manifest(folder)["layers"]
     for name, m in target_layers(model, ("subsampling.conv1", "head")):
-        assert stored[f"{name}.weight.indices"].numel() == packed_nbytes(m.weight.numel(), 3)  # ceil(log2 5) bits
+        plain = stored_fields(stored, layers, name)
+        assert plain["indices"].numel() == packed_nbytes(m.weight.numel(), 3)  # ceil(log2 5) bits
         codebook = stored[f"{name}.weight.codebook"]
         assert codebook.shape == ((m.weight.shape[0], 5) if per_row else (5,))
-        assert codebook.dtype == (torch.float16 if per_row else torch.float32)
+        int8_grid = per_row and "centroid_bits=16" not in recipe  # row codebooks: int8 grids unless asked
+        assert codebook.dtype == (torch.uint8 if int8_grid else torch.float16 if per_row else torch.float32)
+        if int8_grid:  # each row's lowest and highest centroid are the ends of its grid
+            assert stored[f"{name}.weight.codebook_grid"].shape == (m.weight.shape[0], 2)
+            assert int(codebook.min(1).values.max()) == 0 and int(codebook.max(1).values.min()) >= 254
 
 
 def test_kmeans_rows_is_each_rows_own_kmeans():
@@ -185,10 +201,10 @@ def test_int4_and_ternary_packing(tmp_path, model):
     for text, bits in (("int4:group=32", 4), ("ternary", 2)):
         compressed = apply_recipe(model, parse_recipe(text))
         folder = save_load(tmp_path, compressed, text)
-        stored = load_file(os.path.join(folder, "model.safetensors"))
+        stored, layers = load_file(os.path.join(folder, "model.safetensors")), read_manifest(folder)["layers"]
         for name, m in target_layers(model, ("subsampling.conv1", "head")):
             n = m.weight.numel()
-            assert stored[f"{name}.weight.codes"].numel() == packed_nbytes(n, bits)
+            assert stored_fields(stored, layers, name)["codes"].numel() == packed_nbytes(n, bits)
             scales = stored[f"{name}.weight.scales"]
             rows = m.weight.shape[0]
             cols = m.weight[0].numel()
@@ -315,6 +331,58 @@ def test_bit_packing_round_trip():
         packed = pack_bits(codes, bits)
         assert packed.numel() == packed_nbytes(1001, bits)
         assert torch.equal(unpack_bits(packed, bits, 1001), codes)
+
+
+def test_kmeans_centroid_bits_are_checked():
+    with pytest.raises(SettingsError, match="centroid_bits must be 8 or 16"):
+        parse_recipe("kmeans:centroid_bits=4")
+    with pytest.raises(SettingsError, match="codebook=row"):
+        parse_recipe("kmeans:codebook=layer,centroid_bits=8")
+
+
+def test_huffman_coding_is_lossless_and_only_kept_when_smaller():
+    from compression.packing import huffman_decode, huffman_encode
+
+    skewed = torch.distributions.Categorical(torch.tensor([1, 4, 16, 40, 16, 4, 1, 1.0])).sample((20000,))
+    packed = pack_bits(skewed, 3)
+    coded = huffman_encode(packed)
+    assert coded is not None and coded.numel() < 0.9 * packed.numel()
+    assert torch.equal(huffman_decode(coded), packed)
+    signed = torch.randint(-3, 4, (5000,), dtype=torch.int8)
+    assert torch.equal(huffman_decode(huffman_encode(signed), torch.int8), signed)
+    assert huffman_encode(torch.randint(0, 256, (5000,), dtype=torch.uint8)) is None  # uniform: nothing to gain
+    with pytest.raises(ValueError, match="corrupt"):
+        huffman_decode(coded[: coded.numel() // 2])
+
+
+def test_an_n_m_mask_is_stored_huffman_coded(tmp_path, model):
+    """2 kept of every 4: 6 choices a group, log2(6) = 2.58 of its 4 bits; the coded mask decodes to the same."""
+    from safetensors.torch import load_file
+
+    compressed = apply_recipe(model, parse_recipe("prune:pattern=2:4,algo=magnitude"))
+    folder = save_load(tmp_path, compressed, "prune:pattern=2:4,algo=magnitude")
+    stored, layers = load_file(os.path.join(folder, "model.safetensors")), read_manifest(folder)["layers"]
+    for name, entry in layers.items():
+        plain = stored_fields(stored, layers, name)
+        assert "mask" in entry["huffman"] and stored[f"{name}.weight.mask"].numel() < 0.8 * plain["mask"].numel()
+        zeros = compressed.get_submodule(name).weight.detach().reshape(-1, 4) == 0
+        assert torch.equal(torch.from_numpy(np.unpackbits(plain["mask"].numpy())[: zeros.numel()]).bool(),
+                           ~zeros.reshape(-1))
+
+
+def test_a_corrupt_huffman_coded_layer_is_a_checkpoint_error(tmp_path, model):
+    from safetensors.torch import load_file, save_file
+    from asr_core.errors import CheckpointError
+
+    folder = save_load(tmp_path, apply_recipe(model, parse_recipe("int4:group=32")), "int4:group=32")
+    layers = read_manifest(folder)["layers"]
+    name = next(n for n, e in layers.items() if "codes" in e.get("huffman", ()))
+    stored = load_file(os.path.join(folder, "model.safetensors"))
+    key = f"{name}.weight.codes"
+    stored[key] = stored[key][: stored[key].numel() // 2].clone()
+    save_file(stored, os.path.join(folder, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_artifact(folder)
 
 
 def test_bit_packing_keeps_the_stored_layout():

@@ -15,7 +15,7 @@ from asr_core.text import CharTokenizer
 from asr_core.training import TrainConfig, distill_loss, train
 from compression.artifact import to_runtime
 from compression.compress import apply_recipe, finetune
-from compression.methods import Clustered, Mask, constraints, target_layers
+from compression.methods import Clustered, Mask, constraints, round_row_centroids, target_layers
 from compression.quantize import element_scales, round_with_scales
 from compression.recipe import parse_recipe
 from conftest import speechlike
@@ -81,11 +81,14 @@ def check_prune(student, before):
 def check_kmeans(student, _):
     runtime = to_runtime(student)
     for name, m in parametrized(student):
-        codebook = next(p.codebook for p in constraints(m) if isinstance(p, Clustered)).detach()
+        clustered = next(p for p in constraints(m) if isinstance(p, Clustered))
+        codebook = clustered.codebook.detach()
+        if codebook.dim() == 2:  # each row's values in its own codebook, as stored (int8 grid or fp16)
+            codebook = round_row_centroids(codebook, clustered.row_centroids)
         for w in (m.weight.detach(), runtime.get_submodule(name).weight):
             rows = w.reshape(w.shape[0], -1)
-            if codebook.dim() == 2:  # each row's values in its own (fp16) codebook
-                assert all(torch.isin(r, c.half().float()).all() for r, c in zip(rows, codebook)), name
+            if codebook.dim() == 2:
+                assert all(torch.isin(r, c).all() for r, c in zip(rows, codebook)), name
             else:
                 assert torch.isin(rows, codebook).all(), name
 

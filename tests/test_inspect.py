@@ -60,8 +60,11 @@ def test_what_is_drawn_matches_what_is_stored(tiny_model, features, tmp_path):
     assert sum(c > 0 for c in km["histogram"]["after"]) <= 8  # every weight sits on a centroid
     q4 = inspect.inspect_variant(tiny_model, build(tiny_model, "int4:group=16,algo=rtn", tmp_path / "q"),
                                  str(tmp_path / "q"), CharTokenizer(), layer="blocks.0.ffn1.linear1")
-    assert len(q4["histogram"]["levels"]) == 16 and q4["storage"]["bits_per_weight"] == pytest.approx(4 + 16 / 16)
-    assert any("× 4 bits" in t["formula"] for t in q4["storage"]["tensors"])
+    stored = {t["tensor"]: t for t in q4["storage"]["tensors"]}
+    n = tiny_model.get_submodule("blocks.0.ffn1.linear1").weight.numel()
+    assert len(q4["histogram"]["levels"]) == 16  # 4 bits a weight before Huffman coding, 16 bits a group of 16
+    assert q4["storage"]["bits_per_weight"] == pytest.approx(8 * (stored["weight.codes"]["bytes"] + 2 * n / 16) / n)
+    assert f"{n:,} kept weights × 4 bits ÷ 8 = {n // 2:,} B" in stored["weight.codes"]["formula"]
     pr = inspect.inspect_variant(tiny_model, build(tiny_model, "prune:sparsity=0.5,algo=magnitude,scope=layer",
                                                    tmp_path / "p"), str(tmp_path / "p"), CharTokenizer(), features)
     changed = [r for r in pr["layers"] if r["layer"] in pr["layer_names"]]
