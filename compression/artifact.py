@@ -10,8 +10,8 @@ int8          ``codes`` int8, ``scales`` fp16 per output channel
 int4          ``codes`` 4-bit packed (2 per byte), ``scales`` fp16 per group
 ternary       ``codes`` 2-bit packed (4 per byte), ``scales`` (alpha) fp16 per output channel (or group)
 kmeans        ``indices`` ceil(log2 K)-bit packed, ``codebook`` fp32 (K values), or (out, K) with
-              ``"codebook": "row"``: one per output row, fp16, or uint8 codes with ``"centroids": "int8"``
-              and ``codebook_grid`` fp16 (out, 2): each row's low and step
+              ``"codebook": "row"``: one per output row, fp16, or uint8 codes with ``"centroids": "uint8"``
+              and ``codebook_grid`` fp16 (out, 2): each row's grid ends, low and high
 sparse        ``values`` fp16 of the kept weights
 ============  ===============================================================================
 
@@ -42,10 +42,14 @@ from asr_core.provenance import Provenance
 from asr_core.text import CharTokenizer
 
 from .methods import Clustered, LowRankLinear, Mask, _set_child, centroid_grid, constraints, grid_codes, grid_values
-from .packing import bits_for, huffman_decode, huffman_encode, pack_bits, pack_mask, unpack_bits, unpack_mask
+from .packing import (bits_for, huffman_decode, huffman_encode, pack_bits, pack_mask, packed_nbytes, unpack_bits,
+                      unpack_mask)
 from .quantize import FakeQuant, int4_dequantize, int8_dequantize, quantized_int8_linear, ternary_dequantize
 
 FORMAT = "edge-asr-artifact"
+# 2: code streams and masks may be Huffman-coded, row codebooks uint8 grids; a reader of version 1 would take
+# those bytes for plain packing and build wrong weights without an error, so versions above this are refused
+MANIFEST_VERSION = 2
 
 
 def _chain_value(linear: nn.Module, upto: int | None = None) -> torch.Tensor:
@@ -81,11 +85,11 @@ def encode_linear(linear: nn.Linear) -> tuple[dict[str, torch.Tensor], dict]:
         if clustered.codebook.dim() == 2:  # one per row, stored as the centroids were rounded when chosen
             entry["codebook"] = "row"
             codebook = clustered.codebook.detach().float()
-            if clustered.row_centroids == "int8":
-                entry["centroids"] = "int8"
-                low, step = centroid_grid(codebook)
-                tensors["codebook"] = grid_codes(codebook, low, step).to(torch.uint8)
-                tensors["codebook_grid"] = torch.stack([low, step], 1).half()
+            if clustered.row_centroids == "uint8":
+                entry["centroids"] = "uint8"
+                low, high = centroid_grid(codebook)
+                tensors["codebook"] = grid_codes(codebook, low, high).to(torch.uint8)
+                tensors["codebook_grid"] = torch.stack([low, high], 1).half()
             else:
                 tensors["codebook"] = codebook.half()
         else:
@@ -128,21 +132,30 @@ def huffman_code(tensors: dict[str, torch.Tensor], entry: dict) -> None:
 
 
 def plain_fields(tensors: dict[str, torch.Tensor], entry: dict) -> dict[str, torch.Tensor]:
-    """A layer's stored tensors with its Huffman-coded fields decoded (int8 codes back to int8)."""
+    """A layer's stored tensors with its Huffman-coded fields decoded (int8 codes back to int8), each checked
+    against the length the entry implies: the mask first, since the codes hold only its kept weights."""
     coded = entry.get("huffman", ())
     if not coded:
         return tensors
+    plain, weights = dict(tensors), math.prod(entry["shape"])
     try:
-        return {k: huffman_decode(v, torch.int8 if entry["encoding"] == "int8" else torch.uint8) if k in coded
-                else v for k, v in tensors.items()}
-    except ValueError as err:
+        if "mask" in coded:
+            plain["mask"] = huffman_decode(tensors["mask"], packed_nbytes(weights, 1))
+        kept = int(unpack_mask(plain["mask"], (weights,)).sum()) if "mask" in plain else weights
+        for field in set(coded) - {"mask"}:
+            if entry["encoding"] == "int8":  # one signed byte a kept weight
+                plain[field] = huffman_decode(tensors[field], kept, torch.int8)
+            else:
+                plain[field] = huffman_decode(tensors[field], packed_nbytes(kept, entry["bits"]))
+    except (KeyError, ValueError) as err:
         raise CheckpointError(f"artifact layer of shape {entry.get('shape')}: {err}") from None
+    return plain
 
 
 def stored_codebook(tensors: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
-    """A k-means layer's float codebook: (k,) for the layer, or (out, k) one per row (fp16, or int8 codes on each
-    row's grid ``codebook_grid`` (out, 2): low and step)."""
-    if entry.get("centroids") == "int8":
+    """A k-means layer's float codebook: (k,) for the layer, or (out, k) one per row (fp16, or uint8 codes on each
+    row's grid ``codebook_grid`` (out, 2): its low and high end)."""
+    if entry.get("centroids") == "uint8":
         grid = tensors["codebook_grid"].float()
         return grid_values(tensors["codebook"], grid[:, 0], grid[:, 1])
     return tensors["codebook"].float()
@@ -257,7 +270,10 @@ def decode_model(cfg, tensors: dict[str, torch.Tensor], manifest: dict) -> Confo
         for name, entry in layers.items():
             prefix = f"{name}.weight."
             packed = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            weight, int8 = decode_weight(packed, entry)
+            try:
+                weight, int8 = decode_weight(packed, entry)
+            except CheckpointError as err:
+                raise CheckpointError(f"layer {name}: {err}") from None
             linear = model.get_submodule(name)
             linear.weight.copy_(weight.reshape(linear.weight.shape))
             if entry.get("int8_runtime"):
@@ -285,7 +301,7 @@ def save_artifact(model: ConformerCTC, folder: str, tokenizer: CharTokenizer, re
     """Write the artifact folder; returns the manifest. ``provenance`` goes into config.json."""
     os.makedirs(folder, exist_ok=True)
     tensors, manifest = encode_model(model)
-    manifest = {"format": FORMAT, "version": 1, "recipe": recipe_json, **manifest, **(extra or {})}
+    manifest = {"format": FORMAT, "version": MANIFEST_VERSION, "recipe": recipe_json, **manifest, **(extra or {})}
     write_model_files(folder, tensors, {"format": FORMAT, "version": 1, "model": model.cfg.to_dict()}, tokenizer,
                       provenance)
     with open(os.path.join(folder, MANIFEST), "w") as f:
@@ -296,9 +312,14 @@ def save_artifact(model: ConformerCTC, folder: str, tokenizer: CharTokenizer, re
 def read_manifest(folder: str) -> dict:
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
-            return json.load(f)
+            manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{folder}/{MANIFEST} is unreadable ({err})") from None
+    version = manifest.get("version", 1) if isinstance(manifest, dict) else 1
+    if isinstance(version, int) and version > MANIFEST_VERSION:
+        raise CheckpointError(f"{folder} is an artifact of format version {version}, newer than this edge-asr reads "
+                              f"({MANIFEST_VERSION}); upgrade edge-asr to load it")
+    return manifest
 
 
 def load_artifact(folder: str, **_options) -> ConformerCTC:

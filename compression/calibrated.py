@@ -150,7 +150,7 @@ def by_shape(layers) -> list[list[tuple[str, nn.Module]]]:
 
 # ----------------------------------------------------------------------------------------------- k-means
 def weighted_kmeans(layers, stats: CalibrationStats, clusters: int, iterations: int, per_row: bool = False,
-                    row_centroids: str = "fp16") -> None:
+                    row_centroids: str = "uint8") -> None:
     """Per layer (or, ``per_row``, per output row: SqueezeLLM's per-channel tables): k-means of the weights,
     each weighted by its input's energy H_jj; then GPTQ's sweep rounding each column to the nearest centroid;
     then bias correction. Registers Clustered (``row_centroids``: how a row codebook is stored)."""

@@ -82,19 +82,17 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _plain(packed: dict[str, torch.Tensor], entry: dict | None) -> dict[str, torch.Tensor]:
-    """A layer's stored tensors (keys ``weight.codes``, ...) with the Huffman-coded ones decoded."""
-    if not entry or not entry.get("huffman"):
-        return packed
-    fields = plain_fields({k[len("weight."):]: v for k, v in packed.items() if k.startswith("weight.")}, entry)
-    return {**packed, **{f"weight.{k}": v for k, v in fields.items()}}
+def _stored_mask(packed: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
+    """A layer's stored 1-bit mask (``weight.mask``), Huffman-decoded if it was coded (the codes are left alone)."""
+    only_mask = {**entry, "huffman": [f for f in entry.get("huffman", ()) if f == "mask"]}
+    return plain_fields({"mask": packed["weight.mask"]}, only_mask)["mask"]
 
 
 def _mask_kept(packed: dict[str, torch.Tensor], entry: dict | None) -> int | None:
     """Weights the stored 1-bit mask keeps (None: no mask, all kept)."""
     if "weight.mask" not in packed or entry is None:
         return None
-    return int(unpack_mask(_plain(packed, entry)["weight.mask"], (math.prod(entry["shape"]),)).sum())
+    return int(unpack_mask(_stored_mask(packed, entry), (math.prod(entry["shape"]),)).sum())
 
 
 def _flat(weight: torch.Tensor) -> torch.Tensor:
@@ -251,7 +249,7 @@ def histogram(before: torch.Tensor, after: torch.Tensor, entry: dict | None, pac
            "after": np.histogram(a.numpy(), edges)[0].tolist(), "levels": levels, "levels_note": levels_note,
            "threshold": None, "pruned": 0, "pruned_below_threshold": None}
     if "weight.mask" in packed and before.numel() == math.prod(entry["shape"]):
-        keep = unpack_mask(_plain(packed, entry)["weight.mask"], (b.numel(),))
+        keep = unpack_mask(_stored_mask(packed, entry), (b.numel(),))
         pruned = int((~keep).sum())
         if pruned:
             tau = float(b.abs().kthvalue(pruned).values)
@@ -277,8 +275,9 @@ def _formula(field_name: str, t: torch.Tensor, entry: dict | None, kept: int) ->
     if entry is not None and field_name == "weight.mask":
         n = math.prod(entry["shape"])
         if "mask" in entry.get("huffman", ()):
-            return (f"{n:,} weights × 1 bit ÷ 8 = {packed_nbytes(n, 1):,} B, Huffman-coded (lossless) to {nbytes:,} B "
-                    f"({nbytes / packed_nbytes(n, 1):.0%})")
+            plain = packed_nbytes(n, 1)
+            return (f"{n:,} weights × 1 bit ÷ 8 = {plain:,} B, Huffman-coded (lossless) to {nbytes:,} B "
+                    f"({nbytes / plain:.0%})")
         return f"{n:,} weights × 1 bit ÷ 8 = {nbytes:,} B"
     if entry is not None and field_name in ("weight.codes", "weight.indices"):
         bits = entry["bits"]
@@ -290,11 +289,11 @@ def _formula(field_name: str, t: torch.Tensor, entry: dict | None, kept: int) ->
         return f"{kept:,} kept weights × {bits} bits{extra} ÷ 8 = {nbytes:,} B"
     if field_name == "weight.codebook":
         if t.dim() == 2:
-            width = "1 B (int8 on the row's grid)" if t.dtype == torch.uint8 else "2 B (fp16)"
+            width = "1 B (a code on the row's 256-level grid)" if t.dtype == torch.uint8 else "2 B (fp16)"
             return f"{t.shape[0]:,} rows × {t.shape[1]} centroids × {width} = {nbytes:,} B"
         return f"{t.numel()} centroids × 4 B (fp32) = {nbytes:,} B"
     if field_name == "weight.codebook_grid":
-        return f"{t.shape[0]:,} rows × (low, step) × 2 B (fp16) = {nbytes:,} B"
+        return f"{t.shape[0]:,} rows × (low, high) × 2 B (fp16) = {nbytes:,} B"
     if field_name == "weight.scales":
         return f"{' × '.join(map(str, t.shape))} scales × 2 B (fp16) = {nbytes:,} B"
     if field_name == "weight.values":
@@ -451,7 +450,7 @@ METHODS = {
                "bits (Deep Compression, Han et al. 2016).",
                r"\min_{c_1 \dots c_K} \sum_{ij} \min_k \,(W_{ij} - c_k)^2, \qquad \hat W_{ij} = c_{k(ij)}",
                "the number of clusters $K$: $\\lceil \\log_2 K \\rceil$ bits per weight plus $K$ fp32 centroids per "
-               "layer (calibrated: $K$ centroids per output row, each row its own codebook, stored as int8 codes on "
+               "layer (calibrated: $K$ centroids per output row, each row its own codebook, stored as 8-bit codes on "
                "the row's own grid; `centroid_bits=16`: fp16). The index stream is then Huffman-coded, losslessly."),
 }
 ALGORITHMS = {

@@ -184,7 +184,7 @@ class KMeansSettings:
     iterations: int = 30
     algo: str = "weighted"  # weighted (by the Hessian diagonal, then GPTQ error feedback) | lloyd (plain)
     codebook: str | None = None  # layer (one codebook a layer) | row (one per output row); default: row for weighted
-    centroid_bits: int | None = None  # a row codebook's centroids: 8 (a per-row int8 grid; default) | 16 (fp16)
+    centroid_bits: int | None = None  # a row codebook's centroids: 8 (a per-row 256-level grid; default) | 16 (fp16)
 
     @property
     def per_row(self) -> bool:
@@ -193,7 +193,7 @@ class KMeansSettings:
     @property
     def row_centroids(self) -> str:
         """How a row codebook stores its centroids (ROW_CENTROIDS)."""
-        return "fp16" if self.centroid_bits == 16 else "int8"
+        return "fp16" if self.centroid_bits == 16 else "uint8"
 
     def validate(self):
         if self.codebook not in (None, "layer", "row"):
@@ -263,35 +263,42 @@ class Mask(nn.Module):
         return w * self.mask
 
 
-# how a row codebook stores its centroids: fp16 (k x 2 bytes a row), or int8 codes on the row's own grid from
-# its lowest to its highest centroid in 255 steps (k bytes + an fp16 low and step: 20 instead of 32 bytes a row
-# at k = 16; the grid step is about 1/16 of the spacing of 16 clusters, so the rounding is small beside theirs)
-ROW_CENTROIDS = ("fp16", "int8")
+# how a row codebook stores its centroids: fp16 (k x 2 bytes a row), or uint8 codes on the row's own grid of 256
+# levels from its lowest to its highest centroid (k bytes + the two ends in fp16: 20 instead of 32 bytes a row at
+# k = 16; the grid step is about 1/16 of the spacing of 16 clusters, so its rounding is small beside theirs)
+ROW_CENTROIDS = ("fp16", "uint8")
 
 
 def centroid_grid(codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, k) centroids -> each row's int8 grid (low, step), both (out,) and exactly fp16 values."""
-    low = codebook.amin(1).half().float()
-    step = ((codebook.amax(1) - low) / 255).half().float()
-    return low, step
+    """(out, k) centroids -> each row's grid ends (low, high), both (out,) and exactly fp16 values. The ends, not
+    the step, are stored: a step below fp16's normal range (a row spanning < 0.016) would lose its precision."""
+    return codebook.amin(1).half().float(), codebook.amax(1).half().float()
 
 
-def grid_codes(codebook: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """(out, k) centroids -> their codes 0-255 on the rows' grids (a flat row: step 0, every code 0)."""
-    return ((codebook - low[:, None]) / step.clamp_min(1e-30)[:, None]).round_().clamp_(0, 255)
+def _grid_step(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    return ((high - low) / 255)[:, None]
 
 
-def grid_values(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+def grid_codes(codebook: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """(out, k) centroids -> their codes 0-255 on the rows' grids (a flat row: every code 0)."""
+    step = _grid_step(low, high)
+    codes = ((codebook - low[:, None]) / step.clamp_min(1e-30)).round_().clamp_(0, 255)
+    return torch.where(step > 0, codes, 0.0)
+
+
+def grid_values(codes: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`grid_codes`: the centroids the codes stand for, as the artifact decodes them."""
-    return low[:, None] + codes.float() * step[:, None]
+    return low[:, None] + codes.float() * _grid_step(low, high)
 
 
 def round_row_centroids(codebook: torch.Tensor, stored: str) -> torch.Tensor:
-    """(out, k) centroids -> the values the artifact will hold (``stored``: ROW_CENTROIDS)."""
+    """(out, k) centroids -> the values the artifact will hold (``stored``: one of ROW_CENTROIDS)."""
+    if stored not in ROW_CENTROIDS:
+        raise ValueError(f"row centroids are stored as one of {ROW_CENTROIDS}, not {stored!r}")
     if stored == "fp16":
         return codebook.half().float()
-    low, step = centroid_grid(codebook)
-    return grid_values(grid_codes(codebook, low, step), low, step)
+    low, high = centroid_grid(codebook)
+    return grid_values(grid_codes(codebook, low, high), low, high)
 
 
 class Clustered(nn.Module):
@@ -300,7 +307,7 @@ class Clustered(nn.Module):
     centroid receives the sum of its weights' gradients, the shared-gradient update of Deep Compression."""
 
     def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None,
-                 row_centroids: str = "fp16"):
+                 row_centroids: str = "uint8"):
         super().__init__()
         self.codebook = nn.Parameter(codebook)
         self.row_centroids = row_centroids
@@ -455,7 +462,7 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30, weights: torch
 
 
 def kmeans_rows(w: torch.Tensor, k: int, iterations: int = 30, weights: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None, stored: str = "fp16") -> torch.Tensor:
+                keep: torch.Tensor | None = None, stored: str = "uint8") -> torch.Tensor:
     """Exact 1-D Lloyd's k-means of every row on its own: (out, in) -> centroids (out, k), each row's sorted and
     rounded as the artifact stores them (``stored``: ROW_CENTROIDS).
 

@@ -79,10 +79,15 @@ def huffman_encode(data: torch.Tensor) -> torch.Tensor | None:
     return torch.frombuffer(bytearray(coded), dtype=torch.uint8)
 
 
-def huffman_decode(coded: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """Inverse of :func:`huffman_encode`: the packed stream as a flat tensor of ``dtype`` (1 byte per entry)."""
+def huffman_decode(coded: torch.Tensor, nbytes: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of :func:`huffman_encode`: the packed stream of exactly ``nbytes`` bytes as a flat tensor of
+    ``dtype`` (1 byte per entry). Raw DEFLATE has no checksum, so the length is what catches a damaged stream
+    (and a stream that would decode to more than the layer holds is stopped there, not expanded)."""
+    decoder = zlib.decompressobj(-15)
     try:
-        raw = zlib.decompress(coded.reshape(-1).numpy().tobytes(), -15)
+        raw = decoder.decompress(coded.reshape(-1).numpy().tobytes(), nbytes)
     except zlib.error as err:
         raise ValueError(f"a Huffman-coded tensor is corrupt ({err})") from None
+    if len(raw) != nbytes or not decoder.eof or decoder.unused_data:
+        raise ValueError(f"a Huffman-coded tensor is corrupt (it does not decode to the {nbytes} bytes expected)")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)

@@ -4,8 +4,8 @@ bundled calibration set: the quantity the calibrated algorithms minimise, withou
 
     python experiments/layer_output_error.py kmeans:clusters=16,centroid_bits=16 kmeans:clusters=16
 
-Used to check that storing row codebooks as int8 grids adds nothing that matters (RESULTS.md, "Huffman-coded
-code streams and int8 row codebooks").
+Used to check that storing row codebooks as 8-bit grids adds nothing that matters (RESULTS.md, "Huffman-coded
+code streams and 8-bit row codebooks").
 """
 from __future__ import annotations
 

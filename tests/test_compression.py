@@ -60,7 +60,8 @@ def save_load(tmp_path, compressed, recipe_text):
 
 
 RECIPES = ["int8", "int4:group=32", "ternary", "prune:sparsity=0.5", "prune:sparsity=0.7,scope=layer",
-           "structured:fraction=0.5", "svd:energy=0.8", "svd:rank=8", "kmeans:clusters=16", "kmeans:clusters=5", "kmeans:clusters=16,centroid_bits=16",
+           "structured:fraction=0.5", "svd:energy=0.8", "svd:rank=8", "kmeans:clusters=16", "kmeans:clusters=5",
+           "kmeans:clusters=16,centroid_bits=16", "prune:pattern=2:4,algo=magnitude+int8",
            "prune:sparsity=0.5+kmeans:clusters=16+int8", "structured:fraction=0.3+svd:rank=16+int8",
            "prune:sparsity=0.3+int4:group=16", "prune:sparsity=0.5+ternary", "prune:pattern=2:4"]
 
@@ -105,7 +106,7 @@ def test_per_layer_pruning_hits_each_layer(model):
                                              ("kmeans:clusters=5,centroid_bits=16", True)])
 def test_kmeans_at_most_k_values_and_bits(tmp_path, model, recipe, per_row):
     """At most K values a layer (codebook=layer) or a row (codebook=row, the weighted default); ceil(log2 K)
-    bits a weight; a row codebook stored as (out, K) int8 codes on each row's grid, or fp16 (centroid_bits=16)."""
+    bits a weight; a row codebook stored as (out, K) uint8 codes on each row's grid, or fp16 (centroid_bits=16)."""
     compressed = apply_recipe(model, parse_recipe(recipe))
     for w in compressed_weights(compressed).values():
         rows = w.reshape(w.shape[0], -1)
@@ -120,15 +121,15 @@ def test_kmeans_at_most_k_values_and_bits(tmp_path, model, recipe, per_row):
         assert plain["indices"].numel() == packed_nbytes(m.weight.numel(), 3)  # ceil(log2 5) bits
         codebook = stored[f"{name}.weight.codebook"]
         assert codebook.shape == ((m.weight.shape[0], 5) if per_row else (5,))
-        int8_grid = per_row and "centroid_bits=16" not in recipe  # row codebooks: int8 grids unless asked
-        assert codebook.dtype == (torch.uint8 if int8_grid else torch.float16 if per_row else torch.float32)
-        if int8_grid:  # each row's lowest and highest centroid are the ends of its grid
+        byte_grid = per_row and "centroid_bits=16" not in recipe  # row codebooks: 256-level grids unless asked
+        assert codebook.dtype == (torch.uint8 if byte_grid else torch.float16 if per_row else torch.float32)
+        if byte_grid:  # each row's lowest and highest centroid are the ends of its grid
             assert stored[f"{name}.weight.codebook_grid"].shape == (m.weight.shape[0], 2)
-            assert int(codebook.min(1).values.max()) == 0 and int(codebook.max(1).values.min()) >= 254
+            assert int(codebook.min(1).values.max()) == 0 and int(codebook.max(1).values.min()) == 255
 
 
 def test_kmeans_rows_is_each_rows_own_kmeans():
-    """Batched over rows, the same centroids as kmeans_1d on each row alone (then rounded to fp16); pruned
+    """Batched over rows, the same centroids as kmeans_1d on each row alone (then rounded as stored); pruned
     entries pull nothing; the nearest centroid is found in each row's own codebook."""
     from compression.methods import kmeans_rows, nearest_in_rows
 
@@ -136,10 +137,13 @@ def test_kmeans_rows_is_each_rows_own_kmeans():
     w = torch.randn(6, 50) * torch.linspace(0.1, 3.0, 6)[:, None]
     keep = torch.rand(6, 50) > 0.3
     weights = torch.rand(6, 50)
-    centroids = kmeans_rows(w, 4, 30, weights=weights, keep=keep)
+    centroids = kmeans_rows(w, 4, 30, weights=weights, keep=keep, stored="fp16")
+    on_grids = kmeans_rows(w, 4, 30, weights=weights, keep=keep)  # the default: each row's 256-level grid
     for r in range(6):
         alone, _ = kmeans_1d(w[r][keep[r]], 4, 30, weights=weights[r][keep[r]])
         assert torch.allclose(centroids[r], alone.half().float(), atol=1e-3)
+        step = float(alone.max() - alone.min()) / 255
+        assert torch.allclose(on_grids[r], alone, atol=step / 2 + 2e-3)
     index = nearest_in_rows(w, centroids)
     distance = (w[:, :, None] - centroids[:, None, :]).abs()
     assert torch.equal(distance.gather(2, index[:, :, None]).squeeze(2), distance.min(2).values)
@@ -333,6 +337,38 @@ def test_bit_packing_round_trip():
         assert torch.equal(unpack_bits(packed, bits, 1001), codes)
 
 
+def test_row_codebook_grids_hold_at_any_scale():
+    """Each row's 16 centroids on its 256-level grid: within half a step of where k-means put them (plus the fp16
+    rounding of the two ends), rounding again changes nothing, and a flat row stays flat; a row spanning 1e-5
+    (its step below fp16's smallest normal) as well as one spanning 1."""
+    from compression.methods import round_row_centroids
+
+    torch.manual_seed(0)
+    scales = torch.tensor([3.0, 1.0, 1e-2, 1e-3, 1e-5, 0.0])
+    rows = torch.sort(torch.randn(6, 16), 1).values * scales[:, None]
+    rounded = round_row_centroids(rows, "uint8")
+    ends = rows[:, [0, -1]]
+    slack = (ends - ends.half().float()).abs().amax(1) + (rows[:, -1] - rows[:, 0]) / 510 + 1e-12
+    assert bool(((rounded - rows).abs() <= slack[:, None]).all())
+    assert torch.equal(round_row_centroids(rounded, "uint8"), rounded)
+    assert torch.equal(rounded[-1], torch.zeros(16))
+    with pytest.raises(ValueError, match="stored as one of"):
+        round_row_centroids(rows, "int8")
+
+
+def test_an_artifact_of_a_newer_format_is_refused(tmp_path, model):
+    import json
+    from asr_core.errors import CheckpointError
+
+    folder = save_load(tmp_path, apply_recipe(model, parse_recipe("int8:algo=rtn")), "int8:algo=rtn")
+    path = os.path.join(folder, "compression.json")
+    manifest = json.load(open(path))
+    assert manifest["version"] == 2
+    json.dump({**manifest, "version": 3}, open(path, "w"))
+    with pytest.raises(CheckpointError, match="format version 3, newer"):
+        load_artifact(folder)
+
+
 def test_kmeans_centroid_bits_are_checked():
     with pytest.raises(SettingsError, match="centroid_bits must be 8 or 16"):
         parse_recipe("kmeans:centroid_bits=4")
@@ -347,12 +383,15 @@ def test_huffman_coding_is_lossless_and_only_kept_when_smaller():
     packed = pack_bits(skewed, 3)
     coded = huffman_encode(packed)
     assert coded is not None and coded.numel() < 0.9 * packed.numel()
-    assert torch.equal(huffman_decode(coded), packed)
+    assert torch.equal(huffman_decode(coded, packed.numel()), packed)
     signed = torch.randint(-3, 4, (5000,), dtype=torch.int8)
-    assert torch.equal(huffman_decode(huffman_encode(signed), torch.int8), signed)
+    assert torch.equal(huffman_decode(huffman_encode(signed), 5000, torch.int8), signed)
     assert huffman_encode(torch.randint(0, 256, (5000,), dtype=torch.uint8)) is None  # uniform: nothing to gain
-    with pytest.raises(ValueError, match="corrupt"):
-        huffman_decode(coded[: coded.numel() // 2])
+    for damaged, nbytes in ((coded[: coded.numel() // 2], packed.numel()),  # cut short
+                            (coded, packed.numel() - 1), (coded, packed.numel() + 1),  # not the layer's length
+                            (torch.cat([coded, coded[:10]]), packed.numel())):  # bytes after the stream
+        with pytest.raises(ValueError, match="corrupt"):
+            huffman_decode(damaged, nbytes)
 
 
 def test_an_n_m_mask_is_stored_huffman_coded(tmp_path, model):

@@ -83,7 +83,7 @@ def check_kmeans(student, _):
     for name, m in parametrized(student):
         clustered = next(p for p in constraints(m) if isinstance(p, Clustered))
         codebook = clustered.codebook.detach()
-        if codebook.dim() == 2:  # each row's values in its own codebook, as stored (int8 grid or fp16)
+        if codebook.dim() == 2:  # each row's values in its own codebook, as stored (a 256-level grid or fp16)
             codebook = round_row_centroids(codebook, clustered.row_centroids)
         for w in (m.weight.detach(), runtime.get_submodule(name).weight):
             rows = w.reshape(w.shape[0], -1)

@@ -64,7 +64,7 @@ def test_what_is_drawn_matches_what_is_stored(tiny_model, features, tmp_path):
     n = tiny_model.get_submodule("blocks.0.ffn1.linear1").weight.numel()
     assert len(q4["histogram"]["levels"]) == 16  # 4 bits a weight before Huffman coding, 16 bits a group of 16
     assert q4["storage"]["bits_per_weight"] == pytest.approx(8 * (stored["weight.codes"]["bytes"] + 2 * n / 16) / n)
-    assert f"{n:,} kept weights × 4 bits ÷ 8 = {n // 2:,} B" in stored["weight.codes"]["formula"]
+    assert f"{n:,} kept weights × 4 bits ÷ 8 = {n // 2:,} B, Huffman-coded" in stored["weight.codes"]["formula"]
     pr = inspect.inspect_variant(tiny_model, build(tiny_model, "prune:sparsity=0.5,algo=magnitude,scope=layer",
                                                    tmp_path / "p"), str(tmp_path / "p"), CharTokenizer(), features)
     changed = [r for r in pr["layers"] if r["layer"] in pr["layer_names"]]
