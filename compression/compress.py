@@ -11,7 +11,7 @@ from tqdm import tqdm
 from asr_core.errors import SettingsError
 from asr_core.model import ConformerCTC
 
-from .artifact import encode_model, to_runtime
+from .artifact import decode_model, encode_model
 from .calibration import (CalibrationStats, accumulate, block_inputs, bundled_stats, calibrated_layers,
                           collect_stats)
 from .methods import LowRankLinear, apply_method, is_calibrated, target_layers
@@ -142,7 +142,7 @@ def _dense(module: nn.Module) -> torch.Tensor:
 def layer_report(original: ConformerCTC, compressed: ConformerCTC) -> list[dict]:
     """Per compressed layer: parameters, bytes before (fp32) / after (stored), relative weight error."""
     tensors, manifest = encode_model(compressed)
-    runtime = to_runtime(compressed)
+    runtime = decode_model(compressed.cfg, tensors, manifest)  # the stored bytes themselves: no second encoding
     rows = []
     orig_modules = dict(original.named_modules())
     names = set(manifest["layers"]) | set(manifest["lowrank"])
