@@ -44,7 +44,8 @@ from asr_core.text import CharTokenizer
 from .methods import Clustered, LowRankLinear, Mask, _set_child, centroid_grid, constraints, grid_codes, grid_values
 from .packing import (bits_for, huffman_decode, huffman_encode, pack_bits, pack_mask, packed_nbytes, unpack_bits,
                       unpack_mask)
-from .quantize import FakeQuant, int4_dequantize, int8_dequantize, quantized_int8_linear, ternary_dequantize
+from .quantize import (FakeQuant, int4_dequantize, int8_dequantize, int8_quantize, quantized_int8_linear,
+                       ternary_dequantize)
 
 FORMAT = "edge-asr-artifact"
 # 2: code streams and masks may be Huffman-coded, row codebooks uint8 grids; a reader of version 1 would take
@@ -140,7 +141,7 @@ def plain_fields(tensors: dict[str, torch.Tensor], entry: dict) -> dict[str, tor
     plain, weights = dict(tensors), math.prod(entry["shape"])
     try:
         if "mask" in coded:
-            plain["mask"] = huffman_decode(tensors["mask"], packed_nbytes(weights, 1))
+            plain["mask"] = stored_mask(tensors, entry)
         kept = int(unpack_mask(plain["mask"], (weights,)).sum()) if "mask" in plain else weights
         for field in set(coded) - {"mask"}:
             if entry["encoding"] == "int8":  # one signed byte a kept weight
@@ -150,6 +151,14 @@ def plain_fields(tensors: dict[str, torch.Tensor], entry: dict) -> dict[str, tor
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"artifact layer of shape {entry.get('shape')}: {err}") from None
     return plain
+
+
+def stored_mask(tensors: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
+    """A layer's 1-bit mask as packed bytes (``unpack_mask`` reads them), Huffman-decoded if it was stored coded.
+    Raises ValueError (corrupt stream) or KeyError (no mask)."""
+    if "mask" in entry.get("huffman", ()):
+        return huffman_decode(tensors["mask"], packed_nbytes(math.prod(entry["shape"]), 1))
+    return tensors["mask"]
 
 
 def stored_codebook(tensors: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
@@ -222,6 +231,18 @@ def decode_weight(tensors: dict[str, torch.Tensor], entry: dict) -> tuple[torch.
     raise CheckpointError(f"unknown layer encoding {encoding!r} in {MANIFEST}")
 
 
+def int8_codes(tensors: dict[str, torch.Tensor], entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (codes (out, in) int8, scales (out,)) an int8-runtime layer multiplies by: an int8-stored layer's own,
+    without making its float weight; any other encoding's decoded weight rounded as :func:`int8_quantize`."""
+    if entry["encoding"] != "int8":
+        return int8_quantize(decode_weight(tensors, entry)[0].float())
+    tensors = plain_fields(tensors, entry)
+    try:
+        return _integer_codes(tensors, entry), tensors["scales"].float()
+    except KeyError as err:
+        raise CheckpointError(f"int8 layer without its {err}") from None
+
+
 def _is_parametrization(module: nn.Module) -> bool:
     return isinstance(module, (ParametrizationList, Mask, Clustered, FakeQuant))
 
@@ -258,8 +279,14 @@ def decode_model(cfg, tensors: dict[str, torch.Tensor], manifest: dict) -> Confo
         for name, rank in manifest.get("lowrank", {}).items():
             old = model.get_submodule(name)
             _set_child(model, name, LowRankLinear(old.in_features, rank, old.out_features, bias=old.bias is not None))
-    model = model.to_empty(device="cpu")
     layers = manifest.get("layers", {})
+    # Layers that run on int8 kernels never get a float weight in the model: int8-stored ones use their codes,
+    # others (a chain's k-means indices) are decoded one layer at a time and rounded. A float weight per layer,
+    # freed again once the int8 module replaced it, left the process holding most of the FP32 model's memory.
+    direct_int8 = {n for n, e in layers.items() if e.get("int8_runtime")}
+    for name in direct_int8 & {n for n, _ in model.named_modules()}:
+        model.get_submodule(name).weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    model = model.to_empty(device="cpu")
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(f"{n}.weight.") for n in layers)}
     expected = set(model.state_dict()) - {f"{n}.weight" for n in layers}
     if set(rest) != expected:
@@ -271,11 +298,15 @@ def decode_model(cfg, tensors: dict[str, torch.Tensor], manifest: dict) -> Confo
             prefix = f"{name}.weight."
             packed = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             try:
-                weight, int8 = decode_weight(packed, entry)
+                if name in direct_int8:
+                    weight, int8 = None, int8_codes(packed, entry)
+                else:
+                    weight, int8 = decode_weight(packed, entry)
             except CheckpointError as err:
                 raise CheckpointError(f"layer {name}: {err}") from None
             linear = model.get_submodule(name)
-            linear.weight.copy_(weight.reshape(linear.weight.shape))
+            if weight is not None:
+                linear.weight.copy_(weight.reshape(linear.weight.shape))
             if entry.get("int8_runtime"):
                 with warnings.catch_warnings():  # torch flags its quantized-tensor constructors as deprecated
                     warnings.simplefilter("ignore")

@@ -198,4 +198,6 @@ def write_outputs(table: pd.DataFrame, out_dir: str) -> None:
     try:  # PNG needs kaleido and a browser it can drive; optional
         fig.write_image(os.path.join(out_dir, "charts.png"))
     except Exception as err:  # noqa: BLE001 - any failure here only skips the PNG
-        print(f"(charts.png skipped: {type(err).__name__})")
+        reason = (str(err).strip().splitlines() or [""])[0][:160]
+        print(f"(charts.png skipped, charts.html has the same charts: {type(err).__name__}"
+              f"{': ' + reason if reason else ''})")

@@ -54,6 +54,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="recovery fine-tuning steps (needs --data, or --distill)")
     p.add_argument("--finetune-minutes", type=float, default=None, help="or a time budget for fine-tuning")
+    p.add_argument("--finetune-dropout", type=float, default=None,
+                   help="the model's dropout while it is fine-tuned (default: 0 with --distill, where the student "
+                        "learns the teacher's dropout-free function; the model's own for CTC)")
     p.add_argument("--freeze-layers", type=int, default=None,
                    help="keep the stem and the first K blocks fixed while fine-tuning (default: as the model was "
                         "trained, from its config.json; the shipped baseline: 4)")
@@ -208,9 +211,10 @@ def _finetune(args, base, compressed, tokenizer, model_dir) -> dict:
     summary = finetune(compressed, tokenizer, train_utts, dev_utts, steps=args.finetune_steps or None,
                        minutes=args.finetune_minutes, lr=args.lr, batch_seconds=args.batch_seconds,
                        freeze_layers=frozen, teacher=base if args.distill else None, distill=args.distill,
-                       ctc_weight=args.ctc_weight)
+                       ctc_weight=args.ctc_weight, dropout=args.finetune_dropout)
     return {"steps": summary["step"], "minutes": round(summary["train_seconds"] / 60, 2), "data": source,
             "lr": args.lr, "freeze_layers": frozen, "distill": bool(args.distill),
+            "dropout": summary["dropout"],
             **({"dev_wer": summary["dev_last"]["wer"]} if summary.get("dev_last") else {})}
 
 
@@ -228,7 +232,8 @@ def cmd_benchmark(args) -> int:
     utterances = load_utterances(args.data, args.limit)
     table = run_benchmark(args.model or default_model_dir(), utterances, recipes, args.out,
                           decoding=args.decoding, peers=args.peers, memory=not args.no_memory,
-                          runtimes=("torch", "onnx") if args.runtime == "both" else (args.runtime,), calib=args.calib, calib_utterances=args.calib_utterances)
+                          runtimes=("torch", "onnx") if args.runtime == "both" else (args.runtime,),
+                          calib=args.calib, calib_utterances=args.calib_utterances)
     print(markdown_table(table))
     print(f"\n{len(utterances)} utterances, {args.threads} threads, {args.decoding} decoding -> "
           f"{args.out}/results.md, results.csv, results.json, charts.html")

@@ -79,7 +79,7 @@ def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int
              minutes: float | None = None, lr: float = 1e-4, batch_seconds: float = 90.0, device: str = "auto",
              freeze_layers: int = 0, progress: bool = True, teacher: nn.Module | None = None, distill: bool = False,
              ctc_weight: float | None = None, temperature: float = 1.0, on_step=None,
-             precision: str = "fp32") -> dict:
+             precision: str = "fp32", dropout: float | None = None) -> dict:
     """Recovery fine-tuning through the one training loop of asr_core. Constraints (masks, codebooks,
     straight-through quantizers) are parametrizations, so every step honours them. ``freeze_layers``: keep the stem
     and the first K blocks fixed and dropout-free, as the model was trained (a frozen pretrained encoder never saw
@@ -90,20 +90,53 @@ def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int
     The loss is then KL at ``temperature`` alone, so transcripts are optional (audio from ``read_audio_files``);
     ``ctc_weight`` > 0 adds CTC on the transcripts, which every utterance then needs. Without ``distill`` the
     loss is CTC alone, as before (``teacher`` is not used).
+
+    ``dropout``: the student's dropout while it trains (the model keeps its own afterwards). Default: 0 when
+    distilling, since the student is to learn the teacher's dropout-free function (with the model's 0.1 a
+    distilled structured model got worse: docs/RESULTS.md, "Distillation recovery"); the model's own for CTC.
     """
     from asr_core.training import TrainConfig, train
 
     weights = _loss_weights(train_utts, teacher, distill, ctc_weight)
+    if dropout is None:
+        dropout = 0.0 if distill else None
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise SettingsError(f"dropout must be in [0, 1), got {dropout}")
     cfg = TrainConfig(lr=lr, warmup_steps=min(50, max(1, (steps or 100) // 10)), max_steps=steps,
                       max_minutes=minutes, batch_seconds=batch_seconds, eval_every=10 ** 9, dev_limit=None,
                       device=device, final_lr_ratio=0.1, precision=precision, freeze_layers=freeze_layers,
                       distill_temperature=temperature, **weights)
-    summary = train(model, tokenizer, train_utts, dev_utts, cfg, out_dir=None, progress=progress,
-                    teacher=teacher if distill else None, on_step=on_step)
+    restore_dropout = _set_dropout(model, dropout)
+    try:
+        summary = train(model, tokenizer, train_utts, dev_utts, cfg, out_dir=None, progress=progress,
+                        teacher=teacher if distill else None, on_step=on_step)
+    finally:
+        restore_dropout()
     model.cpu().eval()
     if distill:
         teacher.cpu()
+    summary["dropout"] = dropout if dropout is not None else getattr(getattr(model, "cfg", None), "dropout", None)
     return summary
+
+
+def _set_dropout(model: nn.Module, p: float | None):
+    """Sets every dropout of ``model`` (``nn.Dropout`` modules and the attention's own ``dropout`` rate) to
+    ``p`` (None: leaves them); returns a function that puts the model's own rates back."""
+    if p is None:
+        return lambda: None
+    saved = []
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            saved.append((module, "p", module.p))
+            module.p = p
+        elif isinstance(getattr(module, "dropout", None), float):  # _SelfAttention: a rate for F.dropout / SDPA
+            saved.append((module, "dropout", module.dropout))
+            module.dropout = p
+
+    def restore() -> None:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+    return restore
 
 
 def trained_freeze_layers(model_dir: str) -> int:

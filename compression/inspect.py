@@ -30,7 +30,7 @@ from asr_core.checkpoint import MANIFEST, folder_bytes, read_weights
 from asr_core.decoding import GreedyDecoder
 from asr_core.errors import CheckpointError, SettingsError
 
-from .artifact import plain_fields, read_manifest, stored_codebook
+from .artifact import read_manifest, stored_codebook, stored_mask
 from .compress import _dense
 from .methods import DEFAULT_SKIP, NAIVE, REFIT_STEPS, target_layers
 from .packing import packed_nbytes, unpack_mask
@@ -84,8 +84,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _stored_mask(packed: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
     """A layer's stored 1-bit mask (``weight.mask``), Huffman-decoded if it was coded (the codes are left alone)."""
-    only_mask = {**entry, "huffman": [f for f in entry.get("huffman", ()) if f == "mask"]}
-    return plain_fields({"mask": packed["weight.mask"]}, only_mask)["mask"]
+    return stored_mask({"mask": packed["weight.mask"]}, entry)
 
 
 def _mask_kept(packed: dict[str, torch.Tensor], entry: dict | None) -> int | None:

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--dev-limit", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-seconds", type=float, default=90.0)
+    p.add_argument("--dropout", type=float, default=None,
+                   help="the student's dropout while it learns (default 0: the teacher's function has none)")
     p.add_argument("--freeze-layers", type=int, default=None,
                    help="blocks kept fixed (default: as the model was trained, from its config.json)")
     p.add_argument("--threads", type=int, default=2)
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     summary = finetune(student, tokenizer, read_audio_files(args.data), [], minutes=marks[-1], lr=args.lr,
                        batch_seconds=args.batch_seconds, freeze_layers=frozen, teacher=base,
-                       distill=True, on_step=on_step, precision=args.precision)
+                       distill=True, on_step=on_step, precision=args.precision,
+                       dropout=args.dropout)
     if pending:  # the budget ran out between the last step and the mark
         on_step({**summary, "train_seconds": 60 * pending[-1]})
     print(f"trained {summary['step']} steps in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
         print(f"{mark:5g} min  WER {result['wer']:.2%}  CER {result['cer']:.2%}", flush=True)
     with open(os.path.join(args.out, "curve.json"), "w") as f:
         json.dump({"recipe": recipe.describe(), "data": args.data, "dev": args.dev, "lr": args.lr,
-                   "freeze_layers": frozen,
+                   "freeze_layers": frozen, "dropout": 0.0 if args.dropout is None else args.dropout,
                    "steps": summary["step"], "rows": rows}, f, indent=2)
     return 0
 

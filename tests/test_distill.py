@@ -175,3 +175,30 @@ def test_bad_distillation_settings_fail_before_work(teacher):
         finetune(student, CharTokenizer(), [], [], steps=1, distill=True, progress=False)
     with pytest.raises(SettingsError, match="ctc_weight"):
         finetune(student, CharTokenizer(), [], [], steps=1, ctc_weight=0.5, progress=False)
+
+
+def dropout_rates(model) -> list[float]:
+    return [m.p if isinstance(m, torch.nn.Dropout) else m.dropout for m in model.modules()
+            if isinstance(m, torch.nn.Dropout) or isinstance(getattr(m, "dropout", None), float)]
+
+
+@pytest.mark.parametrize("asked, expected", [(None, 0.0), (0.05, 0.05)])
+def test_distillation_trains_the_student_without_dropout_unless_asked(teacher, clips, asked, expected):
+    student = apply_recipe(teacher, parse_recipe("prune:sparsity=0.5"))
+    for m in student.modules():  # the tiny teacher has none: give the student the shipped model's 0.1
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.1
+    own = dropout_rates(student)
+    assert len(own) > 4 and set(own) == {0.1}
+    during = []
+    summary = finetune(student, CharTokenizer(), clips, [], steps=2, lr=3e-4, batch_seconds=100, teacher=teacher,
+                       distill=True, progress=False, dropout=asked,
+                       on_step=lambda state: during.append(dropout_rates(student)))
+    assert len(during) == 2 and all(rate == expected for rates in during for rate in rates)
+    assert dropout_rates(student) == own  # the model keeps its own rates afterwards
+    assert summary["dropout"] == expected
+    with pytest.raises(SettingsError, match="dropout"):
+        finetune(student, CharTokenizer(), clips, [], steps=1, teacher=teacher, distill=True, progress=False,
+                 dropout=1.5)
