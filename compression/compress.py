@@ -129,7 +129,7 @@ def _set_dropout(model: nn.Module, p: float | None):
         if isinstance(module, nn.Dropout):
             saved.append((module, "p", module.p))
             module.p = p
-        elif isinstance(getattr(module, "dropout", None), float):  # _SelfAttention: a rate for F.dropout / SDPA
+        elif _is_rate(getattr(module, "dropout", None)):  # _SelfAttention: a rate for F.dropout / SDPA
             saved.append((module, "dropout", module.dropout))
             module.dropout = p
 
@@ -137,6 +137,10 @@ def _set_dropout(model: nn.Module, p: float | None):
         for module, attr, value in saved:
             setattr(module, attr, value)
     return restore
+
+
+def _is_rate(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # a config may say 0 for 0.0
 
 
 def trained_freeze_layers(model_dir: str) -> int:

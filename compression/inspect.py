@@ -84,7 +84,10 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _stored_mask(packed: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
     """A layer's stored 1-bit mask (``weight.mask``), Huffman-decoded if it was coded (the codes are left alone)."""
-    return stored_mask({"mask": packed["weight.mask"]}, entry)
+    try:
+        return stored_mask({"mask": packed["weight.mask"]}, entry)
+    except ValueError as err:  # a corrupt Huffman stream
+        raise CheckpointError(f"artifact layer of shape {entry.get('shape')}: {err}") from None
 
 
 def _mask_kept(packed: dict[str, torch.Tensor], entry: dict | None) -> int | None:

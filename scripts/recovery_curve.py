@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         print(f"{mark:5g} min  WER {result['wer']:.2%}  CER {result['cer']:.2%}", flush=True)
     with open(os.path.join(args.out, "curve.json"), "w") as f:
         json.dump({"recipe": recipe.describe(), "data": args.data, "dev": args.dev, "lr": args.lr,
-                   "freeze_layers": frozen, "dropout": 0.0 if args.dropout is None else args.dropout,
+                   "freeze_layers": frozen, "dropout": summary["dropout"],
                    "steps": summary["step"], "rows": rows}, f, indent=2)
     return 0
 

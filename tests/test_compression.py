@@ -290,7 +290,7 @@ def test_an_int8_artifact_loads_onto_its_codes_without_float_weights(tmp_path, m
     model's memory resident: 209 against 86 MB after loading the shipped int8 artifact); outputs unchanged."""
     import compression.artifact as artifact
 
-    for recipe in ("int8", "int8:algo=rtn"):
+    for recipe in ("int8", "int8:algo=rtn", "prune:sparsity=0.5+kmeans:clusters=4+int8"):
         compressed = apply_recipe(model, parse_recipe(recipe))
         expected = to_runtime(compressed)(*features)[0]
         folder = save_load(tmp_path / recipe.replace(":", "_"), compressed, recipe)
