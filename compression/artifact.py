@@ -155,10 +155,13 @@ def plain_fields(tensors: dict[str, torch.Tensor], entry: dict) -> dict[str, tor
 
 def stored_mask(tensors: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
     """A layer's 1-bit mask as packed bytes (``unpack_mask`` reads them), Huffman-decoded if it was stored coded.
-    Raises ValueError (corrupt stream) or KeyError (no mask)."""
-    if "mask" in entry.get("huffman", ()):
+    Raises CheckpointError (corrupt stream) or KeyError (no mask)."""
+    if "mask" not in entry.get("huffman", ()):
+        return tensors["mask"]
+    try:
         return huffman_decode(tensors["mask"], packed_nbytes(math.prod(entry["shape"]), 1))
-    return tensors["mask"]
+    except ValueError as err:
+        raise CheckpointError(f"artifact layer of shape {entry.get('shape')}: {err}") from None
 
 
 def stored_codebook(tensors: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
@@ -236,9 +239,8 @@ def int8_codes(tensors: dict[str, torch.Tensor], entry: dict) -> tuple[torch.Ten
     without making its float weight; any other encoding's decoded weight rounded as :func:`int8_quantize`."""
     if entry["encoding"] != "int8":
         return int8_quantize(decode_weight(tensors, entry)[0].float())
-    tensors = plain_fields(tensors, entry)
     try:
-        return _integer_codes(tensors, entry), tensors["scales"].float()
+        return integer_codes(tensors, entry), tensors["scales"].float()
     except KeyError as err:
         raise CheckpointError(f"int8 layer without its {err}") from None
 

@@ -1,6 +1,7 @@
 """Apply a recipe to a model, optionally fine-tune to recover accuracy, report per layer, save."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -106,12 +107,9 @@ def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int
                       max_minutes=minutes, batch_seconds=batch_seconds, eval_every=10 ** 9, dev_limit=None,
                       device=device, final_lr_ratio=0.1, precision=precision, freeze_layers=freeze_layers,
                       distill_temperature=temperature, **weights)
-    restore_dropout = _set_dropout(model, dropout)
-    try:
+    with _dropout_set(model, dropout):
         summary = train(model, tokenizer, train_utts, dev_utts, cfg, out_dir=None, progress=progress,
                         teacher=teacher if distill else None, on_step=on_step)
-    finally:
-        restore_dropout()
     model.cpu().eval()
     if distill:
         teacher.cpu()
@@ -119,24 +117,23 @@ def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int
     return summary
 
 
-def _set_dropout(model: nn.Module, p: float | None):
-    """Sets every dropout of ``model`` (``nn.Dropout`` modules and the attention's own ``dropout`` rate) to
-    ``p`` (None: leaves them); returns a function that puts the model's own rates back."""
-    if p is None:
-        return lambda: None
+@contextlib.contextmanager
+def _dropout_set(model: nn.Module, p: float | None):
+    """Inside the block every dropout of ``model`` (``nn.Dropout`` modules and the attention's own ``dropout``
+    rate) is ``p`` (None: left as it is); the model's own rates come back after it, also on an error."""
     saved = []
-    for module in model.modules():
+    for module in model.modules() if p is not None else ():
         if isinstance(module, nn.Dropout):
             saved.append((module, "p", module.p))
-            module.p = p
         elif _is_rate(getattr(module, "dropout", None)):  # _SelfAttention: a rate for F.dropout / SDPA
             saved.append((module, "dropout", module.dropout))
-            module.dropout = p
-
-    def restore() -> None:
+    for module, attr, _ in saved:
+        setattr(module, attr, p)
+    try:
+        yield
+    finally:
         for module, attr, value in saved:
             setattr(module, attr, value)
-    return restore
 
 
 def _is_rate(value) -> bool:

@@ -84,10 +84,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _stored_mask(packed: dict[str, torch.Tensor], entry: dict) -> torch.Tensor:
     """A layer's stored 1-bit mask (``weight.mask``), Huffman-decoded if it was coded (the codes are left alone)."""
-    try:
-        return stored_mask({"mask": packed["weight.mask"]}, entry)
-    except ValueError as err:  # a corrupt Huffman stream
-        raise CheckpointError(f"artifact layer of shape {entry.get('shape')}: {err}") from None
+    return stored_mask({"mask": packed["weight.mask"]}, entry)
 
 
 def _mask_kept(packed: dict[str, torch.Tensor], entry: dict | None) -> int | None:
