@@ -1,6 +1,7 @@
 """``edge-asr compress | benchmark | export | sensitivity | inspect``."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -57,6 +58,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--finetune-dropout", type=float, default=None,
                    help="the model's dropout while it is fine-tuned (default: 0 with --distill, where the student "
                         "learns the teacher's dropout-free function; the model's own for CTC)")
+    p.add_argument("--finetune-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="speed perturbation and SpecAugment while fine-tuning (default: off with --distill, where "
+                        "matching the teacher on masked features made the student worse; on for CTC)")
     p.add_argument("--freeze-layers", type=int, default=None,
                    help="keep the stem and the first K blocks fixed while fine-tuning (default: as the model was "
                         "trained, from its config.json; the shipped baseline: 4)")
@@ -211,10 +215,11 @@ def _finetune(args, base, compressed, tokenizer, model_dir) -> dict:
     summary = finetune(compressed, tokenizer, train_utts, dev_utts, steps=args.finetune_steps or None,
                        minutes=args.finetune_minutes, lr=args.lr, batch_seconds=args.batch_seconds,
                        freeze_layers=frozen, teacher=base if args.distill else None, distill=args.distill,
-                       ctc_weight=args.ctc_weight, dropout=args.finetune_dropout)
+                       ctc_weight=args.ctc_weight, dropout=args.finetune_dropout,
+                       augment=args.finetune_augment)
     return {"steps": summary["step"], "minutes": round(summary["train_seconds"] / 60, 2), "data": source,
             "lr": args.lr, "freeze_layers": frozen, "distill": bool(args.distill),
-            "dropout": summary["dropout"],
+            "dropout": summary["dropout"], "augment": summary["augment"],
             **({"dev_wer": summary["dev_last"]["wer"]} if summary.get("dev_last") else {})}
 
 

@@ -33,6 +33,8 @@ def main(argv=None) -> int:
                    help="the student's dropout while it learns (default 0: the teacher's function has none)")
     p.add_argument("--freeze-layers", type=int, default=None,
                    help="blocks kept fixed (default: as the model was trained, from its config.json)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="speed perturbation and SpecAugment while distilling (default: off, as compress --distill)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="bf16 autocast (default: as the baseline was trained; ~1.7x faster on avx512_bf16 CPUs)")
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     summary = finetune(student, tokenizer, read_audio_files(args.data), [], minutes=marks[-1], lr=args.lr,
                        batch_seconds=args.batch_seconds, freeze_layers=frozen, teacher=base,
                        distill=True, on_step=on_step, precision=args.precision,
-                       dropout=args.dropout)
+                       dropout=args.dropout, augment=args.augment)
     if pending:  # the budget ran out between the last step and the mark
         on_step({**summary, "train_seconds": 60 * pending[-1]})
     print(f"trained {summary['step']} steps in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
@@ -86,6 +88,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "curve.json"), "w") as f:
         json.dump({"recipe": recipe.describe(), "data": args.data, "dev": args.dev, "lr": args.lr,
                    "freeze_layers": frozen, "dropout": summary["dropout"],
+                   "augment": summary["augment"], "precision": args.precision,
                    "steps": summary["step"], "rows": rows}, f, indent=2)
     return 0
 

@@ -203,3 +203,30 @@ def test_distillation_trains_the_student_without_dropout_unless_asked(teacher, c
     with pytest.raises(SettingsError, match="dropout"):
         finetune(student, CharTokenizer(), clips, [], steps=1, teacher=teacher, distill=True, progress=False,
                  dropout=1.5)
+
+
+@pytest.mark.parametrize("distill, asked, expected", [(True, None, False), (True, True, True), (False, None, True)])
+def test_distillation_trains_on_the_audio_as_it_is_unless_asked(teacher, clips, monkeypatch, distill, asked,
+                                                                 expected):
+    import asr_core.training as training
+
+    masked, speeds = [], []
+    real_augment, real_dataset = training.spec_augment, training.SpeechDataset
+
+    def counting_augment(*args, **kwargs):
+        masked.append(1)
+        return real_augment(*args, **kwargs)
+
+    def recording_dataset(*args, speed_factors=(1.0,), **kwargs):
+        speeds.append(tuple(speed_factors))
+        return real_dataset(*args, speed_factors=speed_factors, **kwargs)
+
+    monkeypatch.setattr(training, "spec_augment", counting_augment)
+    monkeypatch.setattr(training, "SpeechDataset", recording_dataset)
+    student = apply_recipe(teacher, parse_recipe("prune:sparsity=0.5"))
+    data = clips if distill else [Utterance(u.id, u.audio_path, "a b", u.duration) for u in clips]
+    summary = finetune(student, CharTokenizer(), data, [], steps=2, lr=3e-4, batch_seconds=100,
+                       teacher=teacher if distill else None, distill=distill, progress=False, augment=asked)
+    assert summary["augment"] is expected
+    assert (len(masked) == 2) if expected else not masked  # SpecAugment once per step, or never
+    assert speeds[0] == (TrainConfig.speed_factors if expected else (1.0,))

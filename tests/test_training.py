@@ -113,6 +113,14 @@ def test_slow_layers_learn_at_a_fraction_of_the_rate(dev_dir, tmp_path):
               progress=False)
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT handled as in a terminal, even when pytest runs as a background job (which starts with it ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _interrupt_at(step: int, times: int):
     """An ``on_step`` that sends this process ``times`` SIGINTs (Ctrl-C) after ``step``."""
     def on_step(state):
@@ -122,7 +130,7 @@ def _interrupt_at(step: int, times: int):
     return on_step
 
 
-def test_ctrl_c_stops_after_the_step_saves_and_resumes(dev_dir, tmp_path, capfd):
+def test_ctrl_c_stops_after_the_step_saves_and_resumes(dev_dir, tmp_path, capfd, ctrl_c_raises):
     utts = sorted(load_utterances(str(dev_dir / "1272")), key=lambda u: u.duration)[:2]
     cfg = TrainConfig(max_steps=50, batch_seconds=12, warmup_steps=1, speed_factors=(1.0,), spec_augment=False,
                       save_every=100, eval_every=100)
@@ -137,7 +145,7 @@ def test_ctrl_c_stops_after_the_step_saves_and_resumes(dev_dir, tmp_path, capfd)
     assert (summary["reason"], summary["step"]) == ("max steps", 4)
 
 
-def test_a_second_ctrl_c_stops_at_once(dev_dir, tmp_path):
+def test_a_second_ctrl_c_stops_at_once(dev_dir, tmp_path, ctrl_c_raises):
     utts = sorted(load_utterances(str(dev_dir / "1272")), key=lambda u: u.duration)[:2]
     cfg = TrainConfig(max_steps=50, batch_seconds=12, warmup_steps=1, speed_factors=(1.0,), spec_augment=False)
     with pytest.raises(KeyboardInterrupt):
