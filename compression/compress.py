@@ -201,11 +201,12 @@ def layer_report(original: ConformerCTC, compressed: ConformerCTC) -> list[dict]
                                                         and manifest["layers"][name]["encoding"] != "int8" else "")}
         if before is not None and hasattr(before, "weight"):
             w0 = before.weight.detach().float()
-            w1 = _dense(runtime.get_submodule(name)).reshape(-1, *w0.shape[1:])
+            w1 = _dense(runtime.get_submodule(name))
             n = w0.numel() + (before.bias.numel() if before.bias is not None else 0)
-            row.update(params=n, bytes_before=4 * n, bytes_after=stored,
-                       rel_error=float((w1 - w0).norm() / w0.norm().clamp_min(1e-12)) if w1.shape == w0.shape
-                       else float("nan"))
+            # A conv kernel may come back flattened; a layer structured pruning shrank has no comparable error.
+            rel_error = (float((w1.reshape(w0.shape) - w0).norm() / w0.norm().clamp_min(1e-12))
+                         if w1.numel() == w0.numel() else float("nan"))
+            row.update(params=n, bytes_before=4 * n, bytes_after=stored, rel_error=rel_error)
         else:
             row.update(params=None, bytes_before=None, bytes_after=stored, rel_error=float("nan"))
         rows.append(row)

@@ -327,6 +327,18 @@ def test_structured_pruning_gives_a_smaller_plain_model(tmp_path, model, feature
         assert torch.equal(loaded(*features)[0], to_runtime(compressed)(*features)[0])
 
 
+def test_report_of_a_reshaped_chain_leaves_the_error_of_shrunk_layers_blank(model):
+    """Structured pruning shrinks ffn2's input as well as ffn1's output: the report still lists every layer,
+    with a weight error only where the shape stayed (a pruned weight is not comparable to the dense one)."""
+    compressed = apply_recipe(model, parse_recipe("structured:fraction=0.3+prune:sparsity=0.5+int8"))
+    assert compressed.cfg.ffn_dim * model.cfg.d_model % model.cfg.ffn_dim  # ffn2's weight cannot be re-viewed
+    rows = {r["layer"]: r for r in layer_report(model, compressed)}
+    assert len(rows) == 18
+    ffn2 = rows["blocks.1.ffn2.linear2"]
+    assert ffn2["bytes_after"] < ffn2["bytes_before"] and math.isnan(ffn2["rel_error"])
+    assert 0 < rows["blocks.1.conv.pointwise2"]["rel_error"] < 1
+
+
 def test_bad_settings_fail_before_work():
     for bad, message in [("prune:sparsity=1.0", "sparsity"), ("prune:sparsity=-0.1", "sparsity"),
                          ("svd:rank=0", "rank"), ("svd", "exactly one"), ("kmeans:clusters=1", "clusters"),
