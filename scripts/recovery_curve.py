@@ -7,6 +7,7 @@ One run of max(--minutes) minutes (cosine schedule over the whole run); at each 
 saved as an artifact (``OUT/after_{m}min``), the time spent saving not counted as training. When training ends,
 every snapshot (and the untrained compressed model, ``after_0min``) is evaluated greedy on --dev, and a table
 is printed and written to ``OUT/curve.json``. Distillation needs no transcripts: --data may be any audio.
+The calibrated algorithms start from --calib (default: the bundled 32 clips), as ``edge-asr compress`` does.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import sys
 import time
 
 import torch
+
+from compression.cli import _calib_flags, calibration_stats
 
 
 def main(argv=None) -> int:
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="bf16 autocast (default: as the baseline was trained; ~1.7x faster on avx512_bf16 CPUs)")
     p.add_argument("--out", required=True)
+    _calib_flags(p)
     args = p.parse_args(argv)
 
     from asr_core.checkpoint import default_model_dir, load_model
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
     model_dir = args.model or default_model_dir()
     base, tokenizer = load_model(model_dir)
     frozen = trained_freeze_layers(model_dir) if args.freeze_layers is None else args.freeze_layers
-    student = apply_recipe(base, recipe, progress=True)
+    student = apply_recipe(base, recipe, progress=True, stats=calibration_stats(args, base, [recipe]))
     os.makedirs(args.out, exist_ok=True)
     save_artifact(student, os.path.join(args.out, "after_0min"), tokenizer, recipe.to_json())
     pending = list(marks)
@@ -87,6 +91,7 @@ def main(argv=None) -> int:
         print(f"{mark:5g} min  WER {result['wer']:.2%}  CER {result['cer']:.2%}", flush=True)
     with open(os.path.join(args.out, "curve.json"), "w") as f:
         json.dump({"recipe": recipe.describe(), "data": args.data, "dev": args.dev, "lr": args.lr,
+                   "calib": args.calib, "calib_utterances": args.calib_utterances,
                    "freeze_layers": frozen, "dropout": summary["dropout"],
                    "augment": summary["augment"], "precision": args.precision,
                    "steps": summary["step"], "rows": rows}, f, indent=2)
