@@ -1,6 +1,6 @@
 """Would per-row activation scales on only some of the int8 export's layer inputs keep per-row's WER at
-per-tensor's speed? (Per-row on every input: the WER goal met, latency 0.33-0.54x of torch FP32; per-tensor:
-0.29-0.31x, WER +2.6%.)
+per-tensor's speed? (Per-row on every input: +0.2% WER, 0.38-0.40x of torch FP32's latency; per-tensor: 0.35x,
++2.6%; greedy on the 457, AMD EPYC.)
 
     edge-asr export --model ART_INT8 --out PT --activations per-tensor
     python experiments/int8_mixed_rows.py PT OUT_PREFIX

@@ -1,12 +1,14 @@
-"""ONNX Runtime latency of exported folders as a ratio to torch FP32 in the same process, and where its time goes.
+"""ONNX Runtime latency of exported folders against torch FP32's, each alone in a process; where time goes.
 
     python scripts/onnx_latency.py --clip assets/clips/251-118436-0000.opus onnx_fp32 onnx_int8 [--profile]
 
-Each folder runs in its own fresh process beside the shipped torch FP32 model, the two interleaved run by run
-(median of ``--runs`` after two warm-ups, 2 threads): two ONNX sessions in one process were not measured
-fairly (the first-built one came out 10-15% faster whichever it was). ``--profile`` adds ONNX Runtime's own
-per-operator time, summed by operator type. A ``torch:DIR`` entry times a torch model folder (an artifact) the
-same way.
+Every measurement runs alone in a fresh process (median of ``--runs`` after two warm-ups, 2 threads), the
+shipped torch FP32 model and the target alternating process by process (``--rounds`` pairs; the ratio is of
+the medians): two ONNX sessions in one process were not measured fairly (the first-built one came out 10-15%
+faster whichever it was), and neither was torch beside a session, whose idle threads spin-wait and took the
+cores from it (torch FP32 187-235 ms interleaved with ONNX runs in one process, 139-173 ms alone).
+``--profile`` adds ONNX Runtime's own per-operator time, summed by operator type (of the last round). A
+``torch:DIR`` entry times a torch model folder (an artifact) the same way.
 """
 from __future__ import annotations
 
@@ -70,35 +72,52 @@ def _op_times(session) -> list[tuple[str, float, int]]:
     return [(op, ms, count[op]) for op, ms in total.most_common()]
 
 
+BASELINE = "torch:"  # the shipped model, torch FP32
+
+
 def child(clip: str, target: str, runs: int, threads: int, profile: bool) -> dict:
+    """Median ms of ``runs`` runs of one target after two warm-ups, alone in this process."""
     import numpy as np
     import torch
 
     torch.set_num_threads(threads)
     model, x, lengths = _features(clip)
-    run_fp32 = _torch_runner(model, x, lengths)
-    run_target, session = _runner(target, x, lengths, threads, profile)
-    times = {"torch": [], "target": []}
+    if target == BASELINE:
+        run, session = _torch_runner(model, x, lengths), None
+    else:
+        del model
+        run, session = _runner(target, x, lengths, threads, profile)
     for _ in range(2):
-        run_fp32(), run_target()
+        run()
+    times = []
     for _ in range(runs):
-        for key, run in (("torch", run_fp32), ("target", run_target)):
-            start = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - start)
-    fp32, other = float(np.median(times["torch"])), float(np.median(times["target"]))
-    result = {"target": target, "torch_fp32_ms": round(1e3 * fp32, 1), "ms": round(1e3 * other, 1),
-              "ratio": round(other / fp32, 3), "frames": int(x.shape[1])}
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    result = {"target": target, "ms": round(1e3 * float(np.median(times)), 1), "frames": int(x.shape[1])}
     if profile and session is not None:
         result["ops"] = [(op, round(ms / (runs + 2), 2), n // (runs + 2)) for op, ms, n in _op_times(session)]
     return result
 
 
+def _in_own_process(target: str, args) -> dict | str:
+    """child()'s result from a fresh process, or the last line of its error."""
+    command = [sys.executable, os.path.abspath(__file__), "--child", target, "--clip", args.clip,
+               "--runs", str(args.runs), "--threads", str(args.threads), *(["--profile"] if args.profile else [])]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if run.returncode != 0:
+        return (run.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
+    import statistics
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("targets", nargs="+", help="ONNX model folders (or torch:DIR for a torch model folder)")
     p.add_argument("--clip", default=os.path.join(REPO, "assets", "clips", "251-118436-0000.opus"))
-    p.add_argument("--runs", type=int, default=11)
+    p.add_argument("--runs", type=int, default=11, help="timed runs in each process")
+    p.add_argument("--rounds", type=int, default=3, help="torch FP32 / target process pairs per target")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="ONNX Runtime's time per operator type")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -107,17 +126,18 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.clip, args.targets[0], args.runs, args.threads, args.profile)))
         return 0
     for target in args.targets:
-        command = [sys.executable, os.path.abspath(__file__), "--child", target, "--clip", args.clip,
-                   "--runs", str(args.runs), "--threads", str(args.threads), *(["--profile"] if args.profile else [])]
-        run = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-        if run.returncode != 0:
-            print(f"{target}: failed: {(run.stderr.strip().splitlines() or ['no output'])[-1]}")
+        pairs = [(_in_own_process(BASELINE, args), _in_own_process(target, args)) for _ in range(args.rounds)]
+        failed = next((r for pair in pairs for r in pair if isinstance(r, str)), None)
+        if failed is not None:
+            print(f"{target}: failed: {failed}")
             continue
-        r = json.loads(run.stdout.strip().splitlines()[-1])
-        print(f"{target}: {r['ms']:.1f} ms, torch FP32 {r['torch_fp32_ms']:.1f} ms in the same run: "
-              f"{r['ratio']:.2f}x ({r['frames']} frames)")
-        for op, ms, n in r.get("ops", [])[:12]:
-            print(f"    {op:26s} {ms:7.2f} ms a run  ({n} nodes)")
+        fp32 = statistics.median(b["ms"] for b, _ in pairs)
+        ms = statistics.median(t["ms"] for _, t in pairs)
+        rounds = ", ".join(f"{t['ms']:.0f}/{b['ms']:.0f}" for b, t in pairs)
+        print(f"{target}: {ms:.1f} ms, torch FP32 {fp32:.1f} ms: {ms / fp32:.2f}x "
+              f"({pairs[0][1]['frames']} frames; rounds, target/torch ms: {rounds})")
+        for op, op_ms, n in pairs[-1][1].get("ops", [])[:12]:
+            print(f"    {op:26s} {op_ms:7.2f} ms a run  ({n} nodes)")
     return 0
 
 
