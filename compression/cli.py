@@ -12,7 +12,7 @@ def _model_flag(p):
     p.add_argument("--model", default=None, help="trained checkpoint folder (default: the shipped baseline)")
 
 
-def _calib_flags(p):
+def add_calibration_flags(p):
     p.add_argument("--calib", default=None,
                    help="calibration audio for the calibrated algorithms: a folder of any audio, a LibriSpeech folder "
                         "or a manifest; no transcripts needed (default: the set bundled in assets/calibration/)")
@@ -40,7 +40,7 @@ def add_subcommands(sub) -> None:
     _model_flag(p)
     p.add_argument("--recipe", required=True, help="inline recipe or JSON recipe file")
     p.add_argument("--out", required=True, help="artifact folder to write")
-    _calib_flags(p)
+    add_calibration_flags(p)
     p.add_argument("--sequential", action="store_true",
                    help="GPTQ's true-sequential mode: calibrate every block on the outputs of the blocks before it, "
                         "already compressed, and every step of a chain on the steps before it (slower; default: "
@@ -89,7 +89,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--peers", action="store_true",
                    help="add Whisper tiny.en and pocketsphinx as reference rows, measured on the same utterances "
                         "(the `peers` extra; a missing one is noted and left out)")
-    _calib_flags(p)
+    add_calibration_flags(p)
     p.set_defaults(handler=cmd_benchmark)
 
     p = sub.add_parser("export", help="any model folder (checkpoint or artifact) to an ONNX model folder for ONNX "
@@ -120,7 +120,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--limit", type=int, default=50, help="first N utterances (default 50)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write rows as JSON here")
-    _calib_flags(p)
+    add_calibration_flags(p)
     p.set_defaults(handler=cmd_sensitivity)
     _add_inspect(sub)
 

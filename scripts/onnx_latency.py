@@ -16,6 +16,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -77,7 +78,6 @@ BASELINE = "torch:"  # the shipped model, torch FP32
 
 def child(clip: str, target: str, runs: int, threads: int, profile: bool) -> dict:
     """Median ms of ``runs`` runs of one target after two warm-ups, alone in this process."""
-    import numpy as np
     import torch
 
     torch.set_num_threads(threads)
@@ -94,7 +94,7 @@ def child(clip: str, target: str, runs: int, threads: int, profile: bool) -> dic
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    result = {"target": target, "ms": round(1e3 * float(np.median(times)), 1), "frames": int(x.shape[1])}
+    result = {"target": target, "ms": round(1e3 * statistics.median(times), 1), "frames": int(x.shape[1])}
     if profile and session is not None:
         result["ops"] = [(op, round(ms / (runs + 2), 2), n // (runs + 2)) for op, ms, n in _op_times(session)]
     return result
@@ -111,8 +111,6 @@ def _in_own_process(target: str, args) -> dict | str:
 
 
 def main(argv=None) -> int:
-    import statistics
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("targets", nargs="+", help="ONNX model folders (or torch:DIR for a torch model folder)")
     p.add_argument("--clip", default=os.path.join(REPO, "assets", "clips", "251-118436-0000.opus"))

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from compression.cli import _calib_flags, calibration_stats
+from compression.cli import add_calibration_flags, calibration_stats
 
 
 def main(argv=None) -> int:
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="bf16 autocast (default: as the baseline was trained; ~1.7x faster on avx512_bf16 CPUs)")
     p.add_argument("--out", required=True)
-    _calib_flags(p)
+    add_calibration_flags(p)
     args = p.parse_args(argv)
 
     from asr_core.checkpoint import default_model_dir, load_model
