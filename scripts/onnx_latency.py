@@ -100,9 +100,19 @@ def child(clip: str, target: str, runs: int, threads: int, profile: bool) -> dic
     return result
 
 
+def _absolute(target: str) -> str:
+    """``target`` with its folder made absolute: the child runs in the repository, not the caller's folder."""
+    if target == BASELINE:
+        return target
+    if target.startswith("torch:"):
+        return "torch:" + os.path.abspath(target[len("torch:"):])
+    return os.path.abspath(target)
+
+
 def _in_own_process(target: str, args) -> dict | str:
     """child()'s result from a fresh process, or the last line of its error."""
-    command = [sys.executable, os.path.abspath(__file__), "--child", target, "--clip", args.clip,
+    target = _absolute(target)
+    command = [sys.executable, os.path.abspath(__file__), "--child", target, "--clip", os.path.abspath(args.clip),
                "--runs", str(args.runs), "--threads", str(args.threads), *(["--profile"] if args.profile else [])]
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if run.returncode != 0:

@@ -353,3 +353,19 @@ def test_other_encodings_compute_what_the_torch_artifact_computes(mixed_model, t
     got = OnnxCTC(str(tmp_path / "onnx"), threads=1)(feats, lengths)[0]
     # fp32 layers: float rounding only; int8 layers: each runtime quantizes activations its own way
     assert (got - expected).abs().max() < (1e-4 if weights["int8"] == 0 else 0.1)
+
+
+def test_latency_script_takes_folders_relative_to_the_caller(onnx_dir):
+    """scripts/onnx_latency.py times each model in a child process run from the repository: a folder named
+    relative to the caller's directory must still be found there."""
+    import subprocess
+
+    from conftest import REPO
+
+    folder = onnx_dir[0]
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "onnx_latency.py"), os.path.basename(folder),
+                          "--runs", "1", "--rounds", "1", "--threads", "1"],
+                         cwd=os.path.dirname(folder), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    line = run.stdout.strip().splitlines()[-1]
+    assert "failed" not in line and line.startswith(os.path.basename(folder)) and "x (" in line
