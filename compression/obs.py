@@ -285,9 +285,20 @@ class SparseGPTChooser:
         if self.per_row:
             mask.scatter_(1, score.topk(count, dim=1, largest=False).indices, True)
         else:  # one threshold over the whole block, as the reference code does: rows differ
-            lowest = score.reshape(block.shape[0], -1).topk(count * block.shape[2], dim=1, largest=False).indices
-            mask.view(block.shape[0], -1).scatter_(1, lowest, True)
+            mask = lowest_entries(score.reshape(block.shape[0], -1), count * block.shape[2]).view_as(block)
         return mask
+
+
+def lowest_entries(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask (L, n) of exactly ``count`` (1 ≤ count ≤ n) lowest entries of each row of ``score`` (L, n);
+    among entries tied at the threshold, the first ones. ``topk`` asked for half of a 262k-entry row was most of
+    a calibrated 60% prune's mask choice (0.85 s of a studio knob change); ``kthvalue`` (a selection, no sort)
+    finds the threshold in a quarter of its time."""
+    threshold = score.kthvalue(count, dim=1, keepdim=True).values
+    mask = score < threshold
+    tied = score == threshold
+    room = count - mask.sum(dim=1, keepdim=True)  # ≥ 1: the threshold itself is tied
+    return mask | (tied & (tied.cumsum(dim=1) <= room))
 
 
 def row_mask(score: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) -> torch.Tensor:

@@ -16,7 +16,7 @@ from compression.calibration import (BUNDLED, CalibrationSet, collect_stats, dam
 from compression.compress import apply_recipe
 from compression.methods import LowRankLinear, target_layers
 from compression.obs import (CodebookRounder, GridRounder, SparseGPTChooser, SweepJob, _stacked, inverse_cholesky,
-                             row_mask, sweep, sweep_layers, sweep_order)
+                             lowest_entries, row_mask, sweep, sweep_layers, sweep_order)
 from compression.quantize import fake_quantize
 from compression.recipe import parse_recipe
 
@@ -411,6 +411,17 @@ def test_sparsegpt_mask_and_row_mask_counts():
     assert bool((pruned.sum(1) == round(0.3 * 200)).all()) and bool((q[pruned] == 0).all())
     keep = row_mask(torch.rand(16, 10), 0.0, 2, 4)
     assert bool(((~keep[:, :8]).reshape(16, 2, 4).sum(2) == 2).all()) and int((~keep[:, 8:]).sum(1)[0]) == 1
+
+
+def test_lowest_entries_picks_exactly_the_lowest_even_through_ties():
+    torch.manual_seed(0)
+    score = torch.rand(3, 500)
+    for count in (1, 137, 500):
+        mask = lowest_entries(score, count)
+        assert mask.sum(1).tolist() == [count] * 3
+        assert bool((score[mask].reshape(3, -1).max(1).values <= score.masked_fill(mask, 2).min(1).values).all())
+    tied = torch.tensor([[0.5, 0.0, 0.5, 0.5, 1.0, 0.5]])  # the threshold 0.5 is held by four entries
+    assert lowest_entries(tied, 3).tolist() == [[True, True, True, False, False, False]]
 
 
 def test_sparsegpt_block_threshold_keeps_more_of_the_rows_that_matter():
