@@ -213,8 +213,16 @@ def kept_sort(s: LayerStats, name: str, values: torch.Tensor) -> torch.Tensor:
     from .methods import sort_order
 
     values = values.detach().float().reshape(-1)
-    return kept_for_layer(s, ("kmeans-sort", name), weight_digest(values),
-                          lambda: sort_order(values).to(torch.int32)).long()
+    fresh: list[torch.Tensor] = []
+
+    def compute() -> torch.Tensor:
+        fresh.append(sort_order(values))
+        return fresh[0].to(torch.int32)
+
+    kept = kept_for_layer(s, ("kmeans-sort", name), weight_digest(values), compute)
+    # a sort just made is returned as it came (int64): a chain's k-means sorts new weights at every knob value,
+    # and widening the kept copy back was 0.3 s of a studio Combined change
+    return fresh[0] if fresh else kept.long()
 
 
 def weight_digest(w: torch.Tensor) -> tuple:
