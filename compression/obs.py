@@ -278,15 +278,13 @@ class SparseGPTChooser:
         if k:
             return None
         count = round(self.sparsity * (start + block.shape[1])) - round(self.sparsity * start)
-        mask = torch.zeros_like(block, dtype=torch.bool)
         if count <= 0:
-            return mask
+            return torch.zeros_like(block, dtype=torch.bool)
         score = block ** 2 / d[:, :, None] ** 2
-        if self.per_row:
-            mask.scatter_(1, score.topk(count, dim=1, largest=False).indices, True)
-        else:  # one threshold over the whole block, as the reference code does: rows differ
-            mask = lowest_entries(score.reshape(block.shape[0], -1), count * block.shape[2]).view_as(block)
-        return mask
+        if not self.per_row:  # one threshold over the whole block, as the reference code does: rows differ
+            return lowest_entries(score.reshape(block.shape[0], -1), count * block.shape[2]).view_as(block)
+        mask = torch.zeros_like(block, dtype=torch.bool)
+        return mask.scatter_(1, score.topk(count, dim=1, largest=False).indices, True)
 
 
 def lowest_entries(score: torch.Tensor, count: int) -> torch.Tensor:
