@@ -90,6 +90,9 @@ class TrainConfig:
     distill_weight: float = 0.0
     ctc_weight: float = 1.0  # 0: no CTC at all, so the data needs no transcripts
     distill_temperature: float = 1.0
+    # + this x the normalised squared error between every block's output and the teacher's (layer matching as in
+    # TinyBERT and DistilHuBERT: a signal at every block rather than at the posteriors only); 0: off
+    distill_hidden_weight: float = 0.0
     extra: dict = field(default_factory=dict)  # recorded in config.json (e.g. how the model was initialised)
 
 
@@ -133,11 +136,58 @@ def distill_loss(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tenso
     return kl / max(1, student.shape[0]) * temperature ** 2
 
 
+def hidden_distill_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
+                        out_lengths: torch.Tensor) -> torch.Tensor:
+    """Mean over blocks of sum ||s - t||^2 / sum ||t||^2 over the valid frames (fp32): each block's output error
+    relative to the teacher's, so that the later blocks' larger residual stream does not outweigh the early ones.
+
+    Each list holds one (B, T', D) tensor per block, in order; out_lengths (B,). Padded frames are dropped first.
+    """
+    if len(student_hidden) != len(teacher_hidden) or not student_hidden:
+        raise SettingsError(f"layer matching needs the same blocks in student and teacher, got "
+                            f"{len(student_hidden)} and {len(teacher_hidden)} block outputs")
+    valid = valid_mask(out_lengths, student_hidden[0].shape[1])  # (B, T')
+    errors = []
+    for s, t in zip(student_hidden, teacher_hidden):
+        if s.shape != t.shape:
+            raise SettingsError(f"a student block gives {tuple(s.shape)} but the teacher's {tuple(t.shape)}: "
+                                "layer matching needs the same model width")
+        s, t = s[valid].float(), t[valid].float()  # (N, D)
+        errors.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(errors).mean()
+
+
+class BlockOutputs:
+    """Forward hooks keeping the output (B, T', D) of every block of a ConformerCTC, for layer matching.
+    ``take()`` returns what the last forward kept and forgets it; ``remove()`` takes the hooks off again."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [block.register_forward_hook(self._keep) for block in getattr(model, "blocks", ())]
+
+    def _keep(self, module, inputs, output) -> None:
+        self.outputs.append(output)
+
+    def take(self) -> list[torch.Tensor]:
+        outputs, self.outputs = self.outputs, []
+        return outputs
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.outputs = [], []
+
+
 def _check_distill(cfg: TrainConfig, model: torch.nn.Module, teacher: torch.nn.Module | None) -> None:
     """Refuse contradictory loss settings before any work."""
-    if cfg.ctc_weight < 0 or cfg.distill_weight < 0:
+    if cfg.ctc_weight < 0 or cfg.distill_weight < 0 or cfg.distill_hidden_weight < 0:
         raise SettingsError(f"loss weights must not be negative, got ctc_weight={cfg.ctc_weight}, "
-                            f"distill_weight={cfg.distill_weight}")
+                            f"distill_weight={cfg.distill_weight}, distill_hidden_weight={cfg.distill_hidden_weight}")
+    if cfg.distill_hidden_weight > 0 and teacher is None:
+        raise SettingsError("layer matching (distill_hidden_weight > 0) needs a teacher")
+    if cfg.distill_hidden_weight > 0 and len(getattr(model, "blocks", ())) != len(getattr(teacher, "blocks", ())):
+        raise SettingsError(f"layer matching needs as many blocks in the student as in the teacher, got "
+                            f"{len(getattr(model, 'blocks', ()))} and {len(getattr(teacher, 'blocks', ()))}")
     if cfg.ctc_weight == 0 and cfg.distill_weight == 0:
         raise SettingsError("ctc_weight and distill_weight are both 0: nothing to train on")
     if (cfg.distill_weight > 0) != (teacher is not None):
@@ -151,8 +201,9 @@ def _check_distill(cfg: TrainConfig, model: torch.nn.Module, teacher: torch.nn.M
 
 
 def _loss(cfg: TrainConfig, log_probs: torch.Tensor, out_lengths: torch.Tensor, batch: dict, device: str,
-          teacher_log_probs: torch.Tensor | None) -> torch.Tensor:
-    """ctc_weight * CTC (skipped at weight 0: the data may have no transcripts) + distill_weight * KL."""
+          teacher_log_probs: torch.Tensor | None, hidden: tuple[list, list] | None = None) -> torch.Tensor:
+    """ctc_weight * CTC (skipped at weight 0: the data may have no transcripts) + distill_weight * KL
+    + distill_hidden_weight * the blocks' relative output error (``hidden``: the student's and the teacher's)."""
     loss = torch.zeros((), device=log_probs.device)
     if cfg.ctc_weight > 0:
         loss = cfg.ctc_weight * ctc_loss(log_probs, out_lengths, batch["targets"].to(device),
@@ -163,6 +214,8 @@ def _loss(cfg: TrainConfig, log_probs: torch.Tensor, out_lengths: torch.Tensor, 
                                 f"{tuple(log_probs.shape)}: they need the same vocabulary and frame rate")
         loss = loss + cfg.distill_weight * distill_loss(log_probs, teacher_log_probs, out_lengths,
                                                         cfg.distill_temperature)
+    if hidden is not None:
+        loss = loss + cfg.distill_hidden_weight * hidden_distill_loss(*hidden, out_lengths)
     return loss
 
 
@@ -499,6 +552,8 @@ class TrainStep:
         self.model, self.teacher, self.opt, self.cfg, self.device, self.total = model, teacher, opt, cfg, device, total
         self.world = world
         self._ddp, self._ddp_phase = None, None
+        matching = cfg.distill_hidden_weight > 0 and teacher is not None
+        self._taps = (BlockOutputs(model), BlockOutputs(teacher)) if matching else None
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda"))
         # bf16 autocast: ~1.7x faster on CPUs with avx512_bf16 too; the CTC loss itself stays in fp32
         self.autocast = (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)) if use_bf16 \
@@ -524,14 +579,23 @@ class TrainStep:
         feats, lengths = batch["features"].to(device, non_blocking=True), batch["lengths"].to(device)
         if cfg.spec_augment:  # on the training device: vectorised, a few kernels per batch
             feats = spec_augment(feats, lengths, freq_masks=cfg.freq_masks, time_masks=cfg.time_masks)
+        for taps in self._taps or ():
+            taps.take()  # drop what a forward outside this step (validation) kept
         with self.autocast():
             log_probs, out_lengths = module(feats, lengths)
             with torch.no_grad():
                 teacher_log_probs = self.teacher(feats, lengths)[0] if self.teacher is not None else None
-        loss = _loss(cfg, log_probs, out_lengths, batch, device, teacher_log_probs)
+        hidden = (self._taps[0].take(), self._taps[1].take()) if self._taps else None
+        loss = _loss(cfg, log_probs, out_lengths, batch, device, teacher_log_probs, hidden)
         (loss * share).backward()
         features = self.model.cfg.features
         return loss.item(), float(lengths.sum()) * features.hop_length / features.sample_rate
+
+    def close(self) -> None:
+        """Take the layer-matching hooks off both models (the teacher is usually the app's base model)."""
+        for taps in self._taps or ():
+            taps.remove()
+        self._taps = None
 
     def __call__(self, micro_batches: list[dict], step: int, time_fraction: float | None) -> tuple[float, float]:
         encoder_frozen = step < self.cfg.freeze_encoder_steps
@@ -633,6 +697,7 @@ def _train(model, tokenizer, train_utts, dev_utts, cfg: TrainConfig, out_dir, wo
         reason = str(why)
     finally:
         bar.close()
+        step.close()
         release_teacher()
     return _finish(model, ckpt, state, reason, validate, bool(dev_utts))
 

@@ -50,6 +50,9 @@ def add_subcommands(sub) -> None:
                         "transcripts not needed (default data: the calibration audio)")
     p.add_argument("--ctc-weight", type=float, default=None,
                    help="with --distill: add CTC on the transcripts of --data with this weight (default 0)")
+    p.add_argument("--distill-hidden", type=float, default=0.0,
+                   help="with --distill: add layer matching, every block's output against the uncompressed "
+                        "model's (relative squared error), with this weight (default 0: off)")
     p.add_argument("--skip", default=None,
                    help="comma-separated layer-name patterns kept in fp16 (default: subsampling.conv1,head)")
     p.add_argument("--finetune-steps", type=int, default=0,
@@ -149,6 +152,10 @@ def _check_compress_args(args) -> bool:
         raise SettingsError("--finetune-steps/--finetune-minutes need --data (or --distill, which can use any audio)")
     if args.finetune_steps < 0:
         raise SettingsError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
+    if args.distill_hidden and not args.distill:
+        raise SettingsError("--distill-hidden (layer matching) needs --distill")
+    if args.distill_hidden < 0:
+        raise SettingsError(f"--distill-hidden must be >= 0, got {args.distill_hidden}")
     return tuning
 
 
@@ -216,10 +223,10 @@ def _finetune(args, base, compressed, tokenizer, model_dir) -> dict:
                        minutes=args.finetune_minutes, lr=args.lr, batch_seconds=args.batch_seconds,
                        freeze_layers=frozen, teacher=base if args.distill else None, distill=args.distill,
                        ctc_weight=args.ctc_weight, dropout=args.finetune_dropout,
-                       augment=args.finetune_augment)
+                       augment=args.finetune_augment, hidden_weight=args.distill_hidden)
     return {"steps": summary["step"], "minutes": round(summary["train_seconds"] / 60, 2), "data": source,
             "lr": args.lr, "freeze_layers": frozen, "distill": bool(args.distill),
-            "dropout": summary["dropout"], "augment": summary["augment"],
+            "dropout": summary["dropout"], "augment": summary["augment"], "hidden_weight": args.distill_hidden,
             **({"dev_wer": summary["dev_last"]["wer"]} if summary.get("dev_last") else {})}
 
 

@@ -80,7 +80,8 @@ def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int
              minutes: float | None = None, lr: float = 1e-4, batch_seconds: float = 90.0, device: str = "auto",
              freeze_layers: int = 0, progress: bool = True, teacher: nn.Module | None = None, distill: bool = False,
              ctc_weight: float | None = None, temperature: float = 1.0, on_step=None,
-             precision: str = "fp32", dropout: float | None = None, augment: bool | None = None) -> dict:
+             precision: str = "fp32", dropout: float | None = None, augment: bool | None = None,
+             hidden_weight: float = 0.0) -> dict:
     """Recovery fine-tuning through the one training loop of asr_core. Constraints (masks, codebooks,
     straight-through quantizers) are parametrizations, so every step honours them. ``freeze_layers``: keep the stem
     and the first K blocks fixed and dropout-free, as the model was trained (a frozen pretrained encoder never saw
@@ -90,7 +91,8 @@ def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int
     (the caller passes it; it is frozen while the loop runs, then given back on the CPU, trainable as it was).
     The loss is then KL at ``temperature`` alone, so transcripts are optional (audio from ``read_audio_files``);
     ``ctc_weight`` > 0 adds CTC on the transcripts, which every utterance then needs. Without ``distill`` the
-    loss is CTC alone, as before (``teacher`` is not used).
+    loss is CTC alone, as before (``teacher`` is not used). ``hidden_weight`` > 0 (distillation only) adds layer
+    matching: every block's output against the teacher's (:func:`asr_core.training.hidden_distill_loss`).
 
     ``dropout``: the student's dropout while it trains (the model keeps its own afterwards). Default: 0 when
     distilling, since the student is to learn the teacher's dropout-free function (with the model's 0.1 a
@@ -104,6 +106,8 @@ def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int
     from asr_core.training import TrainConfig, train
 
     weights = _loss_weights(train_utts, teacher, distill, ctc_weight)
+    if hidden_weight and not distill:
+        raise SettingsError("hidden_weight (layer matching) applies to distillation only")
     if dropout is None:
         dropout = 0.0 if distill else None
     if augment is None:
@@ -113,7 +117,7 @@ def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int
     cfg = TrainConfig(lr=lr, warmup_steps=min(50, max(1, (steps or 100) // 10)), max_steps=steps,
                       max_minutes=minutes, batch_seconds=batch_seconds, eval_every=10 ** 9, dev_limit=None,
                       device=device, final_lr_ratio=0.1, precision=precision, freeze_layers=freeze_layers,
-                      distill_temperature=temperature, spec_augment=augment,
+                      distill_temperature=temperature, distill_hidden_weight=hidden_weight, spec_augment=augment,
                       speed_factors=TrainConfig.speed_factors if augment else (1.0,), **weights)
     with _dropout_set(model, dropout):
         summary = train(model, tokenizer, train_utts, dev_utts, cfg, out_dir=None, progress=progress,
@@ -122,6 +126,7 @@ def finetune(model: ConformerCTC, tokenizer, train_utts, dev_utts, *, steps: int
     if distill:
         teacher.cpu()
     summary["augment"] = augment
+    summary["hidden_weight"] = hidden_weight
     summary["dropout"] = dropout if dropout is not None else getattr(getattr(model, "cfg", None), "dropout", None)
     return summary
 

@@ -38,6 +38,8 @@ def main(argv=None) -> int:
                    help="blocks kept fixed (default: as the model was trained, from its config.json)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="speed perturbation and SpecAugment while distilling (default: off, as compress --distill)")
+    p.add_argument("--distill-hidden", type=float, default=0.0,
+                   help="layer matching: every block's output against the teacher's, with this weight (default 0)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="bf16 autocast (default: as the baseline was trained; ~1.7x faster on avx512_bf16 CPUs)")
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     summary = finetune(student, tokenizer, read_audio_files(args.data), [], minutes=marks[-1], lr=args.lr,
                        batch_seconds=args.batch_seconds, freeze_layers=frozen, teacher=base,
                        distill=True, on_step=on_step, precision=args.precision,
-                       dropout=args.dropout, augment=args.augment)
+                       dropout=args.dropout, augment=args.augment, hidden_weight=args.distill_hidden)
     if pending:  # the budget ran out between the last step and the mark
         on_step({**summary, "train_seconds": 60 * pending[-1]})
     print(f"trained {summary['step']} steps in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         json.dump({"recipe": recipe.describe(), "data": args.data, "dev": args.dev, "lr": args.lr,
                    "calib": args.calib, "calib_utterances": args.calib_utterances,
                    "freeze_layers": frozen, "dropout": summary["dropout"],
-                   "augment": summary["augment"], "precision": args.precision,
+                   "augment": summary["augment"], "hidden_weight": args.distill_hidden, "precision": args.precision,
                    "steps": summary["step"], "rows": rows}, f, indent=2)
     return 0
 

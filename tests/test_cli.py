@@ -247,10 +247,15 @@ def test_compress_calibrates_on_any_audio_and_distills(tiny_model_dir, tmp_path)
     assert provenance_matches_weights(str(out)) is True
     out = tmp_path / "structured"
     result = run("compress", "--model", tiny_model_dir, "--recipe", "structured:fraction=0.25", "--calib", str(audio),
-                 "--finetune-steps", "2", "--distill", "--batch-seconds", "10", "--out", str(out), "--threads", "1")
+                 "--finetune-steps", "2", "--distill", "--distill-hidden", "0.5", "--batch-seconds", "10",
+                 "--out", str(out), "--threads", "1")
     assert result.returncode == 0, result.stderr
     tuned = json.loads((out / "compression.json").read_text())["finetune"]
-    assert tuned["distill"] and tuned["steps"] == 2 and tuned["data"] == str(audio)
+    assert tuned["distill"] and tuned["steps"] == 2 and tuned["data"] == str(audio) and tuned["hidden_weight"] == 0.5
+    for flags, message in ((["--distill-hidden", "1"], "needs --distill"),
+                           (["--finetune-steps", "2", "--distill", "--distill-hidden", "-1"], ">= 0")):
+        bad = run("compress", "--model", tiny_model_dir, "--recipe", "int4", "--out", str(tmp_path / "x"), *flags)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     for flags, message in ((["--calib", str(tmp_path / "int4")], "No readable audio"),
                            (["--calib", str(audio), "--calib-utterances", "2"], "at least 4"),
                            (["--calib", str(tmp_path / "missing")], "not found")):

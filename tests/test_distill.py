@@ -12,7 +12,7 @@ from asr_core.data import SpeechDataset, Utterance, collate, read_audio_files
 from asr_core.errors import SettingsError
 from asr_core.model import ConformerCTC
 from asr_core.text import CharTokenizer
-from asr_core.training import TrainConfig, distill_loss, train
+from asr_core.training import BlockOutputs, TrainConfig, distill_loss, hidden_distill_loss, train
 from compression.artifact import to_runtime
 from compression.compress import apply_recipe, finetune
 from compression.methods import Clustered, Mask, constraints, round_row_centroids, target_layers
@@ -68,6 +68,61 @@ def test_distill_loss_zero_positive_and_blind_to_padding():
     student2[1, 4:] = float("nan")
     teacher2[1, 4:] = -float("inf")
     assert torch.equal(distill_loss(student2, teacher2, lengths), distill_loss(student, teacher, lengths))
+
+
+def test_hidden_distill_loss_relative_per_block_and_blind_to_padding():
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 6, 4), 10 * torch.randn(2, 6, 4)]  # a later block's residual stream is larger
+    lengths = torch.tensor([6, 3])
+    assert float(hidden_distill_loss(teacher, teacher, lengths)) == 0.0
+    student = [t + 0.1 * torch.randn_like(t) * t.abs().mean() for t in teacher]
+    valid = [t[0].pow(2).sum() + t[1, :3].pow(2).sum() for t in teacher]
+    errors = [(s - t)[0].pow(2).sum() + (s - t)[1, :3].pow(2).sum() for s, t in zip(student, teacher)]
+    expected = (errors[0] / valid[0] + errors[1] / valid[1]) / 2
+    assert torch.allclose(hidden_distill_loss(student, teacher, lengths), expected)
+    # both blocks are off by the same share of their size, so neither outweighs the other
+    assert 0.3 < float(errors[0] / valid[0]) / float(errors[1] / valid[1]) < 3
+    padded = [s.clone() for s in student]
+    padded[1][1, 3:] = float("nan")
+    assert torch.equal(hidden_distill_loss(padded, teacher, lengths), hidden_distill_loss(student, teacher, lengths))
+    with pytest.raises(SettingsError, match="same blocks"):
+        hidden_distill_loss(student[:1], teacher, lengths)
+    with pytest.raises(SettingsError, match="width"):
+        hidden_distill_loss([s[..., :3] for s in student], teacher, lengths)
+
+
+def block_error(student, teacher, utts) -> float:
+    """Layer-matching loss on one fixed batch, both models in eval mode."""
+    batch = collate([SpeechDataset(utts, teacher.cfg.features, CharTokenizer())[i] for i in range(len(utts))])
+    taps = BlockOutputs(student), BlockOutputs(teacher)
+    try:
+        with torch.no_grad():
+            _, lengths = student.eval()(batch["features"], batch["lengths"])
+            teacher.eval()(batch["features"], batch["lengths"])
+        return float(hidden_distill_loss(taps[0].take(), taps[1].take(), lengths))
+    finally:
+        for t in taps:
+            t.remove()
+
+
+def test_layer_matching_lowers_every_blocks_error_and_leaves_no_hooks(teacher, clips):
+    student = apply_recipe(teacher, parse_recipe("structured:fraction=0.5"))
+    plain = copy.deepcopy(student)
+    before = block_error(student, teacher, clips)
+    assert before > 0.01
+    summary = finetune(student, CharTokenizer(), clips, [], steps=20, lr=3e-4, batch_seconds=100, teacher=teacher,
+                       distill=True, progress=False, hidden_weight=1.0)
+    finetune(plain, CharTokenizer(), clips, [], steps=20, lr=3e-4, batch_seconds=100, teacher=teacher,
+             distill=True, progress=False)
+    after, after_plain = block_error(student, teacher, clips), block_error(plain, teacher, clips)
+    assert summary["hidden_weight"] == 1.0
+    assert after < 0.5 * before, (before, after)
+    assert after < after_plain, (after, after_plain)  # matching the blocks is what lowered their error
+    assert fixed_batch_kl(student, teacher, clips) < fixed_batch_kl(apply_recipe(teacher, parse_recipe(
+        "structured:fraction=0.5")), teacher, clips)  # and the posteriors came closer too
+    # the teacher is usually the app's base model: no hook of the run may stay on it (or on the student)
+    for model in (teacher, student):
+        assert not any(block._forward_hooks for block in model.blocks)
 
 
 def check_prune(student, before):
@@ -168,6 +223,8 @@ def test_bad_distillation_settings_fail_before_work(teacher):
         (TrainConfig(ctc_weight=0.0), None, "both 0"),
         (TrainConfig(distill_weight=1.0, distill_temperature=0.0), teacher, "temperature"),
         (TrainConfig(distill_weight=1.0), student, "shares parameters"),
+        (TrainConfig(distill_weight=1.0, distill_hidden_weight=-1.0), teacher, "negative"),
+        (TrainConfig(ctc_weight=1.0, distill_hidden_weight=1.0), None, "needs a teacher"),
     ]:
         with pytest.raises(SettingsError, match=message):
             train(student, CharTokenizer(), [], [], cfg, None, progress=False, teacher=who)
@@ -175,6 +232,13 @@ def test_bad_distillation_settings_fail_before_work(teacher):
         finetune(student, CharTokenizer(), [], [], steps=1, distill=True, progress=False)
     with pytest.raises(SettingsError, match="ctc_weight"):
         finetune(student, CharTokenizer(), [], [], steps=1, ctc_weight=0.5, progress=False)
+    with pytest.raises(SettingsError, match="distillation only"):
+        finetune(student, CharTokenizer(), [], [], steps=1, hidden_weight=1.0, progress=False)
+    shallower = copy.deepcopy(teacher)
+    del shallower.blocks[-1]
+    with pytest.raises(SettingsError, match="as many blocks"):
+        train(student, CharTokenizer(), [], [], TrainConfig(distill_weight=1.0, distill_hidden_weight=1.0), None,
+              progress=False, teacher=shallower)
 
 
 def dropout_rates(model) -> list[float]:
