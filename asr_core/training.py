@@ -183,11 +183,13 @@ def _check_distill(cfg: TrainConfig, model: torch.nn.Module, teacher: torch.nn.M
     if cfg.ctc_weight < 0 or cfg.distill_weight < 0 or cfg.distill_hidden_weight < 0:
         raise SettingsError(f"loss weights must not be negative, got ctc_weight={cfg.ctc_weight}, "
                             f"distill_weight={cfg.distill_weight}, distill_hidden_weight={cfg.distill_hidden_weight}")
-    if cfg.distill_hidden_weight > 0 and teacher is None:
-        raise SettingsError("layer matching (distill_hidden_weight > 0) needs a teacher")
-    if cfg.distill_hidden_weight > 0 and len(getattr(model, "blocks", ())) != len(getattr(teacher, "blocks", ())):
-        raise SettingsError(f"layer matching needs as many blocks in the student as in the teacher, got "
-                            f"{len(getattr(model, 'blocks', ()))} and {len(getattr(teacher, 'blocks', ()))}")
+    if cfg.distill_hidden_weight > 0:
+        if teacher is None:
+            raise SettingsError("layer matching (distill_hidden_weight > 0) needs a teacher")
+        blocks = len(getattr(model, "blocks", ())), len(getattr(teacher, "blocks", ()))
+        if blocks[0] != blocks[1]:
+            raise SettingsError(f"layer matching needs as many blocks in the student as in the teacher, got "
+                                f"{blocks[0]} and {blocks[1]}")
     if cfg.ctc_weight == 0 and cfg.distill_weight == 0:
         raise SettingsError("ctc_weight and distill_weight are both 0: nothing to train on")
     if (cfg.distill_weight > 0) != (teacher is not None):
